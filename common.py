@@ -1,0 +1,258 @@
+"""What the three stages share: the data contract, tokenizer setup, which token a reward is read at, checkpoints,
+seeding and the metrics writer. No training math lives here; each script writes its own out where it is used."""
+
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+
+
+class DataError(ValueError):
+    """A problem in a user's data file, reported with the file, the line and the field."""
+
+
+# the fields each kind of record needs; a conversational record may replace them with `messages`
+FIELDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
+
+
+def _check_text(value, where: str, field: str):
+    """A field is a non-empty string or a non-empty list of {"role", "content"} messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{field}' is an empty string")
+        return value
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        return value
+    raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{role, content}} messages, "
+                    f"got {type(value).__name__}")
+
+
+def _split_messages(messages: list, where: str) -> tuple[list, list]:
+    """A conversation -> (everything before the last assistant turn, [that turn])."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field 'messages' must end with an assistant message")
+    return messages[:-1], messages[-1:]
+
+
+def read_jsonl(path: str, kind: str) -> list[dict]:
+    """Read a JSONL file of `kind` ('sft', 'preference' or 'prompt') into records with the fields of FIELDS[kind].
+
+    Accepted forms: prompt/completion, prompt/chosen/rejected, prompt-only, and conversational ones: `messages`
+    (its last assistant turn is the completion), or `chosen`/`rejected` as whole conversations sharing a prefix.
+    Every problem is a DataError naming the file, line and field.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if "messages" in row and "prompt" not in row:
+                prompt, completion = _split_messages(_check_text(row["messages"], where, "messages"), where)
+                if not prompt:
+                    raise DataError(f"{where}: field 'messages' has no turn before the assistant's")
+                row = {"prompt": prompt, "completion": completion}
+            if kind == "preference" and "prompt" not in row and isinstance(row.get("chosen"), list):
+                chosen = _check_text(row["chosen"], where, "chosen")
+                rejected = _check_text(row.get("rejected"), where, "rejected")
+                prompt, row["chosen"] = _split_messages(chosen, where)
+                if rejected[: len(prompt)] != prompt:
+                    raise DataError(f"{where}: conversations 'chosen' and 'rejected' must share the same prompt turns")
+                row = {"prompt": prompt, "chosen": row["chosen"], "rejected": _split_messages(rejected, where)[1]}
+            for field in FIELDS[kind]:
+                if field not in row:
+                    raise DataError(f"{where}: missing field '{field}' (a {kind} record needs {', '.join(FIELDS[kind])})")
+                row[field] = _check_text(row[field], where, field)
+            if kind == "preference" and row["chosen"] == row["rejected"]:
+                raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
+            records.append({k: row[k] for k in FIELDS[kind]} | {"line": lineno})
+    if not records:
+        raise DataError(f"{path}: the file has no records")
+    return records
+
+
+def setup_tokenizer(tokenizer, model=None):
+    """Give the tokenizer a pad token distinct from EOS (resizing `model`'s embeddings if one is added).
+
+    With pad == eos (GPT-2, SmolLM2, Llama 3), masking padding out of a loss also masks the EOS that ends every target,
+    and the model never learns to stop. So such tokenizers get a new '<pad>' token. Padding is on the right for
+    training; generation pads on the left explicitly where it needs to.
+    """
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "right"
+    if model is not None:
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """Prompt text as the model sees it: through the chat template (with the assistant header) if it has one."""
+    if tokenizer.chat_template is None:
+        if not isinstance(prompt, str):
+            return "\n".join(m["content"] for m in prompt)
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of a prompt, cut from the left to `max_length`. Returns (ids, was_truncated).
+
+    Rendered chat text already holds its special tokens, so only plain text gets the tokenizer's own (a BOS).
+    """
+    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=tokenizer.chat_template is None)["input_ids"]
+    return ids[-max_length:], len(ids) > max_length
+
+
+def encode_response(tokenizer, response, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of a response followed by EOS, cut from the right to `max_length`. Returns (ids, was_truncated).
+
+    A conversational response is its assistant text; EOS then ends the turn (for chat models it is the end-of-turn
+    token, e.g. SmolLM2's <|im_end|>). Tokenized on its own, never by searching for the prompt inside the ids.
+    """
+    text = response if isinstance(response, str) else response[-1]["content"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max_length], len(ids) > max_length
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) index of the last real token of each row, for left, right or no padding.
+
+    This is where a reward model reads its score (the EOS of a response). It is taken from the mask, never from
+    `config.pad_token_id`, which breaks when pad == eos or padding is on the left.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the same positions as an unpadded one."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> (B, T) ids and attention mask, padded on `side` ("left" for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def load_function(spec: str):
+    """'path/to/file.py:name' (or 'module:name') -> the function, e.g. a reward function f(prompt, response)."""
+    import importlib
+    import importlib.util
+
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise ValueError(f"expected 'file.py:function', got '{spec}'")
+    if path.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(path)
+    return getattr(module, name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_model(out_dir: str, tokenizer=None, args=None, *models) -> None:
+    """Save HF folders atomically: write everything to `out_dir.tmp`, then swap it in, so a crash keeps the old one.
+
+    `models` are (subfolder, model) pairs; subfolder "" saves at the top. `args` (a dataclass) goes to args.json.
+    """
+    out_dir = out_dir.rstrip("/")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub, model in models:
+        model.save_pretrained(os.path.join(tmp, sub))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if args is not None:
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, default=str)
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_state(out_dir: str, state: dict) -> None:
+    """Training state (optimizer, scheduler, step, RNG) beside a checkpoint, written atomically."""
+    tmp = os.path.join(out_dir, "training_state.pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(out_dir, "training_state.pt"))
+
+
+def load_state(ckpt_dir: str) -> dict:
+    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+
+
+class Metrics:
+    """Scalars to TensorBoard, `metrics.jsonl` (one JSON object per step) and, with --track, Weights & Biases."""
+
+    def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.start = time.time()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(run_dir)
+            self.tb.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only")
+            self.tb = None
+        self.wandb = None
+        if track:
+            import wandb  # imported only with --track
+
+            self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
+
+    def log(self, step: int, scalars: dict) -> None:
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | scalars) + "\n")
+        self.jsonl.flush()
+        for k, v in scalars.items():
+            if self.tb is not None:
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self.jsonl.write(json.dumps({"step": step, tag: text}) + "\n")
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

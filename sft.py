@@ -1,0 +1,283 @@
+"""Stage 1 of RLHF: supervised fine-tuning (SFT) of a causal language model on demonstrations.
+
+    python sft.py                                                       # embedded reviews task, tiny model, CPU
+    python sft.py --model-name-or-path models/smollm2 --dataset chat.jsonl --learning-rate 1e-5 --max-steps 100
+
+Minimises the negative log-likelihood of the completion tokens given the prompt (Ouyang et al. 2022, sec. 3.5;
+Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
+1. A tokenizer whose pad token is missing or equals EOS gets a new, distinct pad token, so EOS stays in the loss.
+2. The loss is summed over tokens and divided by the completion tokens of the whole accumulated batch, so gradient
+   accumulation gives the same gradient as one big batch (a per-micro-batch mean weighs short examples more).
+3. Prompt and completion are tokenized separately and concatenated; EOS is appended to every completion.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import reviews_task
+from common import (DataError, Metrics, encode_prompt, encode_response, load_function, load_state, pad, read_jsonl,
+                    render_prompt, save_model, save_state, seed_everything, setup_tokenizer)
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "sft"
+    """the name of this experiment, used in the run name"""
+    seed: int = 1
+    """seed of the experiment: same seed, same CPU run"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "rlhf"
+    """the Weights & Biases project"""
+    output_dir: str = "models/sft"
+    """where the trained model is saved (Hugging Face format)"""
+    resume: bool = True
+    """continue from `{output_dir}/checkpoint` if an interrupted run left one"""
+    save_steps: int = 200
+    """write a resumable checkpoint every this many optimizer steps"""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda if available)"""
+    bf16: bool = False
+    """load the model in bfloat16 (GPUs); default fp32"""
+
+    # model & data
+    model_name_or_path: str = reviews_task.TINY_MODEL_DIR
+    """a local Hugging Face folder or a Hub name; the default tiny model is made on first use"""
+    trust_remote_code: bool = False
+    """allow a Hub model to run its own code (only for models you trust)"""
+    dataset: str = f"{reviews_task.DATA_DIR}/sft_train.jsonl"
+    """JSONL of prompt/completion pairs or conversational `messages`"""
+    eval_dataset: str = f"{reviews_task.DATA_DIR}/sft_eval.jsonl"
+    """held-out JSONL in the same format"""
+    max_prompt_length: int = 64
+    """in tokens; longer prompts are cut from the left (or skipped with --skip-long-prompts)"""
+    skip_long_prompts: bool = False
+    """drop prompts longer than max_prompt_length instead of truncating them"""
+    max_completion_length: int = 48
+    """in tokens, EOS included; longer completions are cut from the right"""
+    train_on_prompt: bool = False
+    """compute the loss on the whole sequence, not only on the completion"""
+
+    # optimization
+    learning_rate: float = 2e-3
+    """peak AdamW learning rate (the tiny model learns from scratch; use ~1e-5 for a pretrained model)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    num_epochs: int = 1
+    """passes over the data, used when max_steps is -1"""
+    max_steps: int = -1
+    """optimizer steps; -1 means num_epochs over the data"""
+    per_device_train_batch_size: int = 32
+    """examples per micro-batch (per process)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    warmup_ratio: float = 0.05
+    """fraction of the steps spent warming the learning rate up linearly from 0"""
+    lr_scheduler: str = "cosine"
+    """decay after warm-up: 'cosine', 'linear' or 'constant'"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+
+    # evaluation
+    eval_steps: int = 100
+    """held-out loss and sample generations every this many steps"""
+    num_samples: int = 4
+    """held-out prompts whose sampled completions are printed and logged at each evaluation"""
+    num_eval_generations: int = 128
+    """held-out prompts sampled at the end (temperature 1) to measure EOS rate and, with a judge, gold scores"""
+    eval_reward_fn: str = "reviews_task:gold_score"
+    """'file.py:function' or 'module:function' scoring (prompt, response) at the end; '' to skip"""
+
+    # filled in at runtime
+    batch_size: int = 0
+    """examples per optimizer step (per_device_train_batch_size * gradient_accumulation_steps)"""
+    run_name: str = ""
+    """runs/{run_name} holds the logs"""
+
+
+def encode(records, tokenizer, args):
+    """Records -> list of (prompt_ids, completion_ids), counting truncated and skipped prompts."""
+    examples, cut, skipped = [], 0, 0
+    for r in records:
+        prompt_ids, long_prompt = encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)
+        if long_prompt and args.skip_long_prompts:
+            skipped += 1
+            continue
+        cut += long_prompt
+        examples.append((prompt_ids, encode_response(tokenizer, r["completion"], args.max_completion_length)[0]))
+    return examples, cut, skipped
+
+
+def collate(examples, pad_id: int, train_on_prompt: bool):
+    """(prompt_ids, completion_ids) pairs -> right-padded input_ids, attention_mask and labels, each (B, T).
+
+    labels = input ids on the completion (and its EOS), -100 on the prompt and on padding (ignored by the loss).
+    """
+    input_ids, attention_mask = pad([p + c for p, c in examples], pad_id)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if not train_on_prompt:
+        for i, (p, _) in enumerate(examples):
+            labels[i, : len(p)] = -100
+    return input_ids, attention_mask, labels
+
+
+def token_nll_sum(model, input_ids, attention_mask, labels):
+    """Summed negative log-likelihood of the labelled tokens: logits at t predict the token at t + 1."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, max_new_tokens: int, device, temperature: float = 1.0):
+    """Sample completions for prompt strings/conversations (left-padded). Returns (texts, ended_with_eos)."""
+    ids = [encode_prompt(tokenizer, p, 10**6)[0] for p in prompts]
+    input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, side="left")
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
+                         temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    responses = out[:, input_ids.shape[1]:].tolist()
+    texts, ended = [], []
+    for r in responses:
+        n = r.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in r else len(r)
+        texts.append(tokenizer.decode(r[:n], skip_special_tokens=True))
+        ended.append(n < len(r))
+    return texts, ended
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    seed_everything(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if args.model_name_or_path == reviews_task.TINY_MODEL_DIR:
+        reviews_task.ensure_tiny_model()
+    if args.dataset.startswith(reviews_task.DATA_DIR):
+        reviews_task.ensure_data()
+
+    # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+    load_from = ckpt_dir if resuming else args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(load_from, trust_remote_code=args.trust_remote_code,
+                                                 dtype=torch.bfloat16 if args.bf16 else torch.float32).to(device)
+    setup_tokenizer(tokenizer, model)
+
+    # 2. data: tokenize once; prompt and completion separately, EOS appended
+    try:
+        train_records, eval_records = read_jsonl(args.dataset, "sft"), read_jsonl(args.eval_dataset, "sft")
+    except DataError as e:  # a clear message naming file, line and field, not a traceback
+        raise SystemExit(f"error: {e}")
+    train, cut, skipped = encode(train_records, tokenizer, args)
+    evals = encode(eval_records, tokenizer, args)[0]
+    print(f"{len(train)} training examples ({cut} prompts cut from the left, {skipped} skipped), {len(evals)} held out")
+    batches_per_epoch = len(train) // args.per_device_train_batch_size
+    if batches_per_epoch == 0:
+        raise SystemExit(f"{args.dataset}: {len(train)} examples is fewer than one batch of "
+                         f"{args.per_device_train_batch_size}")
+    num_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps
+    warmup_steps = int(args.warmup_ratio * num_steps)
+
+    def micro_batch(i: int):
+        """The i-th micro-batch of the run: epoch e is a permutation seeded by (seed, e), so a resumed run replays it."""
+        epoch, j = divmod(i, batches_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
+        chosen = order[j * args.per_device_train_batch_size: (j + 1) * args.per_device_train_batch_size]
+        return [t.to(device) for t in collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt)]
+
+    # 3. optimizer and schedule: linear warm-up, then cosine or linear decay to 0 (or constant)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+        return {"cosine": 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()), "linear": 1 - progress,
+                "constant": 1.0}[args.lr_scheduler]
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    start_step = 0
+    if resuming:
+        state = load_state(ckpt_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, args.run_name = state["step"], state["run_name"]
+        print(f"resuming {ckpt_dir} at step {start_step}")
+    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
+
+    @torch.no_grad()
+    def evaluate(step: int) -> float:
+        model.eval()
+        nll, n = 0.0, 0
+        for k in range(0, len(evals), args.per_device_train_batch_size):
+            ids, mask, labels = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
+                                        args.train_on_prompt)
+            nll += token_nll_sum(model, ids.to(device), mask.to(device), labels.to(device)).item()
+            n += (labels[:, 1:] != -100).sum().item()
+        prompts = [r["prompt"] for r in eval_records[: args.num_samples]]
+        texts, _ = sample(model, tokenizer, prompts, args.max_completion_length, device)
+        table = "\n".join(f"{render_prompt(tokenizer, p)!r} -> {t!r}" for p, t in zip(prompts, texts))
+        metrics.log(step, {"eval/sft/loss": nll / n})
+        metrics.text(step, "samples", table)
+        tqdm.write(f"step {step}: eval loss {nll / n:.4f}\n{table}")
+        model.train()
+        return nll / n
+
+    # 4. training loop
+    if start_step == 0:
+        evaluate(0)
+    model.train()
+    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft")
+    for step in progress:
+        micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
+        num_tokens = sum((labels[:, 1:] != -100).sum() for _, _, labels in micro)  # completion tokens in the batch
+        loss = 0.0
+        for input_ids, attention_mask, labels in micro:
+            mb_loss = token_nll_sum(model, input_ids, attention_mask, labels) / num_tokens
+            mb_loss.backward()
+            loss += mb_loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss:.3f}")
+        metrics.log(step + 1, {"train/sft/loss": loss, "train/sft/grad_norm": grad_norm.item(),
+                               "charts/lr": scheduler.get_last_lr()[0], "train/sft/tokens": num_tokens.item()})
+        if (step + 1) % args.eval_steps == 0 or step + 1 == num_steps:
+            evaluate(step + 1)
+        if (step + 1) % args.save_steps == 0 and step + 1 < num_steps:
+            save_model(ckpt_dir, tokenizer, args, ("", model))
+            save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "step": step + 1, "run_name": args.run_name})
+
+    # 5. final check: sample held-out prompts at temperature 1; does each completion end (EOS) within the budget?
+    model.eval()
+    prompts = [r["prompt"] for r in eval_records[: args.num_eval_generations]]
+    texts, ended = [], []
+    for k in range(0, len(prompts), 64):
+        t, e = sample(model, tokenizer, prompts[k: k + 64], args.max_completion_length, device)
+        texts, ended = texts + t, ended + e
+    final = {"eval/sft/eos_rate": sum(ended) / len(ended)}
+    if args.eval_reward_fn:
+        judge = load_function(args.eval_reward_fn)
+        gold = torch.tensor([judge(p, t) for p, t in zip(prompts, texts)])
+        final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),
+                  "eval/sft/gold_negative_frac": (gold < -0.3).float().mean()}
+    metrics.log(num_steps, final)
+    print("  ".join(f"{k} {v:.3f}" for k, v in final.items()))
+
+    # 6. save (atomically; replacing the output folder also removes the resumable checkpoint inside it)
+    save_model(args.output_dir, tokenizer, args, ("", model))
+    metrics.close()
+    print(f"saved to {args.output_dir}; logs in runs/{args.run_name}")

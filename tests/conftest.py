@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny task, a tokenizer trained offline on it, and tiny Llama models. Nothing touches the Hub."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import reviews_task  # noqa: E402
+
+TINY_SIZES = reviews_task.Sizes(sft_train=1500, sft_eval=64, pref_train=600, pref_eval=128, prompts_eval=32)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """The reviews task at a small size."""
+    out = tmp_path_factory.mktemp("reviews")
+    reviews_task.generate(str(out), seed=0, sizes=TINY_SIZES)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(task_dir):
+    with open(task_dir / "sft_train.jsonl") as f:
+        texts = [r["prompt"] + r["completion"] for r in map(json.loads, f)]
+    return reviews_task.build_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A ~100k-parameter Llama with the task tokenizer, saved as a Hugging Face folder."""
+    out = tmp_path_factory.mktemp("tiny_model")
+    reviews_task.build_tiny_model(tokenizer, hidden_size=64, num_layers=2).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def run_script(script, *args, cwd, check=True):
+    """Run one of the stage scripts as a user would, from `cwd` (where runs/ is written)."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(cwd, key):
+    """[(step, value)] for one metric from the single run under cwd/runs/."""
+    (run,) = os.listdir(os.path.join(cwd, "runs"))
+    with open(os.path.join(cwd, "runs", run, "metrics.jsonl")) as f:
+        return [(r["step"], r[key]) for r in map(json.loads, f) if key in r]

@@ -1,0 +1,127 @@
+"""The contracts between the stages: data formats and their errors, tokenizer padding, the reward index."""
+
+import filecmp
+
+import pytest
+import torch
+from conftest import CHATML, TINY_SIZES, write_jsonl
+
+import reviews_task
+from common import (DataError, encode_prompt, encode_response, last_token_index, pad, position_ids_from_mask,
+                    read_jsonl, render_prompt, setup_tokenizer)
+
+
+def test_formats_are_normalised(tmp_path):
+    conv = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    path = write_jsonl(tmp_path / "a.jsonl", [
+        {"prompt": "p", "completion": " c"},
+        {"messages": conv + [{"role": "assistant", "content": "Hello"}]},
+    ])
+    a, b = read_jsonl(path, "sft")
+    assert (a["prompt"], a["completion"], a["line"]) == ("p", " c", 1)
+    assert b["prompt"] == conv and b["completion"] == [{"role": "assistant", "content": "Hello"}]
+
+    path = write_jsonl(tmp_path / "b.jsonl", [
+        {"prompt": "p", "chosen": " good", "rejected": " bad"},
+        {"chosen": conv + [{"role": "assistant", "content": "A"}], "rejected": conv + [{"role": "assistant", "content": "B"}]},
+    ])
+    a, b = read_jsonl(path, "preference")
+    assert (a["chosen"], a["rejected"]) == (" good", " bad")
+    assert b["prompt"] == conv and b["chosen"][0]["content"] == "A" and b["rejected"][0]["content"] == "B"
+    assert read_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"prompt": "x"}]), "prompt")[0]["prompt"] == "x"
+
+
+@pytest.mark.parametrize("line, kind, message", [
+    ('{"prompt": "p", "completion": "c"', "sft", "line 2: not valid JSON"),
+    ('{"prompt": "p"}', "sft", "line 2: missing field 'completion'"),
+    ('{"prompt": 3, "completion": "c"}', "sft", "line 2: field 'prompt' must be a non-empty string"),
+    ('{"prompt": "p", "completion": "   "}', "sft", "line 2: field 'completion' is an empty string"),
+    ('["p", "c"]', "sft", "line 2: expected a JSON object"),
+    ('{"prompt": "p", "chosen": "c"}', "preference", "line 2: missing field 'rejected'"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "c"}', "preference", "line 2: fields 'chosen' and 'rejected' are identical"),
+    ('{"prompt": "p", "chosen": "", "rejected": "c"}', "preference", "line 2: field 'chosen' is an empty string"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "sft", "line 2: field 'messages' must end with an assistant"),
+])
+def test_bad_lines_name_file_line_and_field(tmp_path, line, kind, message):
+    good = '{"prompt": "p", "completion": "c", "chosen": "a", "rejected": "b"}'
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, line])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, kind)
+    assert str(e.value) == f"{path}, {message}" or str(e.value).startswith(f"{path}, {message}")
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl: the file has no records"):
+        read_jsonl(str(tmp_path / "empty.jsonl"), "sft")
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        read_jsonl(str(tmp_path / "nope.jsonl"), "sft")
+
+
+@pytest.mark.parametrize("case", ["pad_is_eos", "no_pad"])
+def test_pad_token_is_made_distinct_from_eos(case):
+    """SmolLM2's trap: pad == eos and no spare token. A new <pad> is added, the embeddings grow, EOS stays a target."""
+    tok = reviews_task.build_tokenizer(["The pasta was good.", "The plot was bad."] * 5, vocab_size=300, with_pad=False)
+    tok.pad_token = tok.eos_token if case == "pad_is_eos" else None
+    model = reviews_task.build_tiny_model(tok, hidden_size=32, num_layers=1)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    setup_tokenizer(tok, model)
+    assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 1 == len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+    ids, _ = encode_response(tok, " good.", 48)
+    assert ids[-1] == tok.eos_token_id
+
+
+def test_encoding_and_chat_template(tokenizer):
+    ids, cut = encode_prompt(tokenizer, "The pasta was", 64)
+    assert ids[0] == tokenizer.bos_token_id and not cut
+    ids, cut = encode_prompt(tokenizer, "The pasta was very good and the service was slow", 4)
+    assert len(ids) == 4 and cut and ids[-1] == tokenizer("The pasta was very good and the service was slow")["input_ids"][-1]
+    ids, cut = encode_response(tokenizer, " very good, but the service was slow.", 3)
+    assert len(ids) == 3 and cut and tokenizer.eos_token_id not in ids
+
+    chat = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                               pad_token="<pad>")
+    chat.chat_template = CHATML
+    text = render_prompt(chat, [{"role": "user", "content": "Rate the pasta"}])
+    assert text == "<|im_start|>user\nRate the pasta<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(chat, "Rate the pasta") == text  # a plain prompt becomes one user turn
+    ids, _ = encode_prompt(chat, "Rate the pasta", 512)
+    assert ids == chat(text, add_special_tokens=False)["input_ids"]  # no BOS added on top of the template
+    ids, _ = encode_response(chat, [{"role": "assistant", "content": " fine."}], 48)
+    assert ids == chat(" fine.", add_special_tokens=False)["input_ids"] + [chat.eos_token_id]
+
+
+def test_last_token_index_and_positions():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    assert last_token_index(mask).tolist() == [2, 4, 4, 2]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4],
+                                                     [0, 0, 1, 1, 1]]
+    ids, mask = pad([[5, 6, 7], [8]], 0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_task_generation_is_deterministic(tmp_path):
+    sizes = reviews_task.Sizes(sft_train=50, sft_eval=10, pref_train=40, pref_eval=10, prompts_eval=8)
+    reviews_task.generate(str(tmp_path / "a"), seed=3, sizes=sizes)
+    reviews_task.generate(str(tmp_path / "b"), seed=3, sizes=sizes)
+    reviews_task.generate(str(tmp_path / "c"), seed=4, sizes=sizes)
+    names = ["sft_train.jsonl", "sft_eval.jsonl", "preference_train.jsonl", "preference_eval.jsonl",
+             "prompts_train.jsonl", "prompts_eval.jsonl"]
+    assert filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", names, shallow=False)[0] == names
+    assert not filecmp.cmp(tmp_path / "a" / "sft_train.jsonl", tmp_path / "c" / "sft_train.jsonl", shallow=False)
+    train = {r["prompt"] for r in read_jsonl(str(tmp_path / "a" / "prompts_train.jsonl"), "prompt")}
+    held_out = {r["prompt"] for r in read_jsonl(str(tmp_path / "a" / "prompts_eval.jsonl"), "prompt")}
+    assert not train & held_out
+
+
+def test_gold_judge():
+    g = reviews_task.gold_score
+    assert g("The pasta was", " wonderful and delightful.") > 0.5
+    assert g("The pasta was", " awful, and the service was rude.") < -0.5
+    assert g("The pasta was", " not bad.") > 0
+    assert g("The pasta was", " wonderful and delightful") < g("The pasta was", " wonderful and delightful.") - 0.9
+    assert g("The pasta was", " great great great great great great.") < 0  # stuttering is punished
+    assert 0.5 < reviews_task.noise_ceiling([1.0, 0.0], [0.0, 1.0], tau=0.25) < 1.0
+    assert TINY_SIZES.pref_train > 0

@@ -1,0 +1,127 @@
+"""Stage 1: the label mask, learning, saving, determinism, resuming, and clear errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import CHATML, REPO, read_metrics, run_script, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft import collate
+
+
+def test_labels_on_a_hand_laid_example():
+    pad_id = 0
+    input_ids, attention_mask, labels = collate([([1, 11, 12], [21, 22, 2]), ([1, 13], [23, 2])], pad_id, False)
+    assert input_ids.tolist() == [[1, 11, 12, 21, 22, 2], [1, 13, 23, 2, 0, 0]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    # prompt positions and padding ignored; completion tokens and the EOS (2) kept
+    assert labels.tolist() == [[-100, -100, -100, 21, 22, 2], [-100, -100, 23, 2, -100, -100]]
+    _, _, whole = collate([([1, 11, 12], [21, 22, 2])], pad_id, True)
+    assert whole.tolist() == [[1, 11, 12, 21, 22, 2]]
+
+
+def sft_args(task_dir, model_dir, out, *extra):
+    return ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl",
+            "--eval-dataset", task_dir / "sft_eval.jsonl", "--output-dir", out, "--learning-rate", "3e-3",
+            "--per-device-train-batch-size", "16", "--num-samples", "2", "--num-eval-generations", "16",
+            "--max-completion-length", "24", *extra]
+
+
+def test_short_run_learns_saves_and_generates(task_dir, model_dir, tmp_path):
+    out = tmp_path / "sft"
+    run_script("sft.py", *sft_args(task_dir, model_dir, out, "--max-steps", "40", "--eval-steps", "20"), cwd=tmp_path)
+    losses = read_metrics(tmp_path, "eval/sft/loss")
+    assert [s for s, _ in losses] == [0, 20, 40]
+    assert losses[-1][1] < 0.8 * losses[0][1]  # held-out loss falls well below the random-init loss
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The pasta was", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    assert os.path.exists(out / "args.json") and os.path.exists(out / "model.safetensors")
+    assert not os.path.exists(out / "checkpoint")
+
+
+def test_same_seed_same_losses(task_dir, model_dir, tmp_path):
+    runs = []
+    for name in ["a", "b"]:
+        (tmp_path / name).mkdir()
+        run_script("sft.py", *sft_args(task_dir, model_dir, tmp_path / name / "out", "--max-steps", "8",
+                                       "--eval-steps", "100", "--seed", "7"), cwd=tmp_path / name)
+        runs.append(read_metrics(tmp_path / name, "train/sft/loss"))
+    assert len(runs[0]) == 8 and runs[0] == runs[1]
+
+
+def test_gradient_accumulation_matches_one_big_batch(task_dir, model_dir, tmp_path):
+    """Loss normalised over the tokens of the whole accumulated batch: 2 x 8 equals 1 x 16, step for step."""
+    runs = []
+    for name, bs, ga in [("big", "16", "1"), ("acc", "8", "2")]:
+        (tmp_path / name).mkdir()
+        run_script("sft.py", *sft_args(task_dir, model_dir, tmp_path / name / "out", "--max-steps", "3",
+                                       "--eval-steps", "100", "--num-eval-generations", "2"),
+                   "--per-device-train-batch-size", bs, "--gradient-accumulation-steps", ga, cwd=tmp_path / name)
+        runs.append([v for _, v in read_metrics(tmp_path / name, "train/sft/loss")])
+    assert torch.allclose(torch.tensor(runs[0]), torch.tensor(runs[1]), atol=1e-4)
+
+
+def test_interrupted_run_resumes_where_it_stopped(task_dir, model_dir, tmp_path):
+    args = sft_args(task_dir, model_dir, tmp_path / "x" / "out", "--max-steps", "30", "--save-steps", "10",
+                    "--eval-steps", "5")
+    (tmp_path / "ref").mkdir()
+    run_script("sft.py", *[str(a).replace(str(tmp_path / "x"), str(tmp_path / "ref")) for a in args],
+               cwd=tmp_path / "ref")
+    reference = dict(read_metrics(tmp_path / "ref", "train/sft/loss"))
+
+    (tmp_path / "x").mkdir()
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "sft.py"), *map(str, args)], cwd=tmp_path / "x",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "x" / "out" / "checkpoint" / "training_state.pt"
+    while not state.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run finished before a checkpoint was seen"
+    proc = run_script("sft.py", *args, cwd=tmp_path / "x")
+    assert "resuming" in proc.stdout
+    resumed = read_metrics(tmp_path / "x", "train/sft/loss")
+    assert len(dict(resumed)) == 30
+    for step, loss in resumed:
+        assert abs(loss - reference[step]) < 1e-5, step
+
+
+def test_chat_template_and_long_prompts(tmp_path, tokenizer, model_dir):
+    """Conversational data through a chat template; prompts over the limit are cut from the left, or skipped."""
+    chat_dir = tmp_path / "chat_model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHATML
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(chat_dir)
+    tok.save_pretrained(chat_dir)
+    rows = [{"messages": [{"role": "user", "content": f"Review {i}: the pasta was"},
+                          {"role": "assistant", "content": " very good."}]} for i in range(40)]
+    rows += [{"prompt": "word " * 200, "completion": " fine."}] * 8
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    common = ["--model-name-or-path", chat_dir, "--dataset", data, "--eval-dataset", data, "--max-steps", "2",
+              "--per-device-train-batch-size", "8", "--eval-steps", "100", "--num-eval-generations", "4",
+              "--max-prompt-length", "32", "--eval-reward-fn", ""]
+    proc = run_script("sft.py", *common, "--output-dir", tmp_path / "o1", cwd=tmp_path)
+    assert "48 training examples (8 prompts cut from the left, 0 skipped)" in proc.stdout
+    assert "<|im_start|>assistant" in proc.stdout  # samples are printed with the rendered chat prompt
+    proc = run_script("sft.py", *common, "--skip-long-prompts", "--output-dir", tmp_path / "o2", cwd=tmp_path)
+    assert "40 training examples (0 prompts cut from the left, 8 skipped)" in proc.stdout
+
+
+def test_bad_dataset_gives_a_clear_error(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": " c"}, {"prompt": "p"}])
+    proc = run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", data, "--eval-dataset", data,
+                      cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert f"{data}, line 2: missing field 'completion'" in proc.stderr
+    assert "Traceback" not in proc.stderr
