@@ -39,12 +39,13 @@ def _split_messages(messages: list, where: str) -> tuple[list, list]:
     return messages[:-1], messages[-1:]
 
 
-def read_jsonl(path: str, kind: str) -> list[dict]:
+def read_jsonl(path: str, kind: str, errors: list | None = None) -> list[dict]:
     """Read a JSONL file of `kind` ('sft', 'preference' or 'prompt') into records with the fields of FIELDS[kind].
 
     Accepted forms: prompt/completion, prompt/chosen/rejected, prompt-only, and conversational ones: `messages`
     (its last assistant turn is the completion), or `chosen`/`rejected` as whole conversations sharing a prefix.
-    Every problem is a DataError naming the file, line and field.
+    Every problem is a DataError naming the file, line and field; with an `errors` list, bad lines are appended to it
+    and skipped instead (a file with no good line still raises).
     """
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
@@ -55,33 +56,42 @@ def read_jsonl(path: str, kind: str) -> list[dict]:
                 continue
             where = f"{path}, line {lineno}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "messages" in row and "prompt" not in row:
-                prompt, completion = _split_messages(_check_text(row["messages"], where, "messages"), where)
-                if not prompt:
-                    raise DataError(f"{where}: field 'messages' has no turn before the assistant's")
-                row = {"prompt": prompt, "completion": completion}
-            if kind == "preference" and "prompt" not in row and isinstance(row.get("chosen"), list):
-                chosen = _check_text(row["chosen"], where, "chosen")
-                rejected = _check_text(row.get("rejected"), where, "rejected")
-                prompt, row["chosen"] = _split_messages(chosen, where)
-                if rejected[: len(prompt)] != prompt:
-                    raise DataError(f"{where}: conversations 'chosen' and 'rejected' must share the same prompt turns")
-                row = {"prompt": prompt, "chosen": row["chosen"], "rejected": _split_messages(rejected, where)[1]}
-            for field in FIELDS[kind]:
-                if field not in row:
-                    raise DataError(f"{where}: missing field '{field}' (a {kind} record needs {', '.join(FIELDS[kind])})")
-                row[field] = _check_text(row[field], where, field)
-            if kind == "preference" and row["chosen"] == row["rejected"]:
-                raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
-            records.append({k: row[k] for k in FIELDS[kind]} | {"line": lineno})
+                records.append(_parse_line(line, kind, where) | {"line": lineno})
+            except DataError as e:
+                if errors is None:
+                    raise
+                errors.append(str(e))
     if not records:
-        raise DataError(f"{path}: the file has no records")
+        raise DataError(f"{path}: the file has no records" + (f" ({len(errors)} bad lines skipped)" if errors else ""))
     return records
+
+
+def _parse_line(line: str, kind: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row and "prompt" not in row:
+        prompt, completion = _split_messages(_check_text(row["messages"], where, "messages"), where)
+        if not prompt:
+            raise DataError(f"{where}: field 'messages' has no turn before the assistant's")
+        row = {"prompt": prompt, "completion": completion}
+    if kind == "preference" and "prompt" not in row and isinstance(row.get("chosen"), list):
+        chosen = _check_text(row["chosen"], where, "chosen")
+        rejected = _check_text(row.get("rejected"), where, "rejected")
+        prompt, row["chosen"] = _split_messages(chosen, where)
+        if rejected[: len(prompt)] != prompt:
+            raise DataError(f"{where}: conversations 'chosen' and 'rejected' must share the same prompt turns")
+        row = {"prompt": prompt, "chosen": row["chosen"], "rejected": _split_messages(rejected, where)[1]}
+    for field in FIELDS[kind]:
+        if field not in row:
+            raise DataError(f"{where}: missing field '{field}' (a {kind} record needs {', '.join(FIELDS[kind])})")
+        row[field] = _check_text(row[field], where, field)
+    if kind == "preference" and row["chosen"] == row["rejected"]:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
+    return {k: row[k] for k in FIELDS[kind]}
 
 
 def setup_tokenizer(tokenizer, model=None):
@@ -146,6 +156,30 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count real tokens only, so a left-padded row sees the same positions as an unpadded one."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) query+response ids -> (B,) reward: the head applied at the last real token, minus the offset.
+
+    `config.reward_offset` (set by reward_model.py's normalisation) is subtracted so a score of 0 means "as good as
+    the SFT policy's average sample". Hugging Face's own pooled logits read at the last non-pad *id* and skip the
+    offset: subtract `config.reward_offset` yourself if you load the model elsewhere.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    return model.score(last).squeeze(-1).float() - getattr(model.config, "reward_offset", 0.0)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off (RLHF needs the same log-probs and scores in every forward pass of the same input)."""
+    for key, value in model.config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

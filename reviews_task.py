@@ -22,7 +22,7 @@ from dataclasses import dataclass
 DATA_DIR = "data/reviews"
 TINY_MODEL_DIR = "models/tiny-llama"
 # the noise of the simulated annotators; the accuracy ceiling it implies is printed by `python reviews_task.py`
-TAU = 0.25
+TAU = 0.3
 TIE_MARGIN = 0.05
 
 SUBJECTS = {
@@ -66,13 +66,13 @@ def _predicate(rng: random.Random) -> str:
     words = rng.choice([POSITIVE, POSITIVE, NEGATIVE, NEGATIVE, NEUTRAL])
     adj = rng.choice(words)
     form = rng.random()
-    if form < 0.15:
+    if form < 0.05:
         return f"not {adj}"
-    if form < 0.25:
+    if form < 0.08:
         return f"not {rng.choice(INTENSIFIERS)} {adj}"
-    if form < 0.55:
+    if form < 0.45:
         return f"{rng.choice(INTENSIFIERS)} {adj}"
-    if form < 0.70:
+    if form < 0.62:
         return f"{adj} and {rng.choice(words)}"
     return adj
 
@@ -146,7 +146,7 @@ def noise_ceiling(gold_a: list[float], gold_b: list[float], tau: float = TAU) ->
 class Sizes:
     sft_train: int = 20000
     sft_eval: int = 500
-    pref_train: int = 12000
+    pref_train: int = 10000
     pref_eval: int = 1000
     prompts_eval: int = 256
 

@@ -1,0 +1,543 @@
+"""Stage 3 of RLHF: PPO against a reward model, with a per-token KL penalty to a frozen reference policy.
+
+    python ppo_rlhf.py                                  # after sft.py and reward_model.py; embedded task, CPU
+    python ppo_rlhf.py --kl-coef 0.2 --reward-fn my_rewards.py:score     # an algorithmic reward instead of the RM
+
+Four models: the policy and a frozen reference (both from the SFT model), a frozen reward model, and a value
+network. Each iteration has a rollout phase (generate, score, KL-shape the rewards, GAE) and an update phase
+(PPO epochs over minibatches). Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022; the implementation
+details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO". Where this departs from them:
+1. The value network is by default a separate model initialised from the reward model (their recipe); with
+   `--value-model shared` it is a linear head on the policy's last hidden state (the tutorials' design).
+2. `--dual-clip c` optionally bounds the loss on negative advantages by -c * A (Ye et al. 2020), the fix for
+   unbounded penalties that the seeds' appendix discusses; off by default.
+3. The KL penalty's estimator is k1 (log pi - log pi_ref) or k3 ((r - 1) - log r, r = pi_ref / pi), by flag;
+   both are always logged. k3 is never negative per token; k1 can be, per token, and is unbiased.
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+
+import reviews_task
+from common import (DataError, Metrics, disable_dropout, encode_prompt, last_token_index, load_function, load_state,
+                    pad, position_ids_from_mask, read_jsonl, reward_scores, save_model, save_state, seed_everything,
+                    setup_tokenizer)
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "ppo"
+    """the name of this experiment, used in the run name"""
+    seed: int = 1
+    """seed of the experiment: same seed, same CPU run"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "rlhf"
+    """the Weights & Biases project"""
+    output_dir: str = "models/ppo"
+    """where the policy (and `value_model/`) are saved"""
+    resume: bool = True
+    """continue from `{output_dir}/checkpoint` if an interrupted run left one"""
+    save_every: int = 20
+    """write a resumable checkpoint every this many iterations"""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda if available)"""
+    bf16: bool = False
+    """load the models in bfloat16 (GPUs); default fp32"""
+
+    # models & data
+    sft_model_path: str = "models/sft"
+    """the SFT model: the policy's start and the frozen reference"""
+    reward_model_path: str = "models/reward_model"
+    """the frozen reward model (from reward_model.py)"""
+    reward_fn: str = ""
+    """'file.py:function' (prompt, response) -> float: an algorithmic reward used instead of the reward model"""
+    value_model: str = "separate"
+    """'separate': a model initialised from the reward model (or the SFT model with --reward-fn); 'shared': a head on the policy"""
+    eval_reward_fn: str = "reviews_task:gold_score"
+    """the judge used only for evaluation (the embedded task's gold judge); '' to skip"""
+    trust_remote_code: bool = False
+    """allow a Hub model to run its own code (only for models you trust)"""
+    dataset: str = f"{reviews_task.DATA_DIR}/prompts_train.jsonl"
+    """JSONL of prompts (prompt-only, or any format with a prompt)"""
+    eval_dataset: str = f"{reviews_task.DATA_DIR}/prompts_eval.jsonl"
+    """held-out prompts for evaluation"""
+    max_prompt_length: int = 64
+    """in tokens; longer prompts are cut from the left"""
+
+    # rollout
+    num_iterations: int = 100
+    """rollout + update iterations"""
+    rollout_batch_size: int = 64
+    """prompts (episodes) per iteration, per process"""
+    response_length: int = 24
+    """most tokens generated per response"""
+    temperature: float = 0.7
+    """sampling temperature; log-probs for the loss are taken from logits divided by it as well"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that reaches response_length without EOS"""
+
+    # algorithm
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty (the initial value when adaptive)"""
+    kl_estimator: str = "k1"
+    """'k1' (log-ratio) or 'k3' (unbiased, always >= 0) in the reward; both are logged"""
+    adaptive_kl: bool = False
+    """adapt kl_coef towards target_kl (Ziegler et al. 2019, sec. 2.2)"""
+    target_kl: float = 3.0
+    """with --adaptive-kl: the per-sequence KL to aim for, in nats"""
+    kl_horizon: int = 10000
+    """with --adaptive-kl: episodes over which kl_coef can change by ~e^0.2"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards over valid tokens before GAE (without shifting their mean)"""
+    reward_clip: float = 0.0
+    """clip scores to [-reward_clip, reward_clip]; 0 = off"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    num_mini_batches: int = 2
+    """minibatches per PPO epoch (one optimizer step each)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per minibatch"""
+    cliprange: float = 0.2
+    """policy ratio clip epsilon"""
+    cliprange_value: float = 0.2
+    """value clip around the rollout-time values"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    ent_coef: float = 0.0
+    """weight of the entropy bonus; 0 = off"""
+    dual_clip: float = 0.0
+    """c > 1 bounds the loss of negative advantages at -c * A (Ye et al. 2020); 0 = off"""
+    learning_rate: float = 3e-5
+    """AdamW learning rate of policy and value, decayed linearly to 0 (use ~1e-6 for billion-parameter models)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+
+    # evaluation
+    eval_every: int = 20
+    """evaluate on held-out prompts every this many iterations (and at the end)"""
+    num_eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+    num_sample_rows: int = 4
+    """sample responses printed and logged per evaluation"""
+
+    # filled in at runtime
+    mini_batch_size: int = 0
+    """episodes per minibatch: rollout_batch_size // num_mini_batches"""
+    micro_batch_size: int = 0
+    """episodes per forward/backward: mini_batch_size // gradient_accumulation_steps"""
+    run_name: str = ""
+    """runs/{run_name} holds the logs"""
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if a % b != 0:
+        raise SystemExit(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """(B, T) sampled ids -> (responses with everything after the first EOS set to pad, (B, T) mask, (B,) has_eos).
+
+    The mask keeps the EOS itself: the reward is read there and its log-prob is part of the action sequence.
+    """
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.long().argmax(dim=1), responses.shape[1])  # (B,)
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    padding_mask = positions[None, :] <= first_eos[:, None]  # (B, T), True on valid tokens
+    return responses.masked_fill(~padding_mask, pad_id), padding_mask, has_eos
+
+
+def logprobs_and_entropy(logits: torch.Tensor, responses: torch.Tensor, temperature: float):
+    """(B, T, V) logits that predict `responses` (B, T) -> their log-probs (B, T) and the entropy (B, T).
+
+    Divided by the sampling temperature, so these are the log-probs of the distribution actually sampled from.
+    """
+    logits = logits.float() / temperature
+    logsumexp = torch.logsumexp(logits, dim=-1)  # (B, T)
+    logprobs = torch.gather(logits, 2, responses.unsqueeze(-1)).squeeze(-1) - logsumexp
+    entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logprobs, entropy
+
+
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, padding_mask, kl_coef: float, kl_estimator: str = "k1"):
+    """Per-token rewards (B, T): -kl_coef * KL at every valid token, plus the (B,) score at the last valid token,
+    which is the EOS (or the last token of a response cut at response_length). Not one past it: that is padding.
+
+    Returns (rewards, non_score_reward, kl_k1, kl_k3); the KL tensors are per token and zero on padding.
+    """
+    logr = ref_logprobs - logprobs  # log(pi_ref / pi) of the sampled tokens
+    kl_k1 = -logr * padding_mask
+    kl_k3 = (torch.exp(logr) - 1 - logr) * padding_mask
+    non_score_reward = -kl_coef * (kl_k1 if kl_estimator == "k1" else kl_k3)
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(rewards), device=rewards.device), last_token_index(padding_mask)] += scores
+    return rewards, non_score_reward, kl_k1, kl_k3
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean) using statistics of the valid tokens only; invalid ones become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized Advantage Estimation (Schulman et al. 2016) over (B, T) per-token rewards and values.
+
+    delta_t = r_t + gamma * V(t + 1) - V(t);  A_t = delta_t + gamma * lam * A_(t + 1). Values and rewards past a
+    response's end are zeroed, so the EOS token bootstraps from 0 and padding contributes nothing.
+    Returns (advantages, returns = advantages + values), both (B, T) and zero on invalid tokens.
+    """
+    rewards, values = rewards * mask, values * mask
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+    return advantages, advantages + values
+
+
+def policy_loss(new_logprobs, logprobs, advantages, mask, cliprange: float, dual_clip: float = 0.0):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss; masked mean over valid tokens.
+
+    Returns (pg_loss, ratio, clipfrac) with ratio (B, T).
+    """
+    ratio = torch.exp(new_logprobs - logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss_max = torch.max(pg_losses, pg_losses2)
+    if dual_clip > 0:  # for A < 0 the clipped loss grows without bound in the ratio; cap it at -c * A
+        pg_loss_max = torch.where(advantages < 0, torch.min(pg_loss_max, -dual_clip * advantages), pg_loss_max)
+    clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
+    return masked_mean(pg_loss_max, mask), ratio, clipfrac
+
+
+def value_loss(new_values, values, returns, mask, cliprange_value: float):
+    """Clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within cliprange_value of the
+    rollout-time value (the N+ details, #12). Returns (vf_loss, vf_clipfrac)."""
+    vpredclipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
+    vf_losses1 = (new_values - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask), masked_mean((vf_losses2 > vf_losses1).float(), mask)
+
+
+def forward(policy, value_net, query_responses, attention_mask, context_length: int, temperature: float,
+            with_values: bool = True):
+    """One pass over (B, Tq + T) query+response ids -> logprobs, entropy and values of the T response tokens.
+
+    Positions come from the mask, so left-padded queries see the positions of unpadded ones. The logits at
+    position t predict token t + 1, hence the slice [context_length - 1, -1).
+    """
+    responses = query_responses[:, context_length:]
+    position_ids = position_ids_from_mask(attention_mask)
+    shared = value_net is None
+    out = policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
+                 output_hidden_states=shared and with_values)
+    logprobs, entropy = logprobs_and_entropy(out.logits[:, context_length - 1: -1], responses, temperature)
+    values = None
+    if with_values:
+        if shared:  # a linear head on the policy's last hidden state
+            hidden = out.hidden_states[-1][:, context_length - 1: -1]
+            values = policy.value_head(hidden).squeeze(-1).float()
+        else:  # the value model's head applied at every position (it reads like the reward model)
+            backbone = getattr(value_net, value_net.base_model_prefix)
+            hidden = backbone(input_ids=query_responses, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state[:, context_length - 1: -1]
+            values = value_net.score(hidden).squeeze(-1).float() - getattr(value_net.config, "reward_offset", 0.0)
+    return logprobs, entropy, values  # each (B, T)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches, "rollout_batch_size / num_mini_batches")
+    args.micro_batch_size = exact_div(args.mini_batch_size, args.gradient_accumulation_steps,
+                                      "mini_batch_size / gradient_accumulation_steps")
+    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    seed_everything(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.dataset.startswith(reviews_task.DATA_DIR):
+        reviews_task.ensure_data()
+
+    # 1. four models: policy, frozen reference, frozen reward model (or a reward function), value network
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+    hf = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
+    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.sft_model_path, **hf).to(device)
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **hf).to(device)
+    setup_tokenizer(tokenizer, policy)
+    setup_tokenizer(tokenizer, ref_policy)
+    reward_model = reward_fn = None
+    if args.reward_fn:
+        reward_fn = load_function(args.reward_fn)
+    else:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, **hf).to(device)
+    value_net = None
+    if args.value_model == "separate":
+        value_from = os.path.join(ckpt_dir, "value_model") if resuming else (
+            args.sft_model_path if args.reward_fn else args.reward_model_path)
+        value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **hf).to(device)
+        value_net.train()
+    else:
+        policy.value_head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1).to(device, dtype)
+        torch.nn.init.zeros_(policy.value_head.weight)
+        torch.nn.init.zeros_(policy.value_head.bias)
+    for model in (policy, ref_policy, reward_model, value_net):
+        if model is not None:
+            disable_dropout(model)  # PPO needs identical log-probs in rollout and update (N+ details, #2)
+    for model in (ref_policy, reward_model):
+        if model is not None:
+            model.eval().requires_grad_(False)
+    policy.train()
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # 2. prompts, left-padded per batch for generation
+    try:
+        train_records = read_jsonl(args.dataset, "prompt")
+        eval_records = read_jsonl(args.eval_dataset, "prompt")[: args.num_eval_prompts]
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    train_prompts = [encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0] for r in train_records]
+    eval_prompts = [encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0] for r in eval_records]
+    if len(train_prompts) < args.rollout_batch_size:
+        raise SystemExit(f"{args.dataset}: {len(train_prompts)} prompts is fewer than rollout_batch_size")
+    batches_per_epoch = len(train_prompts) // args.rollout_batch_size
+
+    def prompt_batch(iteration: int) -> list[int]:
+        """Indices of the prompts of an iteration: epoch-wise permutations seeded by (seed, epoch), resumable."""
+        epoch, j = divmod(iteration, batches_per_epoch)
+        order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
+        return order[j * args.rollout_batch_size: (j + 1) * args.rollout_batch_size].tolist()
+
+    # 3. one AdamW for policy and value (eps 1e-5, N+ details #5), learning rate decayed linearly to 0
+    params = list(policy.parameters()) + (list(value_net.parameters()) if value_net is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5)
+    num_updates = args.num_iterations * args.num_ppo_epochs * args.num_mini_batches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / num_updates)
+    kl_coef, start_iteration = args.kl_coef, 0
+    if resuming:
+        state = load_state(ckpt_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "value_head" in state:
+            policy.value_head.load_state_dict(state["value_head"])
+        torch.set_rng_state(state["rng"])
+        start_iteration, kl_coef, args.run_name = state["iteration"], state["kl_coef"], state["run_name"]
+        print(f"resuming {ckpt_dir} at iteration {start_iteration}")
+    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # a fresh config, so nothing from the model's generation_config.json (top_k=50, repetition penalties...) changes
+    # the distribution we sample from: the log-probs below must be those of the sampling distribution
+    generation_config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature,
+                                         max_new_tokens=args.response_length, pad_token_id=pad_id, eos_token_id=eos_id)
+
+    @torch.no_grad()
+    def rollout(model, prompts: list[list[int]]):
+        """Generate with pure sampling, cut after the first EOS. Returns (query_responses, attention_mask,
+        context_length, responses, padding_mask, has_eos)."""
+        queries, query_mask = pad(prompts, pad_id, side="left")  # (B, Tq)
+        queries, query_mask = queries.to(device), query_mask.to(device)
+        out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation_config)
+        context_length = queries.shape[1]
+        responses, padding_mask, has_eos = truncate_after_eos(out[:, context_length:], eos_id, pad_id)  # (B, T)
+        query_responses = torch.cat([queries, responses], dim=1)
+        attention_mask = torch.cat([query_mask, padding_mask.long()], dim=1)
+        return query_responses, attention_mask, context_length, responses, padding_mask, has_eos
+
+    @torch.no_grad()
+    def get_scores(query_responses, attention_mask, context_length, responses, padding_mask, prompts_text, fn=None):
+        """(B,) sequence scores: the reward model at the last real token (the EOS), or a reward function on text."""
+        fn = fn or reward_fn
+        if fn is None:
+            return torch.cat([reward_scores(reward_model, query_responses[k: k + args.micro_batch_size],
+                                            attention_mask[k: k + args.micro_batch_size])
+                              for k in range(0, len(query_responses), args.micro_batch_size)])
+        texts = tokenizer.batch_decode(responses.masked_fill(~padding_mask, pad_id), skip_special_tokens=True)
+        return torch.tensor([float(fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
+
+    @torch.no_grad()
+    def evaluate(iteration: int, final: bool = False):
+        """Held-out prompts: reward, gold score, KL to the reference and length; at the end also the gold win rate
+        of the policy against the SFT policy on the same prompts."""
+        policy.eval()
+        texts = [r["prompt"] for r in eval_records]
+        qr, mask, ctx, responses, padding_mask, has_eos = rollout(policy, eval_prompts)
+        logprobs = forward(policy, value_net, qr, mask, ctx, args.temperature, with_values=False)[0]
+        ref_logprobs = forward(ref_policy, None, qr, mask, ctx, args.temperature, with_values=False)[0]
+        scores = get_scores(qr, mask, ctx, responses, padding_mask, texts)
+        out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * padding_mask).sum(1).mean(),
+               "eval/response_length": padding_mask.sum(1).float().mean(), "eval/eos_rate": has_eos.float().mean()}
+        decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        if args.eval_reward_fn:
+            judge = load_function(args.eval_reward_fn)
+            gold = torch.tensor([judge(p, t) for p, t in zip(texts, decoded)])
+            out["eval/gold_score"] = gold.mean()
+            if final:  # the SFT policy answers the same prompts; the gold judge picks (ties count half)
+                sft = rollout(ref_policy, eval_prompts)
+                sft_gold = torch.tensor([judge(p, t) for p, t in zip(texts, tokenizer.batch_decode(sft[3], skip_special_tokens=True))])
+                out["eval/sft_gold_score"] = sft_gold.mean()
+                out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
+        metrics.log(iteration, out)
+        table = "\n".join(f"  {s:+.2f} | {t!r} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, decoded))
+        metrics.text(iteration, "samples", table)
+        tqdm.write(f"eval @ {iteration}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in out.items()) + "\n" +
+                   "\n".join(table.split("\n")[: args.num_sample_rows]))
+        policy.train()
+        return out
+
+    progress = tqdm(range(start_iteration, args.num_iterations), initial=start_iteration, total=args.num_iterations,
+                    desc="ppo")
+    for iteration in progress:
+        if iteration % args.eval_every == 0:
+            evaluate(iteration)
+        t0 = time.time()
+        # 4. rollout: sample responses from the current policy (pure sampling at --temperature)
+        idx = prompt_batch(iteration)
+        policy.eval()
+        query_responses, attention_mask, context_length, responses, padding_mask, has_eos = rollout(
+            policy, [train_prompts[i] for i in idx])
+        t_generate = time.time() - t0
+        padding_mask_f = padding_mask.float()  # (B, T)
+
+        # 5. log-probs of the sampled tokens under policy and reference, values, and scores, in micro-batches
+        #    of the training size so that the first PPO minibatch reproduces these numbers exactly
+        with torch.no_grad():
+            chunks = []
+            for k in range(0, args.rollout_batch_size, args.micro_batch_size):
+                sl = slice(k, k + args.micro_batch_size)
+                lp, ent, v = forward(policy, value_net, query_responses[sl], attention_mask[sl], context_length,
+                                     args.temperature)
+                ref_lp = forward(ref_policy, None, query_responses[sl], attention_mask[sl], context_length,
+                                 args.temperature, with_values=False)[0]
+                chunks.append((lp, ent, v, ref_lp))
+            logprobs, entropy, values, ref_logprobs = (torch.cat(c) for c in zip(*chunks))  # each (B, T)
+            scores = get_scores(query_responses, attention_mask, context_length, responses, padding_mask,
+                                [train_records[i]["prompt"] for i in idx])  # (B,)
+            raw_scores = scores.clone()
+            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+            if args.reward_clip > 0:
+                scores = scores.clamp(-args.reward_clip, args.reward_clip)
+
+            # 6. per-token rewards: -kl_coef * KL at every token, plus the score at the last valid token (the EOS)
+            rewards, non_score_reward, kl_k1, kl_k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, padding_mask_f,
+                                                                        kl_coef, args.kl_estimator)  # each (B, T)
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, padding_mask_f, shift_mean=False)
+
+            # 7. advantages with GAE over valid tokens, returns = A + V before whitening A
+            values = values * padding_mask_f
+            advantages, returns = compute_gae(rewards, values, padding_mask_f, args.gamma, args.lam)
+            advantages = masked_whiten(advantages, padding_mask_f)
+        t_rollout = time.time() - t0 - t_generate
+
+        # 8. PPO update: num_ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch
+        policy.train()
+        stats = {k: [] for k in ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy"]}
+        for epoch in range(args.num_ppo_epochs):
+            order = torch.randperm(args.rollout_batch_size, device=device) if epoch > 0 else torch.arange(
+                args.rollout_batch_size, device=device)  # epoch 0 in rollout order: the first step must give ratio 1
+            for start in range(0, args.rollout_batch_size, args.mini_batch_size):
+                for micro in range(start, start + args.mini_batch_size, args.micro_batch_size):
+                    mb = order[micro: micro + args.micro_batch_size]
+                    mb_mask = padding_mask_f[mb]
+                    new_logprobs, new_entropy, new_values = forward(policy, value_net, query_responses[mb],
+                                                                    attention_mask[mb], context_length, args.temperature)
+                    pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
+                                                           args.cliprange, args.dual_clip)
+                    vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask, args.cliprange_value)
+                    entropy_bonus = masked_mean(new_entropy, mb_mask)
+                    loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_bonus
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        logratio = new_logprobs - logprobs[mb]
+                        if epoch == 0 and micro == 0:  # nothing has been updated yet: must be exactly 0
+                            first_ratio_dev = (ratio - 1).abs().max()
+                        stats["approxkl"].append(0.5 * masked_mean(logratio ** 2, mb_mask))
+                        stats["clipfrac"].append(clipfrac)
+                        stats["pg_loss"].append(pg_loss.detach())
+                        stats["vf_loss"].append(vf_loss.detach())
+                        stats["vf_clipfrac"].append(vf_clipfrac)
+                        stats["ratio"].append(ratio[mb_mask.bool()])
+                        stats["entropy"].append(entropy_bonus.detach())
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        t_update = time.time() - t0 - t_generate - t_rollout
+
+        # 9. adaptive KL coefficient: proportional control towards target_kl (Ziegler et al. 2019, sec. 2.2)
+        mean_kl = kl_k1.sum(1).mean().item()
+        if args.adaptive_kl:
+            error = max(-0.2, min(0.2, mean_kl / args.target_kl - 1))
+            kl_coef *= 1 + error * args.rollout_batch_size / args.kl_horizon
+
+        # 10. log
+        ratios = torch.cat(stats["ratio"])
+        row = {
+            "objective/kl": mean_kl, "objective/kl_k3": kl_k3.sum(1).mean(),
+            "objective/entropy": (entropy * padding_mask_f).sum(1).mean(),
+            "objective/scores": raw_scores.mean(), "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
+            "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
+            "policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean(),
+            "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
+            "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(), "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
+            "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(), "val/ratio": ratios.mean(),
+            "val/first_ratio_max_dev": first_ratio_dev,
+            "val/ratio_var": ratios.var(), "val/num_eos_tokens": has_eos.sum(),
+            "val/response_length": padding_mask_f.sum(1).mean(), "charts/lr": scheduler.get_last_lr()[0],
+            "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * args.rollout_batch_size,
+            "time/generate": t_generate, "time/rollout_forward": t_rollout, "time/update": t_update,
+        }
+        metrics.log(iteration + 1, row)
+        if not all(torch.isfinite(torch.as_tensor(v, dtype=torch.float)) for v in row.values()):
+            raise SystemExit(f"non-finite metric at iteration {iteration + 1}: {row}")
+        progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}",
+                             len=f"{row['val/response_length']:.1f}", clip=f"{row['policy/clipfrac_avg']:.2f}")
+        if (iteration + 1) % args.save_every == 0 and iteration + 1 < args.num_iterations:
+            save_model(ckpt_dir, None, args, ("", policy), *([("value_model", value_net)] if value_net is not None else []))
+            save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "iteration": iteration + 1, "kl_coef": kl_coef, "rng": torch.get_rng_state(),
+                                  "run_name": args.run_name} |
+                       ({"value_head": policy.value_head.state_dict()} if value_net is None else {}))
+    progress.close()
+
+    # 11. final evaluation and save: the policy loads with AutoModelForCausalLM; the value model beside it
+    evaluate(args.num_iterations, final=True)
+    value_head = getattr(policy, "value_head", None)
+    if value_head is not None:
+        del policy.value_head  # not part of the causal LM's weights: saved beside them
+    save_model(args.output_dir, tokenizer, args, ("", policy), *([("value_model", value_net)] if value_net is not None else []))
+    if value_head is not None:
+        from safetensors.torch import save_file
+
+        save_file(value_head.state_dict(), os.path.join(args.output_dir, "value_head.safetensors"))
+    metrics.close()
+    print(f"saved to {args.output_dir}; logs in runs/{args.run_name}")

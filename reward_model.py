@@ -1,0 +1,338 @@
+"""Stage 2 of RLHF: a Bradley-Terry reward model trained on pairwise human preferences.
+
+    python reward_model.py                                  # after `python sft.py`; embedded reviews task, CPU
+    python reward_model.py --model-name-or-path models/smollm2-sft --dataset prefs.jsonl --learning-rate 1e-5
+
+The SFT model with a scalar head, trained with -log sigmoid(r_chosen - r_rejected) (Christiano et al. 2017;
+Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this departs from the common recipe:
+1. The score is read at the last real token (the response's EOS), located from the attention mask, never from
+   `config.pad_token_id` (which fails when pad == eos or with left padding).
+2. The head is drawn from N(0, 1/sqrt(d+1)) as in OpenAI's lm-human-preferences; Hugging Face's head has no bias,
+   so the normalising offset is stored as `config.reward_offset` and subtracted by `common.reward_scores`.
+3. After training the scores are normalised: mean 0 over the SFT policy's own samples, so a given --kl-coef in
+   stage 3 means the same thing across reward models (Ziegler et al. 2019, sec. 2.2).
+"""
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import reviews_task
+from common import (DataError, Metrics, disable_dropout, encode_prompt, encode_response, load_function, load_state,
+                    pad, read_jsonl, reward_scores, save_model, save_state, seed_everything, setup_tokenizer)
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "reward_model"
+    """the name of this experiment, used in the run name"""
+    seed: int = 1
+    """seed of the experiment: same seed, same CPU run"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "rlhf"
+    """the Weights & Biases project"""
+    output_dir: str = "models/reward_model"
+    """where the reward model is saved (loads with AutoModelForSequenceClassification)"""
+    resume: bool = True
+    """continue from `{output_dir}/checkpoint` if an interrupted run left one"""
+    save_steps: int = 200
+    """write a resumable checkpoint every this many optimizer steps"""
+    device: str = "auto"
+    """'cpu', 'cuda', or 'auto' (cuda if available)"""
+    bf16: bool = False
+    """load the model in bfloat16 (GPUs); default fp32"""
+
+    # model & data
+    model_name_or_path: str = "models/sft"
+    """the SFT model the reward model starts from (a local folder or a Hub name)"""
+    trust_remote_code: bool = False
+    """allow a Hub model to run its own code (only for models you trust)"""
+    dataset: str = f"{reviews_task.DATA_DIR}/preference_train.jsonl"
+    """JSONL of prompt/chosen/rejected, or chosen/rejected conversations"""
+    eval_dataset: str = f"{reviews_task.DATA_DIR}/preference_eval.jsonl"
+    """held-out preferences in the same format"""
+    skip_bad_pairs: bool = False
+    """count and skip bad lines (missing field, chosen == rejected, empty text) instead of stopping with an error"""
+    max_prompt_length: int = 64
+    """in tokens; longer prompts are cut from the left (or skipped with --skip-long-prompts)"""
+    skip_long_prompts: bool = False
+    """drop pairs whose prompt is longer than max_prompt_length instead of truncating it"""
+    max_response_length: int = 48
+    """in tokens, EOS included; longer responses are cut from the right"""
+
+    # optimization
+    learning_rate: float = 5e-4
+    """peak AdamW learning rate (use ~1e-5 for a pretrained model)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    num_epochs: int = 1
+    """passes over the preference pairs (1, as in the literature: more overfits)"""
+    max_steps: int = -1
+    """optimizer steps; -1 means num_epochs over the data"""
+    per_device_train_batch_size: int = 32
+    """preference pairs per micro-batch (per process); chosen and rejected share one forward pass"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    warmup_ratio: float = 0.05
+    """fraction of the steps spent warming the learning rate up linearly from 0"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    margin: float = 0.0
+    """Bradley-Terry margin m in -log sigmoid(r_chosen - r_rejected - m) (Touvron et al. 2023, sec. 3.2.2); 0 = off"""
+
+    # evaluation and normalisation
+    eval_steps: int = 100
+    """held-out accuracy every this many steps"""
+    normalize_on: str = "sft_samples"
+    """'sft_samples' (the SFT policy's samples on the training prompts), 'dataset' (the training responses) or 'none'"""
+    num_normalize_samples: int = 256
+    """responses scored to compute the normalising offset"""
+    normalize_temperature: float = 1.0
+    """sampling temperature of the SFT samples used for normalisation (use stage 3's --temperature)"""
+    eval_reward_fn: str = "reviews_task:gold_score"
+    """gold judge (prompt, response) -> float, to compare against on held-out pairs; '' to skip"""
+    gold_tau: float = reviews_task.TAU
+    """Bradley-Terry temperature of the simulated annotators, for the noise ceiling; 0 to skip"""
+
+    # filled in at runtime
+    batch_size: int = 0
+    """preference pairs per optimizer step (per_device_train_batch_size * gradient_accumulation_steps)"""
+    run_name: str = ""
+    """runs/{run_name} holds the logs"""
+
+
+def encode_pairs(records, tokenizer, args):
+    """Records -> list of (prompt_ids, chosen_ids, rejected_ids), counting truncated and skipped prompts."""
+    pairs, cut, skipped = [], 0, 0
+    for r in records:
+        prompt_ids, long_prompt = encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)
+        if long_prompt and args.skip_long_prompts:
+            skipped += 1
+            continue
+        cut += long_prompt
+        chosen = encode_response(tokenizer, r["chosen"], args.max_response_length)[0]
+        rejected = encode_response(tokenizer, r["rejected"], args.max_response_length)[0]
+        pairs.append((prompt_ids, chosen, rejected))
+    return pairs, cut, skipped
+
+
+def collate(pairs, pad_id: int):
+    """B pairs -> one right-padded (2B, T) batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected."""
+    return pad([p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs], pad_id)
+
+
+def init_score_head(model) -> None:
+    """lm-human-preferences' init: weights N(0, 1/sqrt(d + 1)), zero bias, and no normalising offset yet."""
+    d = model.config.get_text_config().hidden_size
+    torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(d + 1))
+    if getattr(model.score, "bias", None) is not None:
+        torch.nn.init.zeros_(model.score.bias)
+    model.config.reward_offset = 0.0
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Rank correlation: the Pearson correlation of the ranks."""
+    rx, ry = x.argsort().argsort().float(), y.argsort().argsort().float()
+    return torch.corrcoef(torch.stack([rx, ry]))[0, 1].item()
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    seed_everything(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.dataset.startswith(reviews_task.DATA_DIR):
+        reviews_task.ensure_data()
+
+    # 1. the SFT model with a fresh scalar head (or an interrupted run's checkpoint)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+    load_from = ckpt_dir if resuming else args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        load_from, num_labels=1, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
+    setup_tokenizer(tokenizer, model)
+    disable_dropout(model)
+    if not resuming:
+        init_score_head(model)
+
+    # 2. data: bad lines stop the run with file, line and field (or are counted and skipped)
+    bad_lines = [] if args.skip_bad_pairs else None
+    try:
+        train_records = read_jsonl(args.dataset, "preference", bad_lines)
+        eval_records = read_jsonl(args.eval_dataset, "preference", bad_lines)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if bad_lines:
+        print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
+    train, cut, skipped = encode_pairs(train_records, tokenizer, args)
+    evals, _, _ = encode_pairs(eval_records, tokenizer, args)
+    print(f"{len(train)} training pairs ({cut} prompts cut from the left, {skipped} skipped), {len(evals)} held out")
+    batches_per_epoch = len(train) // args.per_device_train_batch_size
+    if batches_per_epoch == 0:
+        raise SystemExit(f"{args.dataset}: {len(train)} pairs is fewer than one batch of {args.per_device_train_batch_size}")
+    num_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps
+    warmup_steps = int(args.warmup_ratio * num_steps)
+
+    def micro_batch(i: int):
+        """The i-th micro-batch: epoch e is a permutation seeded by (seed, e), so a resumed run replays it."""
+        epoch, j = divmod(i, batches_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
+        idx = order[j * args.per_device_train_batch_size: (j + 1) * args.per_device_train_batch_size]
+        return [t.to(device) for t in collate([train[k] for k in idx], tokenizer.pad_token_id)]
+
+    # 3. optimizer: AdamW, linear warm-up then linear decay to 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup_steps + 1) if s < warmup_steps
+                                                  else max(0.0, 1 - (s - warmup_steps) / max(1, num_steps - warmup_steps)))
+    start_step = 0
+    if resuming:
+        state = load_state(ckpt_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, args.run_name = state["step"], state["run_name"]
+        print(f"resuming {ckpt_dir} at step {start_step}")
+    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
+
+    @torch.no_grad()
+    def score_pairs(pairs, batch: int = 64):
+        """Held-out pairs -> (chosen_rewards, rejected_rewards), each (N,)."""
+        model.eval()
+        chosen, rejected = [], []
+        for k in range(0, len(pairs), batch):
+            ids, mask = collate(pairs[k: k + batch], tokenizer.pad_token_id)
+            scores = reward_scores(model, ids.to(device), mask.to(device)).cpu()
+            chosen.append(scores[: len(scores) // 2])
+            rejected.append(scores[len(scores) // 2:])
+        model.train()
+        return torch.cat(chosen), torch.cat(rejected)
+
+    def evaluate(step: int):
+        chosen_rewards, rejected_rewards = score_pairs(evals)
+        out = {"eval/rm/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+               "eval/rm/margin": (chosen_rewards - rejected_rewards).mean(),
+               "eval/rm/chosen_rewards": chosen_rewards.mean(), "eval/rm/rejected_rewards": rejected_rewards.mean()}
+        metrics.log(step, out)
+        tqdm.write(f"step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in out.items()))
+        return chosen_rewards, rejected_rewards
+
+    # 4. training loop
+    if start_step == 0:
+        evaluate(0)
+    model.train()
+    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="reward model")
+    for step in progress:
+        stats = torch.zeros(3)
+        for m in range(args.gradient_accumulation_steps):
+            input_ids, attention_mask = micro_batch(step * args.gradient_accumulation_steps + m)  # (2B, T)
+            scores = reward_scores(model, input_ids, attention_mask)  # (2B,): chosen and rejected in one pass
+            chosen_rewards, rejected_rewards = scores.chunk(2)
+            # Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); maximise its log-likelihood
+            loss = -F.logsigmoid(chosen_rewards - rejected_rewards - args.margin).mean()
+            (loss / args.gradient_accumulation_steps).backward()
+            stats += torch.tensor([loss.item(), (chosen_rewards > rejected_rewards).float().mean().item(),
+                                   (chosen_rewards - rejected_rewards).mean().item()]) / args.gradient_accumulation_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.2f}")
+        metrics.log(step + 1, {"train/rm/loss": stats[0], "train/rm/accuracy": stats[1], "train/rm/margin": stats[2],
+                               "train/rm/grad_norm": grad_norm.item(), "charts/lr": scheduler.get_last_lr()[0]})
+        if (step + 1) % args.eval_steps == 0 and step + 1 < num_steps:
+            evaluate(step + 1)
+        if (step + 1) % args.save_steps == 0 and step + 1 < num_steps:
+            save_model(ckpt_dir, tokenizer, args, ("", model))
+            save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "step": step + 1, "run_name": args.run_name})
+    progress.close()
+
+    # 5. normalise: shift scores so the mean over the SFT policy's own samples (or the dataset's responses) is 0
+    model.eval()
+    rng = random.Random(args.seed)
+    if args.normalize_on == "sft_samples":
+        policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype,
+                                                      trust_remote_code=args.trust_remote_code).to(device).eval()
+        setup_tokenizer(tokenizer, policy)
+        prompts = sorted({tuple(p) for p, _, _ in train})
+        rng.shuffle(prompts)
+        prompts = prompts[: args.num_normalize_samples]
+        sequences = []
+        with torch.no_grad():
+            for k in range(0, len(prompts), 64):
+                queries, query_mask = pad([list(p) for p in prompts[k: k + 64]], tokenizer.pad_token_id, side="left")
+                out = policy.generate(input_ids=queries.to(device), attention_mask=query_mask.to(device),
+                                      do_sample=True, top_k=0, top_p=1.0, temperature=args.normalize_temperature,
+                                      max_new_tokens=args.max_response_length, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
+                for p, r in zip(prompts[k: k + 64], out[:, queries.shape[1]:].tolist()):
+                    n = r.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in r else len(r)
+                    sequences.append(list(p) + r[:n])  # a response ends at (and includes) its first EOS
+        del policy
+    elif args.normalize_on == "dataset":
+        sequences = [list(p) + (c if rng.random() < 0.5 else r) for p, c, r in train]
+        rng.shuffle(sequences)
+        sequences = sequences[: args.num_normalize_samples]
+    else:
+        sequences = []
+    if sequences:
+        with torch.no_grad():
+            raw = torch.cat([reward_scores(model, *[t.to(device) for t in pad(sequences[k: k + 64], tokenizer.pad_token_id)])
+                             for k in range(0, len(sequences), 64)])
+        model.config.reward_offset = model.config.reward_offset + raw.mean().item()
+        print(f"normalised on {len(sequences)} {args.normalize_on}: offset {model.config.reward_offset:.4f} "
+              f"(score std {raw.std().item():.4f})")
+
+    # 6. final held-out report: accuracy, by response length, calibration, and (with a judge) agreement with gold
+    chosen_rewards, rejected_rewards = evaluate(num_steps)
+    correct = (chosen_rewards > rejected_rewards).float()
+    lengths = torch.tensor([max(len(c), len(r)) for _, c, r in evals])
+    print("accuracy by response length (tokens, the longer of the pair):")
+    for lo, hi in [(0, 8), (9, 16), (17, 24), (25, 10**6)]:
+        sel = (lengths >= lo) & (lengths <= hi)
+        if sel.any():
+            print(f"  {lo:>3}-{hi if hi < 10**6 else '':<4} n={int(sel.sum()):>5}  accuracy {correct[sel].mean():.3f}")
+            metrics.log(num_steps, {f"eval/rm/accuracy_len_{lo}": correct[sel].mean()})
+    # calibration: orient each pair at random so both outcomes occur, then bin P(A preferred) = sigmoid(r_A - r_B)
+    flip = torch.rand(len(evals), generator=torch.Generator().manual_seed(args.seed)) < 0.5
+    prob = torch.sigmoid(torch.where(flip, rejected_rewards - chosen_rewards, chosen_rewards - rejected_rewards))
+    outcome = (~flip).float()  # 1 when A is the chosen response
+    print("calibration (predicted P(A preferred) vs observed frequency):")
+    ece = 0.0
+    for b in range(10):
+        sel = (prob >= b / 10) & (prob < (b + 1) / 10 if b < 9 else prob <= 1)
+        if sel.any():
+            ece += sel.float().mean() * (prob[sel].mean() - outcome[sel].mean()).abs()
+            print(f"  [{b / 10:.1f}, {(b + 1) / 10:.1f})  n={int(sel.sum()):>5}  predicted {prob[sel].mean():.3f}  "
+                  f"observed {outcome[sel].mean():.3f}")
+    final = {"eval/rm/ece": ece}
+    if args.eval_reward_fn:
+        judge = load_function(args.eval_reward_fn)
+        gold_chosen = torch.tensor([judge(r["prompt"], r["chosen"]) for r in eval_records])
+        gold_rejected = torch.tensor([judge(r["prompt"], r["rejected"]) for r in eval_records])
+        final["eval/rm/gold_agreement"] = (gold_chosen > gold_rejected).float().mean()  # how often gold agrees with labels
+        final["eval/rm/spearman_with_gold"] = spearman(torch.cat([chosen_rewards, rejected_rewards]),
+                                                       torch.cat([gold_chosen, gold_rejected]))
+        if args.gold_tau > 0:  # a judge that knows gold exactly is right with probability max(p, 1 - p) per pair
+            p = torch.sigmoid((gold_chosen - gold_rejected) / args.gold_tau)
+            final["eval/rm/noise_ceiling"] = torch.maximum(p, 1 - p).mean()
+    metrics.log(num_steps, final)
+    print("  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+
+    # 7. save (atomically; replacing the output folder also removes the resumable checkpoint inside it)
+    save_model(args.output_dir, tokenizer, args, ("", model))
+    metrics.close()
+    print(f"saved to {args.output_dir}; logs in runs/{args.run_name}")

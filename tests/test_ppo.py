@@ -1,0 +1,186 @@
+"""Stage 3: each piece of PPO's math against a slow reference, the rollout contracts, and learning."""
+
+import pytest
+import torch
+from conftest import read_metrics, run_script
+from transformers import AutoModelForCausalLM
+
+from common import pad
+from ppo_rlhf import (compute_gae, forward, kl_shaped_rewards, masked_mean, masked_whiten, policy_loss,
+                      truncate_after_eos, value_loss)
+
+
+def test_gae_matches_a_direct_double_sum():
+    torch.manual_seed(0)
+    B, T, gamma, lam = 3, 7, 0.9, 0.8
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6], dtype=torch.float)
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    for b in range(B):
+        n = int(mask[b].sum())  # valid length: the episode ends at its last valid token
+        r, v = rewards[b, :n], values[b, :n]
+        v_next = torch.cat([v[1:], torch.zeros(1)])
+        delta = r + gamma * v_next - v
+        for t in range(T):
+            expected = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t)) if t < n else torch.tensor(0.0)
+            assert torch.allclose(advantages[b, t], torch.as_tensor(expected), atol=1e-5), (b, t)
+            assert torch.allclose(returns[b, t], torch.as_tensor(expected) + (v[t] if t < n else 0), atol=1e-5)
+
+
+def test_whitening_uses_valid_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 3.0, 1e6], [4.0, 5.0, -1e6, 1e6]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float)
+    w = masked_whiten(x, mask)
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    expected = (valid - valid.mean()) / valid.var(unbiased=False).sqrt()
+    assert torch.allclose(w[mask.bool()], expected, atol=1e-5)
+    assert (w[~mask.bool()] == 0).all()
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert torch.allclose(masked_mean(kept, mask), valid.mean(), atol=1e-5)
+
+
+def test_truncation_after_the_first_eos():
+    eos, pad_id = 2, 0
+    responses = torch.tensor([[5, 6, 2, 7, 2], [2, 5, 5, 5, 5], [5, 5, 5, 5, 5]])
+    out, mask, has_eos = truncate_after_eos(responses, eos, pad_id)
+    assert out.tolist() == [[5, 6, 2, 0, 0], [2, 0, 0, 0, 0], [5, 5, 5, 5, 5]]
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, True, False]
+
+
+def test_score_lands_on_eos_and_penalty_only_without_eos():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float)  # row 0 ends with EOS at index 2
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0, 0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, 9, 9], [-1.0, -2.0, -1.0, -1.0, -1.0]])
+    has_eos = torch.tensor([True, False])
+    raw = torch.tensor([0.7, 0.7])
+    scores = raw - 1.0 * (~has_eos).float()  # the script's missing-EOS penalty, 1.0
+    rewards, non_score, kl_k1, kl_k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    k1 = torch.tensor([[0.5, -1.0, 0.0, 0, 0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(kl_k1, k1)
+    expected = -0.1 * k1
+    expected[0, 2] += 0.7  # at the EOS, not one past it
+    expected[1, 4] += -0.3  # no EOS: the last token, with the penalty
+    assert torch.allclose(rewards, expected)
+    assert torch.allclose(non_score, -0.1 * k1)
+    logr = ref_logprobs - logprobs
+    assert torch.allclose(kl_k3, (torch.exp(logr) - 1 - logr) * mask)
+    assert (kl_k3 >= 0).all()
+    r3, _, _, _ = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, 0.1, "k3")
+    assert torch.allclose(r3 - rewards, -0.1 * (kl_k3 - kl_k1))
+
+
+def test_clipped_value_loss_on_hand_values():
+    values = torch.tensor([[1.0, 1.0, 0.0]])
+    new_values = torch.tensor([[1.5, 0.9, 0.0]])
+    returns = torch.tensor([[3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac = value_loss(new_values, values, returns, mask, cliprange_value=0.2)
+    # token 0: unclipped (1.5-3)^2 = 2.25, clipped (1.2-3)^2 = 3.24 -> 3.24; token 1: 0.81 vs (0.9-0)^2 = 0.81 -> 0.81
+    assert torch.allclose(loss, torch.tensor(0.5 * (3.24 + 0.81) / 2))
+    assert torch.allclose(clipfrac, torch.tensor(0.5))
+
+
+def test_policy_loss_clipping_and_dual_clip():
+    logprobs = torch.zeros(1, 3)
+    new_logprobs = torch.log(torch.tensor([[1.5, 0.5, 5.0]]))
+    advantages = torch.tensor([[1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs, advantages, mask, cliprange=0.2)
+    # max(-A r, -A clip(r)): 1 -> max(-1.5, -1.2) = -1.2; 2 -> max(0.5, 0.8) = 0.8; 3 -> max(5, 1.2) = 5
+    assert torch.allclose(loss, torch.tensor((-1.2 + 0.8 + 5.0) / 3))
+    assert torch.allclose(clipfrac, torch.tensor(2 / 3))
+    dual, _, _ = policy_loss(new_logprobs, logprobs, advantages, mask, cliprange=0.2, dual_clip=3.0)
+    assert torch.allclose(dual, torch.tensor((-1.2 + 0.8 + 3.0) / 3))  # the third is capped at -c * A = 3
+
+
+def test_empty_response_keeps_losses_finite():
+    """A response that is only EOS has one valid token; a batch of them must give finite everything."""
+    mask = torch.tensor([[1.0, 0, 0], [1.0, 0, 0]])
+    rewards = torch.tensor([[0.3, 0, 0], [-0.2, 0, 0]])
+    values = torch.tensor([[0.1, 0, 0], [0.1, 0, 0]])
+    advantages, returns = compute_gae(rewards, values, mask, 1.0, 0.95)
+    advantages = masked_whiten(advantages, mask)
+    lp = torch.tensor([[-0.1, 0, 0], [-0.2, 0, 0]])
+    pg, _, _ = policy_loss(lp, lp, advantages, mask, 0.2)
+    vf, _ = value_loss(values, values, returns, mask, 0.2)
+    assert all(torch.isfinite(t).all() for t in (advantages, returns, pg, vf))
+    same = masked_whiten(torch.tensor([[0.5, 0, 0]]), torch.tensor([[1.0, 0, 0]]))  # zero variance
+    assert torch.isfinite(same).all()
+
+
+def test_left_padding_does_not_change_logprobs(model_dir):
+    policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt, response = [1, 40, 41, 42], [50, 51, 2]
+    results = []
+    for n_pad in (0, 3):
+        queries, qmask = pad([prompt, [1] * (len(prompt) + n_pad)], 0, side="left")
+        responses, rmask = pad([response, response], 0)
+        qr, mask = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1)
+        with torch.no_grad():
+            results.append(forward(policy, None, qr, mask, queries.shape[1], 0.7, with_values=False)[0][0])
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sft_dir(task_dir, model_dir, tmp_path_factory):
+    """The tiny model after a short SFT on the task, so that it writes review-like text."""
+    cwd = tmp_path_factory.mktemp("sft_for_ppo")
+    run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl",
+               "--eval-dataset", task_dir / "sft_eval.jsonl", "--output-dir", cwd / "sft", "--max-steps", "60",
+               "--learning-rate", "3e-3", "--per-device-train-batch-size", "16", "--eval-steps", "1000",
+               "--num-eval-generations", "4", "--eval-reward-fn", "", cwd=cwd)
+    return cwd / "sft"
+
+
+def ppo_args(task_dir, sft_dir, out, *extra):
+    return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl",
+            "--eval-dataset", task_dir / "prompts_eval.jsonl", "--output-dir", out,
+            "--rollout-batch-size", "16", "--response-length", "12", "--num-eval-prompts", "8",
+            "--eval-every", "1000", "--learning-rate", "1e-3", *extra]
+
+
+def test_first_minibatch_ratio_is_one_and_initial_kl_zero(task_dir, sft_dir, tmp_path):
+    """Generation-time log-probs equal training-time ones (temperature included), and policy == reference at first."""
+    for value_model in ("separate", "shared"):
+        (tmp_path / value_model).mkdir()
+        run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / value_model / "out", "--num-iterations", "2",
+                                            "--reward-fn", "reward_functions.py:positivity", "--temperature", "0.7",
+                                            "--value-model", value_model, "--eval-reward-fn", ""),
+                   cwd=tmp_path / value_model)
+        assert [v for _, v in read_metrics(tmp_path / value_model, "val/first_ratio_max_dev")] == [0.0, 0.0]
+        kl = read_metrics(tmp_path / value_model, "objective/kl")
+        assert kl[0][1] == 0.0 and kl[1][1] != 0.0
+
+
+def test_ppo_raises_a_toy_reward_and_kl_coef_limits_kl(task_dir, sft_dir, tmp_path):
+    """Reward = count of 'the'. It must rise within a few iterations; a large kl_coef must end with a smaller KL."""
+    finals = {}
+    for kl_coef in ("0.0", "1.0"):
+        cwd = tmp_path / kl_coef
+        cwd.mkdir()
+        run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, cwd / "out", "--num-iterations", "12",
+                                            "--reward-fn", "reward_functions.py:count_token_the", "--kl-coef", kl_coef,
+                                            "--value-model", "shared", "--eval-reward-fn", ""), cwd=cwd)
+        scores = [v for _, v in read_metrics(cwd, "objective/scores")]
+        finals[kl_coef] = sum(v for _, v in read_metrics(cwd, "objective/kl")[-3:]) / 3
+        if kl_coef == "0.0":
+            assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.5, scores
+    assert finals["1.0"] < finals["0.0"], finals
+
+
+def test_pipeline_chains_and_saves(task_dir, sft_dir, tmp_path):
+    """reward_model.py from the SFT folder, then ppo_rlhf.py with both; outputs load with plain transformers."""
+    run_script("reward_model.py", "--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl",
+               "--eval-dataset", task_dir / "preference_eval.jsonl", "--output-dir", tmp_path / "rm",
+               "--max-steps", "4", "--num-normalize-samples", "16", "--eval-reward-fn", "", cwd=tmp_path)
+    proc = run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "ppo", "--reward-model-path",
+                                               tmp_path / "rm", "--num-iterations", "2", "--eval-every", "1"),
+                      cwd=tmp_path)
+    assert "gold_win_rate_vs_sft" in proc.stdout
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
+    from transformers import AutoModelForSequenceClassification
+
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ppo" / "value_model")
+    assert policy.config.vocab_size == value.config.vocab_size
+    assert not (tmp_path / "ppo" / "checkpoint").exists()

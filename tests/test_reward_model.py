@@ -1,0 +1,158 @@
+"""Stage 2: where the score is read, padding invariance, the loss, learning, the head's init, saving, bad pairs."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_metrics, run_script, write_jsonl
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from common import last_token_index, pad, reward_scores
+from reward_model import collate, init_score_head
+
+
+@pytest.fixture(scope="module")
+def rm(model_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    return model
+
+
+def test_score_is_read_at_the_last_real_token(rm):
+    """Hand-laid batch: the index is the EOS of each row, and the score equals the head applied to that hidden state."""
+    eos, pad_id = 2, 0
+    rows = [[1, 40, 41, eos], [1, 42, eos], [1, 43, 44, 45, 46, eos]]
+    ids, mask = pad(rows, pad_id)
+    assert last_token_index(mask).tolist() == [3, 2, 5]
+    with torch.no_grad():
+        scores = reward_scores(rm, ids, mask)
+        for i, row in enumerate(rows):
+            hidden = rm.model(torch.tensor([row])).last_hidden_state[0, -1]
+            assert torch.allclose(scores[i], rm.score(hidden).squeeze(), atol=1e-5)
+
+
+def test_score_ignores_padding_side_and_amount(rm):
+    rows = [[1, 40, 41, 2], [1, 42, 2], [1, 43, 44, 45, 46, 2]]
+    with torch.no_grad():
+        right = reward_scores(rm, *pad(rows, 0, "right"))
+        left = reward_scores(rm, *pad(rows, 0, "left"))
+        extra = reward_scores(rm, *pad(rows + [[1] * 20], 0, "right"))[:3]
+        alone = torch.stack([reward_scores(rm, *pad([r], 0))[0] for r in rows])
+    # tolerance: fp32 attention over different padded lengths differs by rounding only
+    for other in (left, extra, alone):
+        assert torch.allclose(right, other, atol=1e-5), (right, other)
+
+
+def test_loss_matches_a_hand_computation():
+    chosen, rejected = torch.tensor([1.0, 0.2, -0.5]), torch.tensor([0.0, 0.4, -2.5])
+    by_hand = sum(math.log(1 + math.exp(-(c - r))) for c, r in zip(chosen.tolist(), rejected.tolist())) / 3
+    assert abs(-F.logsigmoid(chosen - rejected).mean().item() - by_hand) < 1e-6
+    margin = 0.5  # with a margin the pair must win by at least m to have a small loss
+    by_hand = sum(math.log(1 + math.exp(-(c - r - margin))) for c, r in zip(chosen.tolist(), rejected.tolist())) / 3
+    assert abs(-F.logsigmoid(chosen - rejected - margin).mean().item() - by_hand) < 1e-6
+
+
+def test_collate_puts_chosen_then_rejected_in_one_batch():
+    ids, mask = collate([([1, 5], [6, 2], [7, 8, 2]), ([1], [9, 2], [3, 2])], 0)
+    assert ids.tolist() == [[1, 5, 6, 2, 0], [1, 9, 2, 0, 0], [1, 5, 7, 8, 2], [1, 3, 2, 0, 0]]
+    assert last_token_index(mask).tolist() == [3, 2, 4, 2]
+
+
+def rm_args(model_dir, data, eval_data, out, *extra):
+    return ["--model-name-or-path", model_dir, "--dataset", data, "--eval-dataset", eval_data, "--output-dir", out,
+            "--per-device-train-batch-size", "16", "--num-normalize-samples", "32", "--max-response-length", "16",
+            "--eval-reward-fn", "", *extra]
+
+
+def test_separable_preference_is_learned_and_saved(model_dir, tmp_path):
+    """Chosen always says 'great', rejected 'awful': the model must reach >= 95% held-out accuracy."""
+    import random
+
+    rng = random.Random(0)
+    rows = [{"prompt": f"The {rng.choice(['pasta', 'plot', 'view', 'screen'])} was",
+             "chosen": f" {rng.choice(['', 'very ', 'so '])}great.", "rejected": f" {rng.choice(['', 'very ', 'so '])}awful."}
+            for _ in range(400)]
+    for r in rows[::2]:  # vary the lengths so that length alone cannot separate
+        r["chosen"], r["rejected"] = r["chosen"][:-1] + " and fun.", r["rejected"][:-1] + " and dull."
+    data = write_jsonl(tmp_path / "train.jsonl", rows[:320])
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", rows[320:])
+    out = tmp_path / "rm"
+    proc = run_script("reward_model.py", *rm_args(model_dir, data, eval_data, out, "--learning-rate", "3e-3",
+                                                   "--num-epochs", "2"), cwd=tmp_path)
+    accuracy = read_metrics(tmp_path, "eval/rm/accuracy")
+    assert accuracy[0][1] < 0.9 and accuracy[-1][1] >= 0.95, accuracy
+    assert "calibration" in proc.stdout and "accuracy by response length" in proc.stdout
+
+    # the saved folder loads with plain transformers and gives the same scores (minus the recorded offset)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    config = json.load(open(out / "config.json"))
+    assert "reward_offset" in config and model.config.num_labels == 1
+    texts = ["The pasta was great.</s>", "The view was so awful.</s>"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hf = model(**batch).logits.squeeze(-1) - config["reward_offset"]
+        ours = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(hf, ours, atol=1e-5)
+    assert ours[0] > ours[1]
+
+
+def test_normalisation_centres_sft_samples(model_dir, tmp_path, task_dir):
+    """After normalisation the mean score of the SFT policy's samples is ~0 (within sampling noise)."""
+    out = tmp_path / "rm"
+    proc = run_script("reward_model.py", *rm_args(model_dir, task_dir / "preference_train.jsonl",
+                                                   task_dir / "preference_eval.jsonl", out, "--max-steps", "5",
+                                                   "--num-normalize-samples", "64", "--seed", "3"), cwd=tmp_path)
+    assert "normalised on 64 sft_samples" in proc.stdout
+    offset = json.load(open(out / "config.json"))["reward_offset"]
+    assert offset != 0.0
+    # score fresh SFT-policy samples with the saved model: their mean is near 0 compared to the score spread
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    prompts = [json.loads(line)["prompt"] for line in open(task_dir / "prompts_train.jsonl")][:128]
+    torch.manual_seed(0)
+    ids, mask = pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, side="left")
+    with torch.no_grad():
+        gen = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=16,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        seqs = []
+        for row, m in zip(gen.tolist(), mask):
+            resp = row[ids.shape[1]:]
+            resp = resp[: resp.index(tok.eos_token_id) + 1] if tok.eos_token_id in resp else resp
+            seqs.append(row[ids.shape[1] - int(m.sum()): ids.shape[1]] + resp)
+        scores = reward_scores(rm, *pad(seqs, tok.pad_token_id))
+    assert abs(scores.mean()) < 0.35 * scores.std() + 0.05, (scores.mean(), scores.std())
+
+
+def test_head_init_std():
+    """The new head is N(0, 1/sqrt(d + 1)), as in lm-human-preferences (d = 1024: 1024 draws, ~2% error)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=16, hidden_size=1024, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_labels=1, pad_token_id=0)
+    model = LlamaForSequenceClassification(config)
+    torch.manual_seed(0)
+    init_score_head(model)
+    expected = 1 / math.sqrt(1024 + 1)
+    assert abs(model.score.weight.std().item() - expected) < 0.1 * expected
+    assert abs(model.score.weight.mean().item()) < 0.1 * expected
+    assert model.config.reward_offset == 0.0
+
+
+def test_bad_pairs_error_or_are_skipped(model_dir, tmp_path):
+    good = {"prompt": "The pasta was", "chosen": " great.", "rejected": " awful."}
+    lines = [good] * 40 + [{"prompt": "p", "chosen": " x."}, {"prompt": "p", "chosen": " same.", "rejected": " same."},
+                           {"prompt": "", "chosen": " a.", "rejected": " b."}]
+    data = write_jsonl(tmp_path / "bad.jsonl", lines)
+    proc = run_script("reward_model.py", *rm_args(model_dir, data, data, tmp_path / "o"), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{data}, line 41: missing field 'rejected'" in proc.stderr
+    proc = run_script("reward_model.py", *rm_args(model_dir, data, data, tmp_path / "o", "--skip-bad-pairs",
+                                                   "--max-steps", "1", "--normalize-on", "dataset"), cwd=tmp_path)
+    assert "skipped 6 bad lines" in proc.stdout  # 3 in the training file and 3 in the held-out file (the same file)
+    assert "40 training pairs" in proc.stdout
