@@ -202,6 +202,8 @@ def load_function(spec: str):
     if not path or not name:
         raise ValueError(f"expected 'file.py:function', got '{spec}'")
     if path.endswith(".py"):
+        if not os.path.exists(path):  # a relative path may name a file of this repository, e.g. reward_functions.py
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
         module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)

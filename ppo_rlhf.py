@@ -75,7 +75,7 @@ class Args:
     """in tokens; longer prompts are cut from the left"""
 
     # rollout
-    num_iterations: int = 100
+    num_iterations: int = 60
     """rollout + update iterations"""
     rollout_batch_size: int = 64
     """prompts (episodes) per iteration, per process"""
@@ -121,7 +121,7 @@ class Args:
     """weight of the entropy bonus; 0 = off"""
     dual_clip: float = 0.0
     """c > 1 bounds the loss of negative advantages at -c * A (Ye et al. 2020); 0 = off"""
-    learning_rate: float = 3e-5
+    learning_rate: float = 1e-4
     """AdamW learning rate of policy and value, decayed linearly to 0 (use ~1e-6 for billion-parameter models)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
