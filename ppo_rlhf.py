@@ -16,12 +16,10 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
 """
 
 import os
-import random
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
@@ -62,7 +60,7 @@ class Args:
     reward_fn: str = ""
     """'file.py:function' (prompt, response) -> float: an algorithmic reward used instead of the reward model"""
     value_model: str = "separate"
-    """'separate': a model initialised from the reward model (or the SFT model with --reward-fn); 'shared': a head on the policy"""
+    """'separate': a model initialised from the reward model (the SFT model with --reward-fn); 'shared': a policy head"""
     eval_reward_fn: str = "reviews_task:gold_score"
     """the judge used only for evaluation (the embedded task's gold judge); '' to skip"""
     trust_remote_code: bool = False
@@ -243,7 +241,8 @@ def value_loss(new_values, values, returns, mask, cliprange_value: float):
     vpredclipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
     vf_losses1 = (new_values - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
-    return 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask), masked_mean((vf_losses2 > vf_losses1).float(), mask)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
+    return 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask), vf_clipfrac
 
 
 def forward(policy, value_net, query_responses, attention_mask, context_length: int, temperature: float,
@@ -274,7 +273,8 @@ def forward(policy, value_net, query_responses, attention_mask, context_length: 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    args.mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches, "rollout_batch_size / num_mini_batches")
+    args.mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches,
+                                     "rollout_batch_size / num_mini_batches")
     args.micro_batch_size = exact_div(args.mini_batch_size, args.gradient_accumulation_steps,
                                       "mini_batch_size / gradient_accumulation_steps")
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -352,6 +352,7 @@ if __name__ == "__main__":
         start_iteration, kl_coef, args.run_name = state["iteration"], state["kl_coef"], state["run_name"]
         print(f"resuming {ckpt_dir} at iteration {start_iteration}")
     metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
+    value_folder = [("value_model", value_net)] if value_net is not None else []  # saved beside the policy
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     # a fresh config, so nothing from the model's generation_config.json (top_k=50, repetition penalties...) changes
     # the distribution we sample from: the log-probs below must be those of the sampling distribution
@@ -401,7 +402,8 @@ if __name__ == "__main__":
             out["eval/gold_score"] = gold.mean()
             if final:  # the SFT policy answers the same prompts; the gold judge picks (ties count half)
                 sft = rollout(ref_policy, eval_prompts)
-                sft_gold = torch.tensor([judge(p, t) for p, t in zip(texts, tokenizer.batch_decode(sft[3], skip_special_tokens=True))])
+                sft_texts = tokenizer.batch_decode(sft[3], skip_special_tokens=True)
+                sft_gold = torch.tensor([judge(p, t) for p, t in zip(texts, sft_texts)])
                 out["eval/sft_gold_score"] = sft_gold.mean()
                 out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
         metrics.log(iteration, out)
@@ -467,11 +469,12 @@ if __name__ == "__main__":
                 for micro in range(start, start + args.mini_batch_size, args.micro_batch_size):
                     mb = order[micro: micro + args.micro_batch_size]
                     mb_mask = padding_mask_f[mb]
-                    new_logprobs, new_entropy, new_values = forward(policy, value_net, query_responses[mb],
-                                                                    attention_mask[mb], context_length, args.temperature)
+                    new_logprobs, new_entropy, new_values = forward(
+                        policy, value_net, query_responses[mb], attention_mask[mb], context_length, args.temperature)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
                                                            args.cliprange, args.dual_clip)
-                    vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask, args.cliprange_value)
+                    vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask,
+                                                      args.cliprange_value)
                     entropy_bonus = masked_mean(new_entropy, mb_mask)
                     loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_bonus
                     (loss / args.gradient_accumulation_steps).backward()
@@ -508,7 +511,8 @@ if __name__ == "__main__":
             "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
             "policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean(),
             "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
-            "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(), "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
+            "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
+            "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
             "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(), "val/ratio": ratios.mean(),
             "val/first_ratio_max_dev": first_ratio_dev,
             "val/ratio_var": ratios.var(), "val/num_eos_tokens": has_eos.sum(),
@@ -522,7 +526,7 @@ if __name__ == "__main__":
         progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}",
                              len=f"{row['val/response_length']:.1f}", clip=f"{row['policy/clipfrac_avg']:.2f}")
         if (iteration + 1) % args.save_every == 0 and iteration + 1 < args.num_iterations:
-            save_model(ckpt_dir, None, args, ("", policy), *([("value_model", value_net)] if value_net is not None else []))
+            save_model(ckpt_dir, None, args, ("", policy), *value_folder)
             save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "iteration": iteration + 1, "kl_coef": kl_coef, "rng": torch.get_rng_state(),
                                   "run_name": args.run_name} |
@@ -534,7 +538,7 @@ if __name__ == "__main__":
     value_head = getattr(policy, "value_head", None)
     if value_head is not None:
         del policy.value_head  # not part of the causal LM's weights: saved beside them
-    save_model(args.output_dir, tokenizer, args, ("", policy), *([("value_model", value_net)] if value_net is not None else []))
+    save_model(args.output_dir, tokenizer, args, ("", policy), *value_folder)
     if value_head is not None:
         from safetensors.torch import save_file
 

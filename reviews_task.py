@@ -54,8 +54,8 @@ NEGATIVE = ["bad", "terrible", "awful", "horrible", "disappointing", "unpleasant
 NEUTRAL = ["okay", "average", "ordinary", "standard", "typical", "simple", "small", "large", "quiet", "busy", "long",
            "short", "different", "unusual", "plain", "modest", "basic", "normal", "predictable", "brief", "light",
            "dense", "new", "old", "familiar"]
-INTENSIFIERS = ["very", "really", "extremely", "incredibly", "truly", "remarkably", "quite", "pretty", "so",
-                "absolutely", "fairly", "slightly", "somewhat", "a bit", "kind of", "rather", "totally", "genuinely"]
+INTENSIFIERS = ["very", "really", "extremely", "incredibly", "truly", "remarkably", "quite", "so", "absolutely",
+                "totally", "genuinely", "slightly", "a bit"]
 CONJUNCTIONS = ["but", "and", "although", "while", "yet", "though", "and honestly", "even if"]
 VERBS = ["was", "felt", "seemed", "is", "looked"]
 TAILS = ["", "", "", " overall", " to be honest", " for the price", " in my opinion", " this time", " as usual"]
@@ -68,8 +68,6 @@ def _predicate(rng: random.Random) -> str:
     form = rng.random()
     if form < 0.05:
         return f"not {adj}"
-    if form < 0.08:
-        return f"not {rng.choice(INTENSIFIERS)} {adj}"
     if form < 0.45:
         return f"{rng.choice(INTENSIFIERS)} {adj}"
     if form < 0.62:
@@ -147,7 +145,7 @@ class Sizes:
     sft_train: int = 20000
     sft_eval: int = 500
     pref_train: int = 10000
-    pref_eval: int = 1000
+    pref_eval: int = 600
     prompts_eval: int = 256
 
 

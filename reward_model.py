@@ -91,7 +91,7 @@ class Args:
     """Bradley-Terry margin m in -log sigmoid(r_chosen - r_rejected - m) (Touvron et al. 2023, sec. 3.2.2); 0 = off"""
 
     # evaluation and normalisation
-    eval_steps: int = 100
+    eval_steps: int = 200
     """held-out accuracy every this many steps"""
     normalize_on: str = "sft_samples"
     """'sft_samples' (the SFT policy's samples on the training prompts), 'dataset' (the training responses) or 'none'"""

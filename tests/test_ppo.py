@@ -1,6 +1,5 @@
 """Stage 3: each piece of PPO's math against a slow reference, the rollout contracts, and learning."""
 
-import pytest
 import torch
 from conftest import read_metrics, run_script
 from transformers import AutoModelForCausalLM
@@ -120,17 +119,6 @@ def test_left_padding_does_not_change_logprobs(model_dir):
         with torch.no_grad():
             results.append(forward(policy, None, qr, mask, queries.shape[1], 0.7, with_values=False)[0][0])
     assert torch.allclose(results[0], results[1], atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def sft_dir(task_dir, model_dir, tmp_path_factory):
-    """The tiny model after a short SFT on the task, so that it writes review-like text."""
-    cwd = tmp_path_factory.mktemp("sft_for_ppo")
-    run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl",
-               "--eval-dataset", task_dir / "sft_eval.jsonl", "--output-dir", cwd / "sft", "--max-steps", "60",
-               "--learning-rate", "3e-3", "--per-device-train-batch-size", "16", "--eval-steps", "1000",
-               "--num-eval-generations", "4", "--eval-reward-fn", "", cwd=cwd)
-    return cwd / "sft"
 
 
 def ppo_args(task_dir, sft_dir, out, *extra):

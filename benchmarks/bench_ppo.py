@@ -1,0 +1,188 @@
+"""PPO seconds per iteration: ppo_rlhf.py against TRL 1.12's PPOTrainer on the same work, and both against the
+plain-PyTorch floor for that work on this machine. Run by hand, never in CI:
+
+    python benchmarks/bench_ppo.py --trl-python /tmp/trl112/bin/python        # see trl_ppo_bench.py for the venv
+
+Same work on both sides: one tiny Llama policy (hidden 256, 4 layers, random init, so every response runs the full
+48 tokens), a separate value model and a reward model of the same shape, fp32, 32 prompts per iteration, 48-token
+responses, 4 PPO epochs, 2 minibatches, temperature 0.7. Runs interleave (ours, TRL, ours, TRL, ...); in each run
+the first iteration is a warm-up and dropped; we report medians over the rest, split into generation, the other
+rollout forwards and the update, plus generated tokens per second and peak RSS of the process.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import tyro
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import reviews_task  # noqa: E402
+from common import pad  # noqa: E402
+
+
+@dataclass
+class Args:
+    trl_python: str = ""
+    """python of a venv with trl==1.12.0 (empty: skip TRL)"""
+    runs: int = 3
+    """interleaved runs per side"""
+    iterations: int = 4
+    """iterations per run, the first dropped as warm-up"""
+    batch: int = 32
+    """prompts per iteration"""
+    response_length: int = 48
+    """tokens per response"""
+    models: str = "benchmarks/.models"
+    """where the benchmark's random-init models are written"""
+    ours_extra: list[str] = field(default_factory=list)
+    """extra flags for ppo_rlhf.py (e.g. --value-model shared), for the 'best configuration' row"""
+    label: str = "cpu_fp32"
+    """name of the results file: benchmarks/results/ppo_{label}.json"""
+
+
+def build_models(out: str) -> None:
+    """A random-init tiny Llama policy and a same-shape sequence classifier for reward and value."""
+    if os.path.exists(f"{out}/reward/config.json"):
+        return
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    reviews_task.ensure_tiny_model()
+    tokenizer = AutoTokenizer.from_pretrained(reviews_task.TINY_MODEL_DIR)
+    policy = reviews_task.build_tiny_model(tokenizer, hidden_size=256, num_layers=4, seed=0)
+    policy.save_pretrained(f"{out}/policy")
+    tokenizer.save_pretrained(f"{out}/policy")
+    config = policy.config
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(f"{out}/reward")
+    tokenizer.save_pretrained(f"{out}/reward")
+
+
+def run_ours(args: Args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = ["--sft-model-path", f"{args.models}/policy", "--reward-model-path", f"{args.models}/reward",
+                 "--rollout-batch-size", str(args.batch), "--response-length", str(args.response_length),
+                 "--num-ppo-epochs", "4", "--num-mini-batches", "2", "--temperature", "0.7",
+                 "--num-iterations", str(args.iterations), "--eval-every", "1000000", "--save-every", "1000000",
+                 "--num-eval-prompts", "1", "--eval-reward-fn", "", "--output-dir", f"{tmp}/out", "--no-resume",
+                 *args.ours_extra]
+        code = ("import resource, runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__'); "
+                "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+        proc = subprocess.run([sys.executable, "-c", code, REPO, os.path.join(REPO, "ppo_rlhf.py"), *flags],
+                              cwd=tmp, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        (run_dir,) = os.listdir(f"{tmp}/runs")
+        rows = [json.loads(line) for line in open(f"{tmp}/runs/{run_dir}/metrics.jsonl")]
+        rows = [{"generate": r["time/generate"], "rollout_forward": r["time/rollout_forward"],
+                 "update": r["time/update"]} for r in rows if "time/update" in r]
+        peak = float(proc.stdout.split("PEAK_RSS_MB")[-1])
+    return {"iterations": rows, "peak_rss_mb": peak}
+
+
+def run_trl(args: Args) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        proc = subprocess.run([args.trl_python, os.path.join(REPO, "benchmarks/trl_ppo_bench.py"), "--models",
+                               os.path.abspath(args.models), "--iterations", str(args.iterations), "--batch",
+                               str(args.batch), "--response-length", str(args.response_length), "--out", f.name,
+                               "--prompts", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_train.jsonl")],
+                              cwd=REPO, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        return json.load(open(f.name))
+
+
+@torch.no_grad()
+def plain_pytorch_floor(args: Args) -> dict:
+    """The same iteration's work in the plainest PyTorch: a KV-cache decode loop, three no-grad forwards (reference,
+    value, reward: the policy's log-probs can come from generation), and 8 forward+backward+AdamW steps on
+    16 sequences for policy and value."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(f"{args.models}/policy")
+    ref = AutoModelForCausalLM.from_pretrained(f"{args.models}/policy")
+    value = AutoModelForSequenceClassification.from_pretrained(f"{args.models}/reward")
+    reward = AutoModelForSequenceClassification.from_pretrained(f"{args.models}/reward")
+    prompts = [json.loads(line)["prompt"] for line in open(f"{reviews_task.DATA_DIR}/prompts_train.jsonl")]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(f"{args.models}/policy")
+    queries, mask = pad([tok(p)["input_ids"] for p in prompts[: args.batch]], tok.pad_token_id, side="left")
+    times = {}
+    t0 = time.perf_counter()  # decode loop with a KV cache
+    out = policy(input_ids=queries, attention_mask=mask, use_cache=True)
+    tokens = []
+    for _ in range(args.response_length):
+        nxt = torch.multinomial(torch.softmax(out.logits[:, -1] / 0.7, -1), 1)
+        tokens.append(nxt)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        out = policy(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    times["generate"] = time.perf_counter() - t0
+    seqs = torch.cat([queries, *tokens], 1)
+    t0 = time.perf_counter()
+    ref(input_ids=seqs, attention_mask=mask)
+    for m in (value, reward):
+        m.score(m.model(input_ids=seqs, attention_mask=mask).last_hidden_state)
+    times["rollout_forward"] = time.perf_counter() - t0
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-5, eps=1e-5)
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        for _ in range(4 * 2):
+            idx = torch.randperm(args.batch)[: args.batch // 2]
+            logits = policy(input_ids=seqs[idx], attention_mask=mask[idx]).logits
+            values = value.score(value.model(input_ids=seqs[idx], attention_mask=mask[idx]).last_hidden_state)
+            (logits.float().logsumexp(-1).mean() + values.mean()).backward()
+            opt.step()
+            opt.zero_grad()
+    times["update"] = time.perf_counter() - t0
+    return times
+
+
+def summarise(runs: list[dict]) -> dict:
+    rows = [r for run in runs for r in run["iterations"][1:]]  # drop each run's warm-up iteration
+    med = {k: statistics.median(r[k] for r in rows) for k in ("generate", "rollout_forward", "update")}
+    med["total"] = statistics.median(r["generate"] + r["rollout_forward"] + r["update"] for r in rows)
+    med["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+    return med
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    os.chdir(REPO)
+    reviews_task.ensure_data()
+    build_models(args.models)
+    results = {"ours": [], "trl": []}
+    for i in range(args.runs):  # interleaved: ours, TRL, ours, TRL, ...
+        results["ours"].append(run_ours(args))
+        if args.trl_python:
+            results["trl"].append(run_trl(args))
+        print(f"run {i + 1}/{args.runs} done", flush=True)
+    floors = [plain_pytorch_floor(args) for _ in range(args.runs)]
+    floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+    floor["total"] = sum(floor.values())
+    table = {"floor": floor, "ours": summarise(results["ours"])}
+    if results["trl"]:
+        table["trl"] = summarise(results["trl"])
+    tokens = args.batch * args.response_length
+    print(f"\nPPO, {args.batch} prompts x {args.response_length} tokens, 4 epochs x 2 minibatches ({args.label}); "
+          f"medians of {args.runs} runs x {args.iterations - 1} iterations")
+    print(f"{'':<10}{'total s':>9}{'generate':>10}{'rollout fw':>11}{'update':>9}{'gen tok/s':>11}{'peak RSS MB':>13}"
+          f"{'floor/total':>13}")
+    for name, row in table.items():
+        print(f"{name:<10}{row['total']:>9.3f}{row['generate']:>10.3f}{row['rollout_forward']:>11.3f}"
+              f"{row['update']:>9.3f}{tokens / row['generate']:>11.0f}{row.get('peak_rss_mb', 0):>13.0f}"
+              f"{floor['total'] / row['total']:>13.2f}")
+    if "trl" in table:
+        print(f"ours vs TRL: {table['trl']['total'] / table['ours']['total']:.2f}x iteration throughput")
+    os.makedirs("benchmarks/results", exist_ok=True)
+    json.dump({"args": vars(args), "table": table, "raw": results, "floor_runs": floors},
+              open(f"benchmarks/results/ppo_{args.label}.json", "w"), indent=1)

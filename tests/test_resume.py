@@ -1,0 +1,54 @@
+"""An interrupted run, started again with the same command, continues from its checkpoint and gives the same numbers
+as a run that was never interrupted (CPU, same seed)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, read_metrics, run_script
+
+
+def stage_args(script, task_dir, model_dir, sft_dir, out):
+    if script == "sft.py":
+        return ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl", "--eval-dataset",
+                task_dir / "sft_eval.jsonl", "--output-dir", out, "--per-device-train-batch-size", "16",
+                "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--num-eval-generations", "4",
+                "--eval-reward-fn", ""], "train/sft/loss"
+    if script == "reward_model.py":
+        return ["--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl", "--eval-dataset",
+                task_dir / "preference_eval.jsonl", "--output-dir", out, "--per-device-train-batch-size", "16",
+                "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--normalize-on", "dataset",
+                "--eval-reward-fn", ""], "train/rm/loss"
+    return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--eval-dataset",
+            task_dir / "prompts_eval.jsonl", "--output-dir", out, "--rollout-batch-size", "8", "--response-length",
+            "8", "--num-iterations", "9", "--save-every", "3", "--eval-every", "2", "--num-eval-prompts", "4",
+            "--reward-fn", "reward_functions.py:positivity", "--learning-rate", "1e-3", "--eval-reward-fn", ""], \
+        "loss/policy_avg"
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "ppo_rlhf.py"])
+def test_interrupted_run_resumes_where_it_stopped(script, task_dir, model_dir, sft_dir, tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "x").mkdir()
+    args, metric = stage_args(script, task_dir, model_dir, sft_dir, tmp_path / "ref" / "out")
+    run_script(script, *args, cwd=tmp_path / "ref")
+    reference = dict(read_metrics(tmp_path / "ref", metric))
+
+    args, _ = stage_args(script, task_dir, model_dir, sft_dir, tmp_path / "x" / "out")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=tmp_path / "x",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "x" / "out" / "checkpoint" / "training_state.pt"
+    while not state.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # as abrupt as a power cut
+    proc.wait()
+    assert state.exists(), "the run finished before a checkpoint was seen"
+    resumed = run_script(script, *args, cwd=tmp_path / "x")
+    assert "resuming" in resumed.stdout
+    logged = read_metrics(tmp_path / "x", metric)
+    assert set(dict(logged)) == set(reference)  # every step, some twice (those after the checkpoint, before the kill)
+    for step, value in logged:
+        assert abs(value - reference[step]) < 1e-5, (step, value, reference[step])
