@@ -72,6 +72,8 @@ def run_ours(args: Args) -> dict:
                  "--num-ppo-epochs", "4", "--num-mini-batches", "2", "--temperature", "0.7",
                  "--num-iterations", str(args.iterations), "--eval-every", "1000000", "--save-every", "1000000",
                  "--num-eval-prompts", "1", "--eval-reward-fn", "", "--output-dir", f"{tmp}/out", "--no-resume",
+                 "--dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_train.jsonl"),
+                 "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_eval.jsonl"),
                  *args.ours_extra]
         code = ("import resource, runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
                 "runpy.run_path(sys.argv[0], run_name='__main__'); "
@@ -158,6 +160,7 @@ def summarise(runs: list[dict]) -> dict:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     os.chdir(REPO)
+    args.models = os.path.abspath(args.models)
     reviews_task.ensure_data()
     build_models(args.models)
     results = {"ours": [], "trl": []}
@@ -166,6 +169,7 @@ if __name__ == "__main__":
         if args.trl_python:
             results["trl"].append(run_trl(args))
         print(f"run {i + 1}/{args.runs} done", flush=True)
+    plain_pytorch_floor(args)  # warm-up
     floors = [plain_pytorch_floor(args) for _ in range(args.runs)]
     floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     floor["total"] = sum(floor.values())

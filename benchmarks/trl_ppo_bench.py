@@ -64,8 +64,10 @@ dtype = getattr(torch, args.dtype)
 tokenizer = AutoTokenizer.from_pretrained(f"{args.models}/policy")
 prompts = [json.loads(line)["prompt"] for line in open(args.prompts)]
 dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
+# TRL's rollout batch is per_device_train_batch_size * gradient_accumulation_steps, split into num_mini_batches;
+# so 32 prompts in 2 minibatches of 16 is 16 x 2 here (with 1 accumulation step, TRL would roll out only 16)
 config = PPOConfig(output_dir="/tmp/trl_ppo_bench_out", per_device_train_batch_size=args.batch // 2,
-                   gradient_accumulation_steps=1, num_mini_batches=2, num_ppo_epochs=4,
+                   gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=4,
                    response_length=args.response_length, temperature=0.7, total_episodes=args.batch * args.iterations,
                    learning_rate=1e-4, kl_coef=0.05, report_to="none", num_sample_generations=0, save_strategy="no",
                    logging_steps=1, use_cpu=not torch.cuda.is_available(), bf16=args.dtype == "bfloat16", seed=1,
