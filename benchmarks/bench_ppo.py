@@ -7,7 +7,9 @@ Same work on both sides: one tiny Llama policy (hidden 256, 4 layers, random ini
 48 tokens), a separate value model and a reward model of the same shape, fp32, 32 prompts per iteration, 48-token
 responses, 4 PPO epochs, 2 minibatches, temperature 0.7. Runs interleave (ours, TRL, ours, TRL, ...); in each run
 the first iteration is a warm-up and dropped; we report medians over the rest, split into generation, the other
-rollout forwards and the update, plus generated tokens per second and peak RSS of the process.
+rollout forwards and the update, plus generated tokens per second and peak RSS of the process. Two references
+for "the limit": the same iteration written as a bare PyTorch loop (KV-cache decode, three no-grad forwards,
+eight forward+backward+AdamW steps), and a compute bound (the iteration's matmul FLOPs at the measured peak).
 """
 
 import json
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import tyro
@@ -42,8 +44,8 @@ class Args:
     """tokens per response"""
     models: str = "benchmarks/.models"
     """where the benchmark's random-init models are written"""
-    ours_extra: list[str] = field(default_factory=list)
-    """extra flags for ppo_rlhf.py (e.g. --value-model shared), for the 'best configuration' row"""
+    ours_extra: str = ""
+    """extra flags for ppo_rlhf.py, e.g. --ours-extra='--value-model shared' for the 'best configuration' row"""
     label: str = "cpu_fp32"
     """name of the results file: benchmarks/results/ppo_{label}.json"""
 
@@ -74,7 +76,7 @@ def run_ours(args: Args) -> dict:
                  "--num-eval-prompts", "1", "--eval-reward-fn", "", "--output-dir", f"{tmp}/out", "--no-resume",
                  "--dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_train.jsonl"),
                  "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_eval.jsonl"),
-                 *args.ours_extra]
+                 *args.ours_extra.split()]
         code = ("import resource, runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
                 "runpy.run_path(sys.argv[0], run_name='__main__'); "
                 "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
@@ -131,7 +133,8 @@ def plain_pytorch_floor(args: Args) -> dict:
     times["generate"] = time.perf_counter() - t0
     seqs = torch.cat([queries, *tokens], 1)
     t0 = time.perf_counter()
-    ref(input_ids=seqs, attention_mask=mask)
+    n_logits = args.response_length + 1  # the minimal work: the LM head only where it predicts response tokens
+    ref(input_ids=seqs, attention_mask=mask, logits_to_keep=n_logits)
     for m in (value, reward):
         m.score(m.model(input_ids=seqs, attention_mask=mask).last_hidden_state)
     times["rollout_forward"] = time.perf_counter() - t0
@@ -140,13 +143,35 @@ def plain_pytorch_floor(args: Args) -> dict:
     with torch.enable_grad():
         for _ in range(4 * 2):
             idx = torch.randperm(args.batch)[: args.batch // 2]
-            logits = policy(input_ids=seqs[idx], attention_mask=mask[idx]).logits
-            values = value.score(value.model(input_ids=seqs[idx], attention_mask=mask[idx]).last_hidden_state)
+            logits = policy(input_ids=seqs[idx], attention_mask=mask[idx], logits_to_keep=n_logits).logits
+            hidden = value.model(input_ids=seqs[idx], attention_mask=mask[idx]).last_hidden_state
+            values = value.score(hidden[:, -n_logits:])
             (logits.float().logsumexp(-1).mean() + values.mean()).backward()
             opt.step()
             opt.zero_grad()
     times["update"] = time.perf_counter() - t0
     return times
+
+
+def compute_bound(args: Args) -> dict:
+    """Seconds the iteration's matmul FLOPs need at this machine's measured peak (a large fp32 matmul): a hard lower
+    bound that no implementation can beat. FLOPs: 2 per parameter per token forward, 6 forward+backward."""
+    from transformers import AutoModelForCausalLM
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    peak = 10 * 2 * 2048 ** 3 / (time.perf_counter() - t0)  # FLOP/s
+    n_policy = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(f"{args.models}/policy").parameters())
+    n_value = n_policy - 1024 * 256  # no LM head (tied embeddings: the head is the embedding matrix)
+    tokens = args.batch * (12 + args.response_length)  # prompts are ~12 tokens
+    flops = {"generate": 2 * n_policy * args.batch * args.response_length,
+             "rollout_forward": 2 * (n_policy + 2 * n_value) * tokens,  # reference, value, reward
+             "update": 4 * 6 * (n_policy + n_value) * tokens}  # 4 epochs over the batch, policy and value
+    return {k: v / peak for k, v in flops.items()} | {"peak_gflops": peak / 1e9}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -173,18 +198,21 @@ if __name__ == "__main__":
     floors = [plain_pytorch_floor(args) for _ in range(args.runs)]
     floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     floor["total"] = sum(floor.values())
-    table = {"floor": floor, "ours": summarise(results["ours"])}
+    bound = compute_bound(args)
+    bound["total"] = bound["generate"] + bound["rollout_forward"] + bound["update"]
+    table = {"flop bound": bound, "plain loop": floor, "ours": summarise(results["ours"])}
     if results["trl"]:
         table["trl"] = summarise(results["trl"])
     tokens = args.batch * args.response_length
     print(f"\nPPO, {args.batch} prompts x {args.response_length} tokens, 4 epochs x 2 minibatches ({args.label}); "
           f"medians of {args.runs} runs x {args.iterations - 1} iterations")
-    print(f"{'':<10}{'total s':>9}{'generate':>10}{'rollout fw':>11}{'update':>9}{'gen tok/s':>11}{'peak RSS MB':>13}"
-          f"{'floor/total':>13}")
+    print(f"matmul peak {bound['peak_gflops']:.0f} GFLOP/s; 'bound/total' = share of the compute-bound limit reached")
+    print(f"{'':<12}{'total s':>9}{'generate':>10}{'rollout fw':>11}{'update':>9}{'gen tok/s':>11}{'peak RSS MB':>13}"
+          f"{'bound/total':>13}{'loop/total':>12}")
     for name, row in table.items():
-        print(f"{name:<10}{row['total']:>9.3f}{row['generate']:>10.3f}{row['rollout_forward']:>11.3f}"
+        print(f"{name:<12}{row['total']:>9.3f}{row['generate']:>10.3f}{row['rollout_forward']:>11.3f}"
               f"{row['update']:>9.3f}{tokens / row['generate']:>11.0f}{row.get('peak_rss_mb', 0):>13.0f}"
-              f"{floor['total'] / row['total']:>13.2f}")
+              f"{bound['total'] / row['total']:>13.2f}{floor['total'] / row['total']:>12.2f}")
     if "trl" in table:
         print(f"ours vs TRL: {table['trl']['total'] / table['ours']['total']:.2f}x iteration throughput")
     os.makedirs("benchmarks/results", exist_ok=True)
