@@ -18,6 +18,7 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -59,7 +60,7 @@ class Args:
     """the frozen reward model (from reward_model.py)"""
     reward_fn: str = ""
     """'file.py:function' (prompt, response) -> float: an algorithmic reward used instead of the reward model"""
-    value_model: str = "separate"
+    value_model: Literal["separate", "shared"] = "separate"
     """'separate': a model initialised from the reward model (the SFT model with --reward-fn); 'shared': a policy head"""
     eval_reward_fn: str = "reviews_task:gold_score"
     """the judge used only for evaluation (the embedded task's gold judge); '' to skip"""
@@ -87,7 +88,7 @@ class Args:
     # algorithm
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty (the initial value when adaptive)"""
-    kl_estimator: str = "k1"
+    kl_estimator: Literal["k1", "k3"] = "k1"
     """'k1' (log-ratio) or 'k3' (unbiased, always >= 0) in the reward; both are logged"""
     adaptive_kl: bool = False
     """adapt kl_coef towards target_kl (Ziegler et al. 2019, sec. 2.2)"""

@@ -18,6 +18,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class Args:
     # evaluation and normalisation
     eval_steps: int = 200
     """held-out accuracy every this many steps"""
-    normalize_on: str = "sft_samples"
+    normalize_on: Literal["sft_samples", "dataset", "none"] = "sft_samples"
     """'sft_samples' (the SFT policy's samples on the training prompts), 'dataset' (the training responses) or 'none'"""
     num_normalize_samples: int = 256
     """responses scored to compute the normalising offset"""

@@ -11,9 +11,11 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
 3. Prompt and completion are tokenized separately and concatenated; EOS is appended to every completion.
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +83,7 @@ class Args:
     """micro-batches per optimizer step"""
     warmup_ratio: float = 0.05
     """fraction of the steps spent warming the learning rate up linearly from 0"""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after warm-up: 'cosine', 'linear' or 'constant'"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
@@ -203,7 +205,7 @@ if __name__ == "__main__":
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
-        return {"cosine": 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()), "linear": 1 - progress,
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress,
                 "constant": 1.0}[args.lr_scheduler]
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
