@@ -236,7 +236,7 @@ if __name__ == "__main__":
     model.train()
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="reward model")
     for step in progress:
-        stats = torch.zeros(3)
+        stats = torch.zeros(3, device=device)  # loss, accuracy, margin; kept on device, no sync per micro-batch
         for m in range(args.gradient_accumulation_steps):
             input_ids, attention_mask = micro_batch(step * args.gradient_accumulation_steps + m)  # (2B, T)
             scores = reward_scores(model, input_ids, attention_mask)  # (2B,): chosen and rejected in one pass
@@ -244,8 +244,8 @@ if __name__ == "__main__":
             # Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); maximise its log-likelihood
             loss = -F.logsigmoid(chosen_rewards - rejected_rewards - args.margin).mean()
             (loss / args.gradient_accumulation_steps).backward()
-            stats += torch.tensor([loss.item(), (chosen_rewards > rejected_rewards).float().mean().item(),
-                                   (chosen_rewards - rejected_rewards).mean().item()]) / args.gradient_accumulation_steps
+            stats += torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().mean(),
+                                  (chosen_rewards - rejected_rewards).mean().detach()]) / args.gradient_accumulation_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()

@@ -4,7 +4,7 @@ import filecmp
 
 import pytest
 import torch
-from conftest import CHATML, TINY_SIZES, write_jsonl
+from conftest import CHATML, write_jsonl
 
 import reviews_task
 from common import (DataError, encode_prompt, encode_response, last_token_index, pad, position_ids_from_mask,
@@ -47,7 +47,7 @@ def test_bad_lines_name_file_line_and_field(tmp_path, line, kind, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [good, line])
     with pytest.raises(DataError) as e:
         read_jsonl(path, kind)
-    assert str(e.value) == f"{path}, {message}" or str(e.value).startswith(f"{path}, {message}")
+    assert str(e.value).startswith(f"{path}, {message}")
 
 
 def test_empty_and_missing_files(tmp_path):
@@ -124,4 +124,3 @@ def test_gold_judge():
     assert g("The pasta was", " wonderful and delightful") < g("The pasta was", " wonderful and delightful.") - 0.9
     assert g("The pasta was", " great great great great great great.") < 0  # stuttering is punished
     assert 0.5 < reviews_task.noise_ceiling([1.0, 0.0], [0.0, 1.0], tau=0.25) < 1.0
-    assert TINY_SIZES.pref_train > 0
