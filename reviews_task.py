@@ -5,9 +5,13 @@ It mirrors the classic RLHF demo ("make the model write positive reviews", Ziegl
 - the simulated human is `gold_score`: VADER's compound sentiment of the response (a lexicon rated by people,
   Hutto & Gilbert 2014), minus penalties for repetition and for an unfinished review;
 - annotators compare two completions of one prompt with Bradley-Terry noise, P(A wins) = sigmoid((g_A - g_B) / tau),
-  and answer "Tie" when they cannot tell (|g_A - g_B| < tie_margin); ties are dropped from the preference files.
+  and answer "Tie" when they cannot tell (|g_A - g_B| < tie_margin); ties are dropped from the preference files;
+- for the training file they rank K = 4 completions of a prompt at once (as InstructGPT's labellers ranked 4 to 9),
+  with noise that gives every pair of the ranking the same Bradley-Terry label; the ranking is written out as its
+  K(K-1)/2 pairs on consecutive lines. Held-out pairs are independent pairs.
 
     python reviews_task.py                 # writes data/reviews/*.jsonl and models/tiny-llama (same seed, same bytes)
+    python reviews_task.py --out-dir data/reviews_60k --sizes.pref-train 60000     # more preference pairs
 
 The stages call `ensure_data` / `ensure_tiny_model` for their defaults, so nobody has to run this by hand.
 """
@@ -24,6 +28,8 @@ TINY_MODEL_DIR = "models/tiny-llama"
 # the noise of the simulated annotators; the accuracy ceiling it implies is printed by `python reviews_task.py`
 TAU = 0.3
 TIE_MARGIN = 0.05
+# training labels are rankings of this many completions of one prompt (InstructGPT ranked 4 to 9), written as pairs
+RANKING_SIZE = 4
 
 SUBJECTS = {
     "restaurant": ["the pasta", "the soup", "the steak", "the dessert", "the coffee", "the pizza", "the service",
@@ -140,12 +146,23 @@ def noise_ceiling(gold_a: list[float], gold_b: list[float], tau: float = TAU) ->
     return sum(max(p, 1 - p) for p in ps) / len(ps)
 
 
+def annotator_ranking(golds: list[float], rng: random.Random, tau: float = TAU) -> list[int]:
+    """A noisy annotator's ranking of K responses, best first: sort by g / tau + Gumbel noise (Plackett-Luce).
+
+    The difference of two Gumbel variables is logistic, so each pair (i, j) of the ranking comes out in the order
+    i > j with probability sigmoid((g_i - g_j) / tau): exactly the pairwise Bradley-Terry annotator's label.
+    """
+    noisy = [g / tau - math.log(-math.log(max(rng.random(), 1e-300))) for g in golds]
+    return sorted(range(len(golds)), key=lambda i: -noisy[i])
+
+
 @dataclass
 class Sizes:
     sft_train: int = 20000
     sft_eval: int = 500
-    pref_train: int = 10000
+    pref_train: int = 21000
     pref_eval: int = 600
+    ranking_size: int = RANKING_SIZE  # K completions ranked per training prompt; held-out pairs are always K = 2
     prompts_eval: int = 256
 
 
@@ -168,6 +185,19 @@ def generate(out_dir: str = DATA_DIR, seed: int = 0, sizes: Sizes = Sizes()) -> 
 
         n_pref = sizes.pref_train if split == "train" else sizes.pref_eval
         rows, ties, gold_chosen, gold_rejected = [], 0, [], []
+        while split == "train" and sizes.ranking_size > 2 and len(rows) < n_pref:
+            domain, prompt = rng.choice(pool)
+            responses = [sample_completion(rng, domain, 0.1) for _ in range(sizes.ranking_size)]
+            golds = [gold_score(prompt, r) for r in responses]
+            order = annotator_ranking(golds, rng)
+            for a, i in enumerate(order):
+                for j in order[a + 1:]:
+                    if abs(golds[i] - golds[j]) < TIE_MARGIN:
+                        ties += 1
+                        continue
+                    rows.append({"prompt": prompt, "chosen": responses[i], "rejected": responses[j]})
+                    gold_chosen.append(golds[i])
+                    gold_rejected.append(golds[j])
         while len(rows) < n_pref:
             domain, prompt = rng.choice(pool)
             a, b = sample_completion(rng, domain, 0.1), sample_completion(rng, domain, 0.1)
@@ -182,7 +212,7 @@ def generate(out_dir: str = DATA_DIR, seed: int = 0, sizes: Sizes = Sizes()) -> 
             gold_rejected.append(ga + gb - gold_chosen[-1])
         _write(os.path.join(out_dir, f"preference_{split}.jsonl"), rows)
         summary[f"{split}/ties_dropped"] = ties
-        summary[f"{split}/label_agrees_with_gold"] = sum(c > r for c, r in zip(gold_chosen, gold_rejected)) / n_pref
+        summary[f"{split}/label_agrees_with_gold"] = sum(c > r for c, r in zip(gold_chosen, gold_rejected)) / len(rows)
         summary[f"{split}/noise_ceiling"] = noise_ceiling(gold_chosen, gold_rejected)
 
         prompt_rows = [{"prompt": p} for _, p in pool]
@@ -257,6 +287,8 @@ def ensure_tiny_model(out_dir: str = TINY_MODEL_DIR, data_dir: str = DATA_DIR) -
 
 
 if __name__ == "__main__":
-    for key, value in generate().items():
+    import tyro  # e.g. --out-dir data/reviews_60k --sizes.pref-train 60000 for a larger preference set
+
+    for key, value in tyro.cli(generate).items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     ensure_tiny_model()

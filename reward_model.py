@@ -80,14 +80,17 @@ class Args:
     """passes over the preference pairs (1, as in the literature: more overfits)"""
     max_steps: int = -1
     """optimizer steps; -1 means num_epochs over the data"""
-    per_device_train_batch_size: int = 32
-    """preference pairs per micro-batch (per process); chosen and rejected share one forward pass"""
+    per_device_train_batch_size: int = 8
+    """comparison groups per micro-batch (per process): a group is one pair, or all pairs of one ranking; every
+    distinct response in the micro-batch goes through one forward pass"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     warmup_ratio: float = 0.05
     """fraction of the steps spent warming the learning rate up linearly from 0"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
+    max_group_pairs: int = 36
+    """cap on the pairs of one comparison group (36 = a ranking of 9, InstructGPT's largest K); 1 = no grouping"""
     margin: float = 0.0
     """Bradley-Terry margin m in -log sigmoid(r_chosen - r_rejected - m) (Touvron et al. 2023, sec. 3.2.2); 0 = off"""
 
@@ -107,29 +110,60 @@ class Args:
 
     # filled in at runtime
     batch_size: int = 0
-    """preference pairs per optimizer step (per_device_train_batch_size * gradient_accumulation_steps)"""
+    """comparison groups per optimizer step (per_device_train_batch_size * gradient_accumulation_steps)"""
     run_name: str = ""
     """runs/{run_name} holds the logs"""
 
 
 def encode_pairs(records, tokenizer, args):
-    """Records -> list of (prompt_ids, chosen_ids, rejected_ids), counting truncated and skipped prompts."""
-    pairs, cut, skipped = [], 0, 0
+    """Records -> list of (prompt_ids, chosen_ids, rejected_ids), counting truncated and skipped prompts. A text
+    that recurs (a prompt, or a response ranked against several others) is tokenised once."""
+    pairs, cut, skipped, cache = [], 0, 0, {}
+    def encode(fn, text, limit):
+        key = (fn, repr(text))  # repr: conversational prompts are lists of messages
+        if key not in cache:
+            cache[key] = fn(tokenizer, text, limit)
+        return cache[key]
     for r in records:
-        prompt_ids, long_prompt = encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)
+        prompt_ids, long_prompt = encode(encode_prompt, r["prompt"], args.max_prompt_length)
         if long_prompt and args.skip_long_prompts:
             skipped += 1
             continue
         cut += long_prompt
-        chosen = encode_response(tokenizer, r["chosen"], args.max_response_length)[0]
-        rejected = encode_response(tokenizer, r["rejected"], args.max_response_length)[0]
+        chosen = encode(encode_response, r["chosen"], args.max_response_length)[0]
+        rejected = encode(encode_response, r["rejected"], args.max_response_length)[0]
         pairs.append((prompt_ids, chosen, rejected))
     return pairs, cut, skipped
 
 
+def group_pairs(pairs, max_pairs: int) -> list[list[int]]:
+    """Comparison groups: runs of consecutive pairs with the same prompt (a labeller's ranking of K responses to one
+    prompt, written out as its K(K-1)/2 pairs), at most max_pairs each. Independent pairs are groups of one.
+
+    InstructGPT (Ouyang et al. 2022, sec. 3.5) keeps a ranking's pairs together in one batch: each response then goes
+    through the model once for all of its K-1 comparisons, and one epoch sees each response once (shuffled as
+    separate pairs, each response would recur in K-1 batches, and the reward model overfits)."""
+    groups = []
+    for i, (prompt, _, _) in enumerate(pairs):
+        if groups and pairs[groups[-1][0]][0] == prompt and len(groups[-1]) < max_pairs:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def collate(pairs, pad_id: int):
-    """B pairs -> one right-padded (2B, T) batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected."""
-    return pad([p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs], pad_id)
+    """Pairs -> one right-padded batch of the distinct prompt+response sequences among them, and for each pair the
+    rows of its chosen and of its rejected sequence. A response shared by several pairs is a single row."""
+    rows, seqs = {}, []
+    def row(seq):
+        if tuple(seq) not in rows:
+            rows[tuple(seq)] = len(seqs)
+            seqs.append(seq)
+        return rows[tuple(seq)]
+    chosen = torch.tensor([row(p + c) for p, c, _ in pairs])
+    rejected = torch.tensor([row(p + r) for p, _, r in pairs])
+    return *pad(seqs, pad_id), chosen, rejected
 
 
 def init_score_head(model) -> None:
@@ -181,19 +215,22 @@ if __name__ == "__main__":
         print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
     train, cut, skipped = encode_pairs(train_records, tokenizer, args)
     evals, _, _ = encode_pairs(eval_records, tokenizer, args)
-    print(f"{len(train)} training pairs ({cut} prompts cut from the left, {skipped} skipped), {len(evals)} held out")
-    batches_per_epoch = len(train) // args.per_device_train_batch_size
+    groups = group_pairs(train, args.max_group_pairs)
+    print(f"{len(train)} training pairs in {len(groups)} comparison groups ({cut} prompts cut from the left, "
+          f"{skipped} skipped), {len(evals)} held out")
+    batches_per_epoch = len(groups) // args.per_device_train_batch_size
     if batches_per_epoch == 0:
-        raise SystemExit(f"{args.dataset}: {len(train)} pairs is fewer than one batch of {args.per_device_train_batch_size}")
+        raise SystemExit(f"{args.dataset}: {len(groups)} comparison groups is fewer than one batch of "
+                         f"{args.per_device_train_batch_size}")
     num_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps
     warmup_steps = int(args.warmup_ratio * num_steps)
 
     def micro_batch(i: int):
         """The i-th micro-batch: epoch e is a permutation seeded by (seed, e), so a resumed run replays it."""
         epoch, j = divmod(i, batches_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
         idx = order[j * args.per_device_train_batch_size: (j + 1) * args.per_device_train_batch_size]
-        return [t.to(device) for t in collate([train[k] for k in idx], tokenizer.pad_token_id)]
+        return [t.to(device) for t in collate([train[k] for g in idx for k in groups[g]], tokenizer.pad_token_id)]
 
     # 3. optimizer: AdamW, linear warm-up then linear decay to 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -214,10 +251,10 @@ if __name__ == "__main__":
         model.eval()
         chosen, rejected = [], []
         for k in range(0, len(pairs), batch):
-            ids, mask = collate(pairs[k: k + batch], tokenizer.pad_token_id)
+            ids, mask, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id)
             scores = reward_scores(model, ids.to(device), mask.to(device)).cpu()
-            chosen.append(scores[: len(scores) // 2])
-            rejected.append(scores[len(scores) // 2:])
+            chosen.append(scores[chosen_rows])
+            rejected.append(scores[rejected_rows])
         model.train()
         return torch.cat(chosen), torch.cat(rejected)
 
@@ -235,12 +272,13 @@ if __name__ == "__main__":
         evaluate(0)
     model.train()
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="reward model")
+    step_end = time.perf_counter()
     for step in progress:
         stats = torch.zeros(3, device=device)  # loss, accuracy, margin; kept on device, no sync per micro-batch
         for m in range(args.gradient_accumulation_steps):
-            input_ids, attention_mask = micro_batch(step * args.gradient_accumulation_steps + m)  # (2B, T)
-            scores = reward_scores(model, input_ids, attention_mask)  # (2B,): chosen and rejected in one pass
-            chosen_rewards, rejected_rewards = scores.chunk(2)
+            input_ids, attention_mask, chosen_rows, rejected_rows = micro_batch(step * args.gradient_accumulation_steps + m)
+            scores = reward_scores(model, input_ids, attention_mask)  # (N,): every distinct response, one pass
+            chosen_rewards, rejected_rewards = scores[chosen_rows], scores[rejected_rows]  # (P,) each, P pairs
             # Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); maximise its log-likelihood
             loss = -F.logsigmoid(chosen_rewards - rejected_rewards - args.margin).mean()
             (loss / args.gradient_accumulation_steps).backward()
@@ -250,9 +288,11 @@ if __name__ == "__main__":
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.2f}")
         metrics.log(step + 1, {"train/rm/loss": stats[0], "train/rm/accuracy": stats[1], "train/rm/margin": stats[2],
-                               "train/rm/grad_norm": grad_norm.item(), "charts/lr": scheduler.get_last_lr()[0]})
+                               "train/rm/grad_norm": grad_norm.item(), "charts/lr": scheduler.get_last_lr()[0],
+                               "time/step": step_seconds})
         if (step + 1) % args.eval_steps == 0 and step + 1 < num_steps:
             evaluate(step + 1)
         if (step + 1) % args.save_steps == 0 and step + 1 < num_steps:

@@ -228,7 +228,7 @@ if __name__ == "__main__":
             nll += token_nll_sum(model, ids.to(device), mask.to(device), labels.to(device)).item()
             n += (labels[:, 1:] != -100).sum().item()
         prompts = [r["prompt"] for r in eval_records[: args.num_samples]]
-        texts, _ = sample(model, tokenizer, prompts, args.max_completion_length, device)
+        texts, _ = sample(model, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
         table = "\n".join(f"{render_prompt(tokenizer, p)!r} -> {t!r}" for p, t in zip(prompts, texts))
         metrics.log(step, {"eval/sft/loss": nll / n})
         metrics.text(step, "samples", table)
@@ -241,6 +241,7 @@ if __name__ == "__main__":
         evaluate(0)
     model.train()
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft")
+    step_end = time.perf_counter()
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
         num_tokens = sum((labels[:, 1:] != -100).sum() for _, _, labels in micro)  # completion tokens in the batch
@@ -253,8 +254,9 @@ if __name__ == "__main__":
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{loss:.3f}")
-        metrics.log(step + 1, {"train/sft/loss": loss, "train/sft/grad_norm": grad_norm.item(),
+        metrics.log(step + 1, {"train/sft/loss": loss, "train/sft/grad_norm": grad_norm.item(), "time/step": step_seconds,
                                "charts/lr": scheduler.get_last_lr()[0], "train/sft/tokens": num_tokens.item()})
         if (step + 1) % args.eval_steps == 0 or step + 1 == num_steps:
             evaluate(step + 1)
@@ -270,8 +272,8 @@ if __name__ == "__main__":
     for k in range(0, len(prompts), 64):
         t, e = sample(model, tokenizer, prompts[k: k + 64], args.max_completion_length, device)
         texts, ended = texts + t, ended + e
-    final = {"eval/sft/eos_rate": sum(ended) / len(ended)}
-    if args.eval_reward_fn:
+    final = {"eval/sft/eos_rate": sum(ended) / len(ended)} if prompts else {}  # --num-eval-generations 0 skips it
+    if args.eval_reward_fn and prompts:
         judge = load_function(args.eval_reward_fn)
         gold = torch.tensor([judge(p, t) for p, t in zip(prompts, texts)])
         final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),

@@ -124,3 +124,43 @@ def test_gold_judge():
     assert g("The pasta was", " wonderful and delightful") < g("The pasta was", " wonderful and delightful.") - 0.9
     assert g("The pasta was", " great great great great great great.") < 0  # stuttering is punished
     assert 0.5 < reviews_task.noise_ceiling([1.0, 0.0], [0.0, 1.0], tau=0.25) < 1.0
+
+
+def test_ranking_annotator_labels_each_pair_like_bradley_terry():
+    """Plackett-Luce with Gumbel noise: over many rankings of 4 fixed golds, the frequency of i ranked above j
+    matches sigmoid((g_i - g_j) / tau) for every pair (the pairwise annotator's label), within sampling error."""
+    import math
+    import random
+
+    golds, tau, n = [0.9, 0.5, 0.4, -0.6], 0.3, 20000
+    rng = random.Random(0)
+    above = [[0] * 4 for _ in range(4)]
+    for _ in range(n):
+        order = reviews_task.annotator_ranking(golds, rng, tau)
+        for a, i in enumerate(order):
+            for j in order[a + 1:]:
+                above[i][j] += 1
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                p = 1 / (1 + math.exp(-(golds[i] - golds[j]) / tau))
+                assert abs(above[i][j] / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (i, j, above[i][j] / n, p)
+
+
+def test_training_pairs_come_in_rankings(tmp_path):
+    """The training file holds each ranking's pairs on consecutive lines with one prompt; they are transitive."""
+    sizes = reviews_task.Sizes(sft_train=10, sft_eval=10, pref_train=300, pref_eval=10, prompts_eval=8, ranking_size=4)
+    reviews_task.generate(str(tmp_path), seed=0, sizes=sizes)
+    rows = read_jsonl(str(tmp_path / "preference_train.jsonl"), "preference")
+    runs, i = [], 0
+    while i < len(rows):
+        j = i
+        while j < len(rows) and rows[j]["prompt"] == rows[i]["prompt"]:
+            j += 1
+        runs.append(rows[i:j])
+        i = j
+    # a ranking of 4 gives 4 * 3 / 2 = 6 pairs, fewer when the annotator calls a pair a tie
+    assert all(len(r) <= 12 for r in runs) and sum(len(r) == 6 for r in runs) > 0.5 * len(runs)
+    for run in runs:  # the pairs of a ranking never contradict each other: no a > b and b > a
+        wins = {(r["chosen"], r["rejected"]) for r in run}
+        assert not any((b, a) in wins for a, b in wins)

@@ -10,7 +10,7 @@ from conftest import read_metrics, run_script, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import last_token_index, pad, reward_scores
-from reward_model import collate, init_score_head
+from reward_model import collate, group_pairs, init_score_head
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,36 @@ def test_loss_matches_a_hand_computation():
     assert abs(-F.logsigmoid(chosen - rejected - margin).mean().item() - by_hand) < 1e-6
 
 
-def test_collate_puts_chosen_then_rejected_in_one_batch():
-    ids, mask = collate([([1, 5], [6, 2], [7, 8, 2]), ([1], [9, 2], [3, 2])], 0)
+def test_collate_puts_chosen_and_rejected_in_one_batch():
+    ids, mask, chosen, rejected = collate([([1, 5], [6, 2], [7, 8, 2]), ([1], [9, 2], [3, 2])], 0)
+    # independent pairs: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected
     assert ids.tolist() == [[1, 5, 6, 2, 0], [1, 9, 2, 0, 0], [1, 5, 7, 8, 2], [1, 3, 2, 0, 0]]
     assert last_token_index(mask).tolist() == [3, 2, 4, 2]
+    assert chosen.tolist() == [0, 1] and rejected.tolist() == [2, 3]
+
+
+def test_ranking_pairs_share_rows_and_give_the_same_loss(rm):
+    """A ranking a > b > c written as its 3 pairs: 3 distinct rows instead of 6, and the same scores and loss as
+    scoring every pair's two sequences separately (the slow reference)."""
+    p, a, b, c = [1, 40], [41, 2], [42, 43, 2], [44, 2]
+    pairs = [(p, a, b), (p, a, c), (p, b, c), ([1, 45], [46, 2], [47, 2])]
+    ids, mask, chosen, rejected = collate(pairs, 0)
+    assert ids.shape[0] == 5
+    assert [ids[i, : mask[i].sum()].tolist() for i in chosen] == [p + a, p + a, p + b, [1, 45, 46, 2]]
+    assert [ids[i, : mask[i].sum()].tolist() for i in rejected] == [p + b, p + c, p + c, [1, 45, 47, 2]]
+    with torch.no_grad():
+        scores = reward_scores(rm, ids, mask)
+        fast = -F.logsigmoid(scores[chosen] - scores[rejected]).mean()
+        slow = torch.stack([-F.logsigmoid(reward_scores(rm, *pad([q + x], 0)) - reward_scores(rm, *pad([q + y], 0)))
+                            for q, x, y in pairs]).mean()
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_comparison_groups_are_consecutive_pairs_of_one_prompt():
+    pairs = [([1, 7], [5], [6]), ([1, 7], [5], [8]), ([1, 7], [6], [8]), ([1, 9], [5], [6]), ([1, 7], [5], [6])]
+    assert group_pairs(pairs, 36) == [[0, 1, 2], [3], [4]]
+    assert group_pairs(pairs, 2) == [[0, 1], [2], [3], [4]]
+    assert group_pairs(pairs, 1) == [[0], [1], [2], [3], [4]]
 
 
 def rm_args(model_dir, data, eval_data, out, *extra):
@@ -145,8 +171,8 @@ def test_head_init_std():
 
 
 def test_bad_pairs_error_or_are_skipped(model_dir, tmp_path):
-    good = {"prompt": "The pasta was", "chosen": " great.", "rejected": " awful."}
-    lines = [good] * 40 + [{"prompt": "p", "chosen": " x."}, {"prompt": "p", "chosen": " same.", "rejected": " same."},
+    good = [{"prompt": f"Visit {i}: the pasta was", "chosen": " great.", "rejected": " awful."} for i in range(40)]
+    lines = good + [{"prompt": "p", "chosen": " x."}, {"prompt": "p", "chosen": " same.", "rejected": " same."},
                            {"prompt": "", "chosen": " a.", "rejected": " b."}]
     data = write_jsonl(tmp_path / "bad.jsonl", lines)
     proc = run_script("reward_model.py", *rm_args(model_dir, data, data, tmp_path / "o"), cwd=tmp_path, check=False)
