@@ -27,7 +27,7 @@ import tyro
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import reviews_task  # noqa: E402
-from common import pad  # noqa: E402
+from common import encode_prompt, pad  # noqa: E402
 
 
 @dataclass
@@ -45,6 +45,13 @@ class Args:
     models: str = "benchmarks/.models"
     """where the benchmark's random-init models are written"""
     ours_extra: str = ""
+    best_extra: str = ""
+    """flags for a third side, interleaved with the others: ours in its best configuration, e.g.
+    --best-extra='--value-model shared'"""
+    prompts: str = f"{reviews_task.DATA_DIR}/prompts_train.jsonl"
+    """prompt-only JSONL (rendered through the chat template on both sides when the model has one)"""
+    floor: bool = True
+    """also time the plain-PyTorch loop and the compute bound (tiny model only)"""
     """extra flags for ppo_rlhf.py, e.g. --ours-extra='--value-model shared' for the 'best configuration' row"""
     label: str = "cpu_fp32"
     """name of the results file: benchmarks/results/ppo_{label}.json"""
@@ -67,16 +74,16 @@ def build_models(out: str) -> None:
     tokenizer.save_pretrained(f"{out}/reward")
 
 
-def run_ours(args: Args) -> dict:
+def run_ours(args: Args, extra: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--sft-model-path", f"{args.models}/policy", "--reward-model-path", f"{args.models}/reward",
                  "--rollout-batch-size", str(args.batch), "--response-length", str(args.response_length),
                  "--num-ppo-epochs", "4", "--num-mini-batches", "2", "--temperature", "0.7",
                  "--num-iterations", str(args.iterations), "--eval-every", "1000000", "--save-every", "1000000",
                  "--num-eval-prompts", "1", "--eval-reward-fn", "", "--output-dir", f"{tmp}/out", "--no-resume",
-                 "--dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_train.jsonl"),
+                 "--dataset", os.path.abspath(args.prompts),
                  "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_eval.jsonl"),
-                 *args.ours_extra.split()]
+                 *(extra or args.ours_extra).split()]
         code = ("import resource, runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
                 "runpy.run_path(sys.argv[0], run_name='__main__'); "
                 "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
@@ -97,7 +104,7 @@ def run_trl(args: Args) -> dict:
         proc = subprocess.run([args.trl_python, os.path.join(REPO, "benchmarks/trl_ppo_bench.py"), "--models",
                                os.path.abspath(args.models), "--iterations", str(args.iterations), "--batch",
                                str(args.batch), "--response-length", str(args.response_length), "--out", f.name,
-                               "--prompts", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_train.jsonl")],
+                               "--prompts", os.path.abspath(args.prompts)],
                               cwd=REPO, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
@@ -116,11 +123,11 @@ def plain_pytorch_floor(args: Args) -> dict:
     ref = AutoModelForCausalLM.from_pretrained(f"{args.models}/policy")
     value = AutoModelForSequenceClassification.from_pretrained(f"{args.models}/reward")
     reward = AutoModelForSequenceClassification.from_pretrained(f"{args.models}/reward")
-    prompts = [json.loads(line)["prompt"] for line in open(f"{reviews_task.DATA_DIR}/prompts_train.jsonl")]
+    prompts = [json.loads(line)["prompt"] for line in open(args.prompts)]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(f"{args.models}/policy")
-    queries, mask = pad([tok(p)["input_ids"] for p in prompts[: args.batch]], tok.pad_token_id, side="left")
+    queries, mask = pad([encode_prompt(tok, p, 64)[0] for p in prompts[: args.batch]], tok.pad_token_id, side="left")
     times = {}
     t0 = time.perf_counter()  # decode loop with a KV cache
     out = policy(input_ids=queries, attention_mask=mask, use_cache=True)
@@ -188,21 +195,30 @@ if __name__ == "__main__":
     args.models = os.path.abspath(args.models)
     reviews_task.ensure_data()
     build_models(args.models)
-    results = {"ours": [], "trl": []}
-    for i in range(args.runs):  # interleaved: ours, TRL, ours, TRL, ...
+    results = {"ours": [], "trl": [], "best": []}
+    for i in range(args.runs):  # interleaved: ours, TRL, ours (best), ours, TRL, ...
         results["ours"].append(run_ours(args))
         if args.trl_python:
             results["trl"].append(run_trl(args))
+        if args.best_extra:
+            results["best"].append(run_ours(args, args.best_extra))
         print(f"run {i + 1}/{args.runs} done", flush=True)
-    plain_pytorch_floor(args)  # warm-up
-    floors = [plain_pytorch_floor(args) for _ in range(args.runs)]
-    floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
-    floor["total"] = sum(floor.values())
-    bound = compute_bound(args)
-    bound["total"] = bound["generate"] + bound["rollout_forward"] + bound["update"]
-    table = {"flop bound": bound, "plain loop": floor, "ours": summarise(results["ours"])}
+    table = {}
+    if args.floor:
+        plain_pytorch_floor(args)  # warm-up
+        floors = [plain_pytorch_floor(args) for _ in range(args.runs)]
+        floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+        floor["total"] = sum(floor.values())
+        bound = compute_bound(args)
+        bound["total"] = bound["generate"] + bound["rollout_forward"] + bound["update"]
+        table = {"flop bound": bound, "plain loop": floor}
+    else:
+        floors, bound, floor = [], {"total": float("nan"), "peak_gflops": float("nan")}, {"total": float("nan")}
+    table["ours"] = summarise(results["ours"])
     if results["trl"]:
         table["trl"] = summarise(results["trl"])
+    if results["best"]:
+        table["ours (best)"] = summarise(results["best"])
     tokens = args.batch * args.response_length
     print(f"\nPPO, {args.batch} prompts x {args.response_length} tokens, 4 epochs x 2 minibatches ({args.label}); "
           f"medians of {args.runs} runs x {args.iterations - 1} iterations")
@@ -213,8 +229,9 @@ if __name__ == "__main__":
         print(f"{name:<12}{row['total']:>9.3f}{row['generate']:>10.3f}{row['rollout_forward']:>11.3f}"
               f"{row['update']:>9.3f}{tokens / row['generate']:>11.0f}{row.get('peak_rss_mb', 0):>13.0f}"
               f"{bound['total'] / row['total']:>13.2f}{floor['total'] / row['total']:>12.2f}")
-    if "trl" in table:
-        print(f"ours vs TRL: {table['trl']['total'] / table['ours']['total']:.2f}x iteration throughput")
+    for name in ("ours", "ours (best)"):
+        if "trl" in table and name in table:
+            print(f"{name} vs TRL: {table['trl']['total'] / table[name]['total']:.2f}x iteration throughput")
     os.makedirs("benchmarks/results", exist_ok=True)
     json.dump({"args": vars(args), "table": table, "raw": results, "floor_runs": floors},
               open(f"benchmarks/results/ppo_{args.label}.json", "w"), indent=1)

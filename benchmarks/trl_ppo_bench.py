@@ -63,7 +63,18 @@ class Timer(TrainerCallback):
 dtype = getattr(torch, args.dtype)
 tokenizer = AutoTokenizer.from_pretrained(f"{args.models}/policy")
 prompts = [json.loads(line)["prompt"] for line in open(args.prompts)]
-dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
+
+
+def encode(prompt):
+    """As ppo_rlhf.py does: through the chat template when the model has one, else plain text with a BOS."""
+    if tokenizer.chat_template is None:
+        return tokenizer(prompt)["input_ids"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+dataset = Dataset.from_dict({"input_ids": [encode(p) for p in prompts]})
 # TRL's rollout batch is per_device_train_batch_size * gradient_accumulation_steps, split into num_mini_batches;
 # so 32 prompts in 2 minibatches of 16 is 16 x 2 here (with 1 accumulation step, TRL would roll out only 16)
 config = PPOConfig(output_dir="/tmp/trl_ppo_bench_out", per_device_train_batch_size=args.batch // 2,
