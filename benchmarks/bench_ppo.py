@@ -74,28 +74,34 @@ def build_models(out: str) -> None:
     tokenizer.save_pretrained(f"{out}/reward")
 
 
-def run_ours(args: Args, extra: str = "") -> dict:
+def run_script(script: str, flags: list[str]) -> tuple[list[dict], float]:
+    """Run one of our scripts in a child process with progress bars off, in a scratch directory; return the rows of
+    its metrics.jsonl and its peak RSS in MB. Shared with bench_sft_rm.py."""
     with tempfile.TemporaryDirectory() as tmp:
-        flags = ["--sft-model-path", f"{args.models}/policy", "--reward-model-path", f"{args.models}/reward",
-                 "--rollout-batch-size", str(args.batch), "--response-length", str(args.response_length),
-                 "--num-ppo-epochs", "4", "--num-mini-batches", "2", "--temperature", "0.7",
-                 "--num-iterations", str(args.iterations), "--eval-every", "1000000", "--save-every", "1000000",
-                 "--num-eval-prompts", "1", "--eval-reward-fn", "", "--output-dir", f"{tmp}/out", "--no-resume",
-                 "--dataset", os.path.abspath(args.prompts),
-                 "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_eval.jsonl"),
-                 *(extra or args.ours_extra).split()]
         code = ("import resource, runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
                 "runpy.run_path(sys.argv[0], run_name='__main__'); "
                 "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-        proc = subprocess.run([sys.executable, "-c", code, REPO, os.path.join(REPO, "ppo_rlhf.py"), *flags],
+        proc = subprocess.run([sys.executable, "-c", code, REPO, os.path.join(REPO, script), *flags,
+                               "--output-dir", f"{tmp}/out", "--no-resume"],
                               cwd=tmp, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         (run_dir,) = os.listdir(f"{tmp}/runs")
         rows = [json.loads(line) for line in open(f"{tmp}/runs/{run_dir}/metrics.jsonl")]
-        rows = [{"generate": r["time/generate"], "rollout_forward": r["time/rollout_forward"],
-                 "update": r["time/update"]} for r in rows if "time/update" in r]
-        peak = float(proc.stdout.split("PEAK_RSS_MB")[-1])
+    return rows, float(proc.stdout.split("PEAK_RSS_MB")[-1])
+
+
+def run_ours(args: Args, extra: str = "") -> dict:
+    flags = ["--sft-model-path", f"{args.models}/policy", "--reward-model-path", f"{args.models}/reward",
+             "--rollout-batch-size", str(args.batch), "--response-length", str(args.response_length),
+             "--num-ppo-epochs", "4", "--num-mini-batches", "2", "--temperature", "0.7",
+             "--num-iterations", str(args.iterations), "--eval-every", "1000000", "--save-every", "1000000",
+             "--num-eval-prompts", "1", "--eval-reward-fn", "", "--dataset", os.path.abspath(args.prompts),
+             "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_eval.jsonl"),
+             *(extra or args.ours_extra).split()]
+    rows, peak = run_script("ppo_rlhf.py", flags)
+    rows = [{"generate": r["time/generate"], "rollout_forward": r["time/rollout_forward"],
+             "update": r["time/update"]} for r in rows if "time/update" in r]
     return {"iterations": rows, "peak_rss_mb": peak}
 
 

@@ -26,7 +26,7 @@ import tyro
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import reviews_task  # noqa: E402
-from bench_ppo import build_models  # noqa: E402
+from bench_ppo import build_models, run_script  # noqa: E402
 from common import encode_prompt, encode_response, last_token_index, pad  # noqa: E402
 
 
@@ -58,28 +58,18 @@ def pairwise_data(models: str) -> str:
 
 
 def run_ours(stage: str, data: str, args: Args) -> dict:
-    script = "sft.py" if stage == "sft" else "reward_model.py"
-    with tempfile.TemporaryDirectory() as tmp:
-        flags = ["--model-name-or-path", f"{args.models}/policy", "--dataset", data, "--max-steps", str(args.steps),
-                 "--per-device-train-batch-size", str(args.batch), "--eval-steps", "1000000", "--save-steps",
-                 "1000000", "--eval-reward-fn", "", "--output-dir", f"{tmp}/out", "--no-resume"]
-        if stage == "sft":
-            flags += ["--num-eval-generations", "0", "--num-samples", "0",
-                      "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "sft_eval.jsonl")]
-        else:
-            flags += ["--normalize-on", "none",
-                      "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "preference_eval.jsonl")]
-        code = ("import resource, runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
-                "runpy.run_path(sys.argv[0], run_name='__main__'); "
-                "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-        proc = subprocess.run([sys.executable, "-c", code, REPO, os.path.join(REPO, script), *flags],
-                              cwd=tmp, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
-        if proc.returncode:
-            raise SystemExit(proc.stderr[-3000:])
-        (run_dir,) = os.listdir(f"{tmp}/runs")
-        steps = [json.loads(line)["time/step"] for line in open(f"{tmp}/runs/{run_dir}/metrics.jsonl")
-                 if "time/step" in line]
-    return {"steps": steps[1:], "peak_rss_mb": float(proc.stdout.split("PEAK_RSS_MB")[-1])}  # same count as TRL's
+    flags = ["--model-name-or-path", f"{args.models}/policy", "--dataset", data, "--max-steps", str(args.steps),
+             "--per-device-train-batch-size", str(args.batch), "--eval-steps", "1000000", "--save-steps", "1000000",
+             "--eval-reward-fn", ""]
+    if stage == "sft":
+        flags += ["--num-eval-generations", "0", "--num-samples", "0",
+                  "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "sft_eval.jsonl")]
+    else:
+        flags += ["--normalize-on", "none",
+                  "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "preference_eval.jsonl")]
+    rows, peak = run_script("sft.py" if stage == "sft" else "reward_model.py", flags)
+    steps = [r["time/step"] for r in rows if "time/step" in r]
+    return {"steps": steps[1:], "peak_rss_mb": peak}  # the first interval has no previous step end, as in TRL's
 
 
 def run_trl(stage: str, data: str, args: Args) -> dict:
