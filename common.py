@@ -158,18 +158,22 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) query+response ids -> (B,) reward: the head applied at the last real token, minus the offset.
+def reward_scores(model, input_ids, attention_mask=None, position_ids=None, last=None) -> torch.Tensor:
+    """Query+response ids -> one reward per sequence: the head applied at its last real token, minus the offset.
 
-    `config.reward_offset` (set by reward_model.py's normalisation) is subtracted so a score of 0 means "as good as
-    the SFT policy's average sample". Hugging Face's own pooled logits read at the last non-pad *id* and skip the
-    offset: subtract `config.reward_offset` yourself if you load the model elsewhere.
+    Padded input: (B, T) ids and attention mask. Packed input (see `pack`): ids, position ids, and `last`, the (N, 2)
+    row and column of each sequence's last token. `config.reward_offset` (set by reward_model.py's normalisation) is
+    subtracted so a score of 0 means "as good as the SFT policy's average sample". Hugging Face's own pooled logits
+    read at the last non-pad *id* and skip the offset: subtract `config.reward_offset` yourself elsewhere.
     """
+    if last is None:
+        position_ids = position_ids_from_mask(attention_mask)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        last = torch.stack([rows, last_token_index(attention_mask)], dim=1)
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
-    return model.score(last).squeeze(-1).float() - getattr(model.config, "reward_offset", 0.0)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # (rows, T, H)
+    return model.score(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float() - getattr(model.config, "reward_offset", 0.0)
 
 
 def disable_dropout(model) -> None:
@@ -191,6 +195,44 @@ def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[tor
         cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
         ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
     return ids, mask
+
+
+def pack(seqs: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids, and (N, 2) the row and column where
+    each sequence starts. Longest first, each sequence goes into the first row with room; rows are as long as the
+    longest sequence. Positions restart at 0 with every sequence: that is how transformers (its attention masks, or
+    flash-attention's variable-length kernels) keeps packed sequences from attending to each other. A row's unused
+    tail is filler, positioned like one more sequence, that no loss or score reads.
+    """
+    width = max(len(s) for s in seqs)
+    used, starts = [], [None] * len(seqs)  # used[r]: columns taken in row r
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        r = next((r for r, u in enumerate(used) if u + len(seqs[i]) <= width), len(used))
+        used += [0] * (r == len(used))
+        starts[i], used[r] = (r, used[r]), used[r] + len(seqs[i])
+    ids = torch.full((len(used), width), pad_value, dtype=torch.long)
+    positions = torch.zeros((len(used), width), dtype=torch.long)
+    for s, (r, c) in zip(seqs, starts):
+        ids[r, c: c + len(s)], positions[r, c: c + len(s)] = torch.tensor(s, dtype=torch.long), torch.arange(len(s))
+    for r, u in enumerate(used):
+        positions[r, u:] = torch.arange(width - u)
+    return ids, positions, torch.tensor(starts, dtype=torch.long)
+
+
+@torch.no_grad()
+def packing_works(model) -> bool:
+    """Does `model` keep packed sequences apart? The hidden states of two sequences packed into one row must equal
+    those of each sequence alone. True for transformers' own architectures; code from the Hub may not be."""
+    backbone, was_training = getattr(model, model.base_model_prefix), model.training
+    model.eval()
+    a, b = [[t % model.config.get_text_config().vocab_size for t in range(k, k + 5)] for k in (11, 23)]
+    ids, positions = torch.tensor([a + b], device=model.device), torch.tensor([list(range(5)) * 2], device=model.device)
+    packed = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]  # (10, H)
+    alone = torch.cat([backbone(input_ids=torch.tensor([s], device=model.device), use_cache=False).last_hidden_state[0]
+                       for s in (a, b)])
+    model.train(was_training)
+    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    return torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol)
 
 
 def load_function(spec: str):

@@ -13,6 +13,8 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
    unbounded penalties that the seeds' appendix discusses; off by default.
 3. The KL penalty's estimator is k1 (log pi - log pi_ref) or k3 ((r - 1) - log r, r = pi_ref / pi), by flag;
    both are always logged. k3 is never negative per token; k1 can be, per token, and is unbiased.
+4. Forward passes are padding-free by default: each query+response is stripped of its padding and packed into rows
+   with other sequences (`common.pack`); log-probs and values come back in the usual (B, T) layout.
 """
 
 import os
@@ -27,8 +29,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import reviews_task
 from common import (DataError, Metrics, disable_dropout, encode_prompt, last_token_index, load_function, load_state,
-                    pad, position_ids_from_mask, read_jsonl, reward_scores, save_model, save_state, seed_everything,
-                    setup_tokenizer)
+                    pack, packing_works, pad, position_ids_from_mask, read_jsonl, reward_scores, save_model, save_state,
+                    seed_everything, setup_tokenizer)
 
 
 @dataclass
@@ -124,6 +126,9 @@ class Args:
     """AdamW learning rate of policy and value, decayed linearly to 0 (use ~1e-6 for billion-parameter models)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
+    padding_free: bool = True
+    """pack query+response sequences without padding in every forward pass (checked at start; falls back to
+    padding for a model that lets packed sequences attend to each other)"""
 
     # evaluation
     eval_every: int = 20
@@ -246,29 +251,49 @@ def value_loss(new_values, values, returns, mask, cliprange_value: float):
     return 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask), vf_clipfrac
 
 
+def packed_layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int):
+    """Padded (B, Tq + T) query+responses -> the same sequences packed without padding (`common.pack`): the model
+    inputs; (rows, cols), each (B, T), where in the packed rows the logit predicting response token t of sequence b
+    is; and (B, 2) the row and column of each sequence's last token, where a reward model reads its score. Past a
+    response's EOS, (rows, cols) stay at its last token, so those (masked) entries depend on the sequence alone,
+    whatever it is packed with."""
+    lengths = attention_mask.sum(1)  # (B,) real tokens: the query without its left padding, the response to its EOS
+    seqs = [row[mask.bool()].tolist() for row, mask in zip(query_responses, attention_mask)]
+    input_ids, position_ids, starts = (t.to(query_responses.device) for t in pack(seqs, 0))
+    query_lengths = attention_mask[:, :context_length].sum(1)
+    t = torch.arange(query_responses.shape[1] - context_length, device=query_responses.device)
+    cols = starts[:, 1:] + torch.minimum(query_lengths[:, None] - 1 + t, lengths[:, None] - 1)
+    last = torch.stack([starts[:, 0], starts[:, 1] + lengths - 1], dim=1)
+    return {"input_ids": input_ids, "position_ids": position_ids}, (starts[:, :1].expand_as(cols), cols), last
+
+
 def forward(policy, value_net, query_responses, attention_mask, context_length: int, temperature: float,
-            with_values: bool = True):
+            with_values: bool = True, padding_free: bool = False):
     """One pass over (B, Tq + T) query+response ids -> logprobs, entropy and values of the T response tokens.
 
-    Positions come from the mask, so left-padded queries see the positions of unpadded ones. The logits at
-    position t predict token t + 1, hence the slice [context_length - 1, -1).
+    Padded: positions come from the mask, so left-padded queries see the positions of unpadded ones, and the
+    logits at position t predict token t + 1, hence the columns [context_length - 1, -1). Padding-free: the
+    sequences are packed (`packed_layout`) and the same logits are gathered from the packed rows.
     """
     responses = query_responses[:, context_length:]
-    position_ids = position_ids_from_mask(attention_mask)
+    if padding_free:
+        inputs, (rows, cols), _ = packed_layout(query_responses, attention_mask, context_length)
+    else:
+        inputs = {"input_ids": query_responses, "attention_mask": attention_mask,
+                  "position_ids": position_ids_from_mask(attention_mask)}
+        cols = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=responses.device).expand_as(responses)
+        rows = torch.arange(len(responses), device=responses.device)[:, None].expand_as(responses)
     shared = value_net is None
-    out = policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
-                 output_hidden_states=shared and with_values)
-    logprobs, entropy = logprobs_and_entropy(out.logits[:, context_length - 1: -1], responses, temperature)
+    out = policy(**inputs, use_cache=False, output_hidden_states=shared and with_values)
+    logprobs, entropy = logprobs_and_entropy(out.logits[rows, cols], responses, temperature)
     values = None
     if with_values:
         if shared:  # a linear head on the policy's last hidden state
-            hidden = out.hidden_states[-1][:, context_length - 1: -1]
-            values = policy.value_head(hidden).squeeze(-1).float()
+            values = policy.value_head(out.hidden_states[-1][rows, cols]).squeeze(-1).float()
         else:  # the value model's head applied at every position (it reads like the reward model)
-            backbone = getattr(value_net, value_net.base_model_prefix)
-            hidden = backbone(input_ids=query_responses, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state[:, context_length - 1: -1]
-            values = value_net.score(hidden).squeeze(-1).float() - getattr(value_net.config, "reward_offset", 0.0)
+            hidden = getattr(value_net, value_net.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
+            values = value_net.score(hidden[rows, cols]).squeeze(-1).float()
+            values = values - getattr(value_net.config, "reward_offset", 0.0)
     return logprobs, entropy, values  # each (B, T)
 
 
@@ -316,6 +341,9 @@ if __name__ == "__main__":
     for model in (ref_policy, reward_model):
         if model is not None:
             model.eval().requires_grad_(False)
+    if args.padding_free and not all(packing_works(m) for m in (policy, reward_model, value_net) if m is not None):
+        print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
+        args.padding_free = False
     policy.train()
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -339,7 +367,7 @@ if __name__ == "__main__":
 
     # 3. one AdamW for policy and value (eps 1e-5, N+ details #5), learning rate decayed linearly to 0
     params = list(policy.parameters()) + (list(value_net.parameters()) if value_net is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     num_updates = args.num_iterations * args.num_ppo_epochs * args.num_mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / num_updates)
     kl_coef, start_iteration = args.kl_coef, 0
@@ -378,9 +406,15 @@ if __name__ == "__main__":
         """(B,) sequence scores: the reward model at the last real token (the EOS), or a reward function on text."""
         fn = fn or reward_fn
         if fn is None:
-            return torch.cat([reward_scores(reward_model, query_responses[k: k + args.micro_batch_size],
-                                            attention_mask[k: k + args.micro_batch_size])
-                              for k in range(0, len(query_responses), args.micro_batch_size)])
+            scores = []
+            for k in range(0, len(query_responses), args.micro_batch_size):
+                qr, mask = query_responses[k: k + args.micro_batch_size], attention_mask[k: k + args.micro_batch_size]
+                if args.padding_free:
+                    inputs, _, last = packed_layout(qr, mask, context_length)
+                    scores.append(reward_scores(reward_model, **inputs, last=last))
+                else:
+                    scores.append(reward_scores(reward_model, qr, mask))
+            return torch.cat(scores)
         texts = tokenizer.batch_decode(responses.masked_fill(~padding_mask, pad_id), skip_special_tokens=True)
         return torch.tensor([float(fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
 
@@ -391,8 +425,8 @@ if __name__ == "__main__":
         policy.eval()
         texts = [r["prompt"] for r in eval_records]
         qr, mask, ctx, responses, padding_mask, has_eos = rollout(policy, eval_prompts)
-        logprobs = forward(policy, value_net, qr, mask, ctx, args.temperature, with_values=False)[0]
-        ref_logprobs = forward(ref_policy, None, qr, mask, ctx, args.temperature, with_values=False)[0]
+        logprobs = forward(policy, value_net, qr, mask, ctx, args.temperature, False, args.padding_free)[0]
+        ref_logprobs = forward(ref_policy, None, qr, mask, ctx, args.temperature, False, args.padding_free)[0]
         scores = get_scores(qr, mask, ctx, responses, padding_mask, texts)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * padding_mask).sum(1).mean(),
                "eval/response_length": padding_mask.sum(1).float().mean(), "eval/eos_rate": has_eos.float().mean()}
@@ -436,9 +470,9 @@ if __name__ == "__main__":
             for k in range(0, args.rollout_batch_size, args.micro_batch_size):
                 sl = slice(k, k + args.micro_batch_size)
                 lp, ent, v = forward(policy, value_net, query_responses[sl], attention_mask[sl], context_length,
-                                     args.temperature)
+                                     args.temperature, padding_free=args.padding_free)
                 ref_lp = forward(ref_policy, None, query_responses[sl], attention_mask[sl], context_length,
-                                 args.temperature, with_values=False)[0]
+                                 args.temperature, with_values=False, padding_free=args.padding_free)[0]
                 chunks.append((lp, ent, v, ref_lp))
             logprobs, entropy, values, ref_logprobs = (torch.cat(c) for c in zip(*chunks))  # each (B, T)
             scores = get_scores(query_responses, attention_mask, context_length, responses, padding_mask,
@@ -471,7 +505,8 @@ if __name__ == "__main__":
                     mb = order[micro: micro + args.micro_batch_size]
                     mb_mask = padding_mask_f[mb]
                     new_logprobs, new_entropy, new_values = forward(
-                        policy, value_net, query_responses[mb], attention_mask[mb], context_length, args.temperature)
+                        policy, value_net, query_responses[mb], attention_mask[mb], context_length, args.temperature,
+                        padding_free=args.padding_free)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
                                                            args.cliprange, args.dual_clip)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask,

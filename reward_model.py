@@ -11,6 +11,8 @@ Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this depart
    so the normalising offset is stored as `config.reward_offset` and subtracted by `common.reward_scores`.
 3. After training the scores are normalised: mean 0 over the SFT policy's own samples, so a given --kl-coef in
    stage 3 means the same thing across reward models (Ziegler et al. 2019, sec. 2.2).
+4. Each distinct response of a micro-batch is forwarded once (a ranking of K responses gives K(K-1)/2 pairs from K
+   sequences), and the sequences are packed into rows without padding (`common.pack`).
 """
 
 import math
@@ -28,7 +30,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import reviews_task
 from common import (DataError, Metrics, disable_dropout, encode_prompt, encode_response, load_function, load_state,
-                    pad, read_jsonl, reward_scores, save_model, save_state, seed_everything, setup_tokenizer)
+                    pack, packing_works, pad, read_jsonl, reward_scores, save_model, save_state, seed_everything,
+                    setup_tokenizer)
 
 
 @dataclass
@@ -85,6 +88,9 @@ class Args:
     distinct response in the micro-batch goes through one forward pass"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
+    padding_free: bool = True
+    """pack each micro-batch's sequences into rows without padding (checked at start; falls back to padding for a
+    model that lets packed sequences attend to each other)"""
     warmup_ratio: float = 0.05
     """fraction of the steps spent warming the learning rate up linearly from 0"""
     max_grad_norm: float = 1.0
@@ -152,18 +158,28 @@ def group_pairs(pairs, max_pairs: int) -> list[list[int]]:
     return groups
 
 
-def collate(pairs, pad_id: int):
-    """Pairs -> one right-padded batch of the distinct prompt+response sequences among them, and for each pair the
-    rows of its chosen and of its rejected sequence. A response shared by several pairs is a single row."""
-    rows, seqs = {}, []
-    def row(seq):
-        if tuple(seq) not in rows:
-            rows[tuple(seq)] = len(seqs)
+def collate(pairs, pad_id: int, padding_free: bool = False):
+    """Pairs -> (batch, chosen, rejected). `batch` holds the distinct prompt+response sequences among the pairs, the
+    inputs of `common.reward_scores`: right-padded ids and mask, or (padding-free) packed ids, position ids and each
+    sequence's last token. chosen[i] and rejected[i] index pair i's two sequences: a response shared by several
+    pairs is scored once."""
+    index, seqs = {}, []
+    def seq_index(seq):
+        if tuple(seq) not in index:
+            index[tuple(seq)] = len(seqs)
             seqs.append(seq)
-        return rows[tuple(seq)]
-    chosen = torch.tensor([row(p + c) for p, c, _ in pairs])
-    rejected = torch.tensor([row(p + r) for p, _, r in pairs])
-    return *pad(seqs, pad_id), chosen, rejected
+        return index[tuple(seq)]
+    chosen = torch.tensor([seq_index(p + c) for p, c, _ in pairs])
+    rejected = torch.tensor([seq_index(p + r) for p, _, r in pairs])
+    if padding_free:
+        input_ids, position_ids, starts = pack(seqs, pad_id)
+        last = starts.clone()
+        last[:, 1] += torch.tensor([len(s) - 1 for s in seqs])  # (N, 2): row and column of each last token
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "last": last}
+    else:
+        input_ids, attention_mask = pad(seqs, pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return batch, chosen, rejected
 
 
 def init_score_head(model) -> None:
@@ -201,6 +217,9 @@ if __name__ == "__main__":
         load_from, num_labels=1, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
     setup_tokenizer(tokenizer, model)
     disable_dropout(model)
+    if args.padding_free and not packing_works(model):
+        print("warning: this model lets packed sequences attend to each other; padding instead (--no-padding-free)")
+        args.padding_free = False
     if not resuming:
         init_score_head(model)
 
@@ -230,10 +249,13 @@ if __name__ == "__main__":
         epoch, j = divmod(i, batches_per_epoch)
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
         idx = order[j * args.per_device_train_batch_size: (j + 1) * args.per_device_train_batch_size]
-        return [t.to(device) for t in collate([train[k] for g in idx for k in groups[g]], tokenizer.pad_token_id)]
+        batch, chosen, rejected = collate([train[k] for g in idx for k in groups[g]], tokenizer.pad_token_id,
+                                          args.padding_free)
+        return {k: t.to(device) for k, t in batch.items()}, chosen.to(device), rejected.to(device)
 
     # 3. optimizer: AdamW, linear warm-up then linear decay to 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup_steps + 1) if s < warmup_steps
                                                   else max(0.0, 1 - (s - warmup_steps) / max(1, num_steps - warmup_steps)))
     start_step = 0
@@ -251,8 +273,8 @@ if __name__ == "__main__":
         model.eval()
         chosen, rejected = [], []
         for k in range(0, len(pairs), batch):
-            ids, mask, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id)
-            scores = reward_scores(model, ids.to(device), mask.to(device)).cpu()
+            inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, args.padding_free)
+            scores = reward_scores(model, **{name: t.to(device) for name, t in inputs.items()}).cpu()
             chosen.append(scores[chosen_rows])
             rejected.append(scores[rejected_rows])
         model.train()
@@ -276,8 +298,8 @@ if __name__ == "__main__":
     for step in progress:
         stats = torch.zeros(3, device=device)  # loss, accuracy, margin; kept on device, no sync per micro-batch
         for m in range(args.gradient_accumulation_steps):
-            input_ids, attention_mask, chosen_rows, rejected_rows = micro_batch(step * args.gradient_accumulation_steps + m)
-            scores = reward_scores(model, input_ids, attention_mask)  # (N,): every distinct response, one pass
+            batch, chosen_rows, rejected_rows = micro_batch(step * args.gradient_accumulation_steps + m)
+            scores = reward_scores(model, **batch)  # (N,): every distinct response, one pass
             chosen_rewards, rejected_rewards = scores[chosen_rows], scores[rejected_rows]  # (P,) each, P pairs
             # Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); maximise its log-likelihood
             loss = -F.logsigmoid(chosen_rewards - rejected_rewards - args.margin).mean()

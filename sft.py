@@ -9,6 +9,8 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
 2. The loss is summed over tokens and divided by the completion tokens of the whole accumulated batch, so gradient
    accumulation gives the same gradient as one big batch (a per-micro-batch mean weighs short examples more).
 3. Prompt and completion are tokenized separately and concatenated; EOS is appended to every completion.
+4. Padding-free batches: a micro-batch's examples are packed into rows with no padding between them, positions
+   restarting with each example so attention stays inside it. Same loss as padding, about 30% less compute here.
 """
 
 import math
@@ -24,8 +26,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reviews_task
-from common import (DataError, Metrics, encode_prompt, encode_response, load_function, load_state, pad, read_jsonl,
-                    render_prompt, save_model, save_state, seed_everything, setup_tokenizer)
+from common import (DataError, Metrics, encode_prompt, encode_response, load_function, load_state, pack, packing_works,
+                    pad, read_jsonl, render_prompt, save_model, save_state, seed_everything, setup_tokenizer)
 
 
 @dataclass
@@ -79,6 +81,9 @@ class Args:
     """optimizer steps; -1 means num_epochs over the data"""
     per_device_train_batch_size: int = 32
     """examples per micro-batch (per process)"""
+    padding_free: bool = True
+    """pack each micro-batch's examples into rows without padding (checked at start; falls back to padding for a
+    model that lets packed examples attend to each other)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     warmup_ratio: float = 0.05
@@ -118,23 +123,33 @@ def encode(records, tokenizer, args):
     return examples, cut, skipped
 
 
-def collate(examples, pad_id: int, train_on_prompt: bool):
-    """(prompt_ids, completion_ids) pairs -> right-padded input_ids, attention_mask and labels, each (B, T).
+def collate(examples, pad_id: int, train_on_prompt: bool, padding_free: bool) -> dict:
+    """(prompt_ids, completion_ids) pairs -> a batch: input_ids, labels, and an attention_mask (right padding, one
+    example per row) or position_ids (padding-free: examples packed into rows by `common.pack`).
 
-    labels = input ids on the completion (and its EOS), -100 on the prompt and on padding (ignored by the loss).
+    labels = input ids on the completion (and its EOS), -100 elsewhere (ignored by the loss): on the prompt, on
+    padding, and on each example's first token, which in a packed row would be "predicted" from its neighbour.
     """
-    input_ids, attention_mask = pad([p + c for p, c in examples], pad_id)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    if not train_on_prompt:
-        for i, (p, _) in enumerate(examples):
-            labels[i, : len(p)] = -100
-    return input_ids, attention_mask, labels
+    seqs = [p + c for p, c in examples]
+    if padding_free:
+        input_ids, position_ids, starts = pack(seqs, pad_id)
+        batch = {"input_ids": input_ids, "position_ids": position_ids}
+    else:
+        input_ids, attention_mask = pad(seqs, pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        starts = torch.stack([torch.arange(len(seqs)), torch.zeros(len(seqs), dtype=torch.long)], dim=1)
+    labels = torch.full_like(input_ids, -100)
+    for (row, col), (p, c) in zip(starts.tolist(), examples):
+        first = col + (1 if train_on_prompt else max(1, len(p)))  # first labelled token
+        labels[row, first: col + len(p) + len(c)] = input_ids[row, first: col + len(p) + len(c)]
+    return batch | {"labels": labels}
 
 
-def token_nll_sum(model, input_ids, attention_mask, labels):
+def token_nll_sum(model, batch: dict):
     """Summed negative log-likelihood of the labelled tokens: logits at t predict the token at t + 1."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits  # (rows, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
                            reduction="sum")
 
 
@@ -175,6 +190,9 @@ if __name__ == "__main__":
     model = AutoModelForCausalLM.from_pretrained(load_from, trust_remote_code=args.trust_remote_code,
                                                  dtype=torch.bfloat16 if args.bf16 else torch.float32).to(device)
     setup_tokenizer(tokenizer, model)
+    if args.padding_free and not packing_works(model):
+        print("warning: this model lets packed examples attend to each other; padding instead (--no-padding-free)")
+        args.padding_free = False
 
     # 2. data: tokenize once; prompt and completion separately, EOS appended
     try:
@@ -196,10 +214,12 @@ if __name__ == "__main__":
         epoch, j = divmod(i, batches_per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
         chosen = order[j * args.per_device_train_batch_size: (j + 1) * args.per_device_train_batch_size]
-        return [t.to(device) for t in collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt)]
+        batch = collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt, args.padding_free)
+        return {name: t.to(device) for name, t in batch.items()}
 
     # 3. optimizer and schedule: linear warm-up, then cosine or linear decay to 0 (or constant)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
 
     def lr_lambda(step: int) -> float:
         if step < warmup_steps:
@@ -223,10 +243,10 @@ if __name__ == "__main__":
         model.eval()
         nll, n = 0.0, 0
         for k in range(0, len(evals), args.per_device_train_batch_size):
-            ids, mask, labels = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
-                                        args.train_on_prompt)
-            nll += token_nll_sum(model, ids.to(device), mask.to(device), labels.to(device)).item()
-            n += (labels[:, 1:] != -100).sum().item()
+            batch = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
+                            args.train_on_prompt, args.padding_free)
+            nll += token_nll_sum(model, {name: t.to(device) for name, t in batch.items()}).item()
+            n += (batch["labels"][:, 1:] != -100).sum().item()
         prompts = [r["prompt"] for r in eval_records[: args.num_samples]]
         texts, _ = sample(model, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
         table = "\n".join(f"{render_prompt(tokenizer, p)!r} -> {t!r}" for p, t in zip(prompts, texts))
@@ -244,10 +264,10 @@ if __name__ == "__main__":
     step_end = time.perf_counter()
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
-        num_tokens = sum((labels[:, 1:] != -100).sum() for _, _, labels in micro)  # completion tokens in the batch
+        num_tokens = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro)  # completion tokens in the batch
         loss = 0.0
-        for input_ids, attention_mask, labels in micro:
-            mb_loss = token_nll_sum(model, input_ids, attention_mask, labels) / num_tokens
+        for batch in micro:
+            mb_loss = token_nll_sum(model, batch) / num_tokens
             mb_loss.backward()
             loss += mb_loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -8,6 +8,10 @@ prompt/completion rows of the embedded task, loss on the completion only; reward
 prompt/chosen/rejected pairs, chosen and rejected in one forward pass, Bradley-Terry loss), AdamW. Runs interleave
 (ours, TRL, plain, ours, ...); each run is `--steps` optimizer steps, the first `--warmup` dropped; we report the
 median step time as samples per second, and the peak RSS of each run's process.
+
+Ours packs each batch without padding by default (`--padding-free`), so besides the padded rows (ours with
+--no-padding-free, TRL's defaults, a padded plain loop) there are padding-free ones: a plain loop packing the same
+way, and, for SFT, TRL with `padding_free=True` (it flattens the whole batch into one row).
 """
 
 import json
@@ -27,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import reviews_task  # noqa: E402
 from bench_ppo import build_models, run_script  # noqa: E402
-from common import encode_prompt, encode_response, last_token_index, pad  # noqa: E402
+from common import encode_prompt, encode_response, last_token_index, pack, pad  # noqa: E402
 
 
 @dataclass
@@ -57,8 +61,9 @@ def pairwise_data(models: str) -> str:
     return path
 
 
-def run_ours(stage: str, data: str, args: Args) -> dict:
-    flags = ["--model-name-or-path", f"{args.models}/policy", "--dataset", data, "--max-steps", str(args.steps),
+def run_ours(stage: str, data: str, args: Args, padding_free: bool = True) -> dict:
+    flags = [] if padding_free else ["--no-padding-free"]
+    flags += ["--model-name-or-path", f"{args.models}/policy", "--dataset", data, "--max-steps", str(args.steps),
              "--per-device-train-batch-size", str(args.batch), "--eval-steps", "1000000", "--save-steps", "1000000",
              "--eval-reward-fn", ""]
     if stage == "sft":
@@ -72,24 +77,24 @@ def run_ours(stage: str, data: str, args: Args) -> dict:
     return {"steps": steps[1:], "peak_rss_mb": peak}  # the first interval has no previous step end, as in TRL's
 
 
-def run_trl(stage: str, data: str, args: Args) -> dict:
+def run_trl(stage: str, data: str, args: Args, padding_free: bool = False) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         proc = subprocess.run([args.trl_python, os.path.join(REPO, "benchmarks/trl_sft_rm_bench.py"), "--stage",
                                "sft" if stage == "sft" else "reward", "--model", f"{args.models}/policy", "--data",
-                               data, "--steps", str(args.steps), "--batch", str(args.batch), "--out", f.name],
-                              cwd=REPO, capture_output=True, text=True)
+                               data, "--steps", str(args.steps), "--batch", str(args.batch), "--out", f.name]
+                              + ["--padding-free"] * padding_free, cwd=REPO, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         return json.load(open(f.name))
 
 
-def run_plain(stage: str, data: str, args: Args) -> dict:
-    """The same steps as a bare loop: tokenise, pad, forward, loss, backward, AdamW. Runs in a child process so
-    its peak RSS is its own."""
+def run_plain(stage: str, data: str, args: Args, padding_free: bool = False) -> dict:
+    """The same steps as a bare loop: tokenise, pad (or pack), forward, loss, backward, AdamW. Runs in a child
+    process so its peak RSS is its own."""
     code = f"import sys; sys.path.insert(0, {os.path.join(REPO, 'benchmarks')!r}); import bench_sft_rm as b; b._plain_child()"
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         proc = subprocess.run([sys.executable, "-c", code, stage, data, args.models, str(args.steps), str(args.batch),
-                               f.name], cwd=REPO, capture_output=True, text=True)
+                               f.name, str(int(padding_free))], cwd=REPO, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         return json.load(open(f.name))
@@ -98,8 +103,8 @@ def run_plain(stage: str, data: str, args: Args) -> dict:
 def _plain_child() -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    stage, data, models, steps, batch, out = sys.argv[1:]
-    steps, batch = int(steps), int(batch)
+    stage, data, models, steps, batch, out, packed = sys.argv[1:]
+    steps, batch, packed = int(steps), int(batch), bool(int(packed))
     torch.manual_seed(1)
     tok = AutoTokenizer.from_pretrained(f"{models}/policy")
     rows = [json.loads(line) for line in open(data)][: steps * batch]
@@ -107,24 +112,36 @@ def _plain_child() -> None:
         model = AutoModelForCausalLM.from_pretrained(f"{models}/policy")
     else:
         model = AutoModelForSequenceClassification.from_pretrained(f"{models}/policy", num_labels=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     times, last = [], time.perf_counter()
     for s in range(steps):
         chunk = rows[s * batch: (s + 1) * batch]
         prompts = [encode_prompt(tok, r["prompt"], 64)[0] for r in chunk]
         if stage == "sft":
             completions = [encode_response(tok, r["completion"], 48)[0] for r in chunk]
-            ids, mask = pad([p + c for p, c in zip(prompts, completions)], tok.pad_token_id)
-            labels = ids.masked_fill(mask == 0, -100)
-            for i, p in enumerate(prompts):
-                labels[i, : len(p)] = -100
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            seqs = [p + c for p, c in zip(prompts, completions)]
+            if packed:  # rows of several examples, positions restarting with each
+                ids, positions, starts = pack(seqs, tok.pad_token_id)
+                inputs = dict(input_ids=ids, position_ids=positions, use_cache=False)
+            else:
+                ids, mask = pad(seqs, tok.pad_token_id)
+                inputs, starts = dict(input_ids=ids, attention_mask=mask), [(i, 0) for i in range(len(seqs))]
+            labels = torch.full_like(ids, -100)
+            for (r, c), p, s in zip(starts.tolist() if packed else starts, prompts, seqs):
+                labels[r, c + len(p): c + len(s)] = ids[r, c + len(p): c + len(s)]
+            logits = model(**inputs).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         else:
             seqs = [p + encode_response(tok, r[k], 48)[0] for k in ("chosen", "rejected") for p, r in zip(prompts, chunk)]
-            ids, mask = pad(seqs, tok.pad_token_id)
-            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            scores = model.score(hidden[torch.arange(len(seqs)), last_token_index(mask)]).squeeze(-1)
+            if packed:
+                ids, positions, starts = pack(seqs, tok.pad_token_id)
+                hidden = model.model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+                scores = model.score(hidden[starts[:, 0], starts[:, 1] + torch.tensor([len(s) - 1 for s in seqs])])
+            else:
+                ids, mask = pad(seqs, tok.pad_token_id)
+                hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                scores = model.score(hidden[torch.arange(len(seqs)), last_token_index(mask)])
+            scores = scores.squeeze(-1)
             chosen, rejected = scores.chunk(2)
             loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
         loss.backward()
@@ -145,12 +162,16 @@ if __name__ == "__main__":
     reviews_task.ensure_data()
     build_models(args.models)
     data = {"sft": os.path.join(REPO, reviews_task.DATA_DIR, "sft_train.jsonl"), "reward": pairwise_data(args.models)}
-    sides = {"ours": run_ours, "plain loop": run_plain} | ({"TRL 1.16": run_trl} if args.trl_python else {})
-    results = {stage: {side: [] for side in sides} for stage in data}
+    sides = {"ours": (run_ours, True), "plain loop, packed": (run_plain, True),
+             "ours, --no-padding-free": (run_ours, False), "plain loop": (run_plain, False)}
+    if args.trl_python:
+        sides |= {"TRL 1.16": (run_trl, False), "TRL 1.16, padding_free=True": (run_trl, True)}
+    results = {stage: {side: [] for side in sides if stage == "sft" or "padding_free=" not in side} for stage in data}
     for i in range(args.runs):
         for stage in data:
-            for side, fn in sides.items():
-                results[stage][side].append(fn(stage, data[stage], args))
+            for side in results[stage]:
+                fn, padding_free = sides[side]
+                results[stage][side].append(fn(stage, data[stage], args, padding_free))
         print(f"run {i + 1}/{args.runs} done", flush=True)
     summary = {}
     for stage, by_side in results.items():
@@ -164,11 +185,13 @@ if __name__ == "__main__":
     json.dump({"args": vars(args), "summary": summary, "raw": results},
               open(f"benchmarks/results/sft_rm_{args.label}.json", "w"), indent=1)
     for stage, by_side in summary.items():
-        plain = by_side["plain loop"]["samples_per_s"]
-        print(f"\n| {stage} | samples / s | peak RSS MB | vs plain loop |" + (" vs TRL |" if args.trl_python else ""))
-        print("| --- | --- | --- | --- |" + (" --- |" if args.trl_python else ""))
+        plain, packed = by_side["plain loop"]["samples_per_s"], by_side["plain loop, packed"]["samples_per_s"]
+        print(f"\n| {stage} | samples / s | peak RSS MB | vs plain loop | vs packed loop |"
+              + (" vs TRL |" if args.trl_python else ""))
+        print("| --- | --- | --- | --- | --- |" + (" --- |" if args.trl_python else ""))
         for side, r in by_side.items():
-            line = f"| {side} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['samples_per_s'] / plain:.2f} |"
+            line = (f"| {side} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['samples_per_s'] / plain:.2f} | "
+                    f"{r['samples_per_s'] / packed:.2f} |")
             if args.trl_python:
                 line += f" {r['samples_per_s'] / by_side['TRL 1.16']['samples_per_s']:.2f}x |"
             print(line)

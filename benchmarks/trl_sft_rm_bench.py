@@ -28,6 +28,7 @@ parser.add_argument("--data", required=True)
 parser.add_argument("--steps", type=int, default=25)
 parser.add_argument("--batch", type=int, default=32)
 parser.add_argument("--out", required=True)
+parser.add_argument("--padding-free", action="store_true", help="SFT only: padding_free=True (the batch as one row)")
 parser.add_argument("--trl-defaults", action="store_true",
                     help="keep TRL's defaults bf16=True (autocast) and gradient_checkpointing=True")
 args = parser.parse_args()
@@ -54,7 +55,7 @@ timer = Timer()
 if args.stage == "sft":
     from trl import SFTConfig, SFTTrainer
 
-    trainer = SFTTrainer(model=args.model, args=SFTConfig(learning_rate=2e-3, **common),
+    trainer = SFTTrainer(model=args.model, args=SFTConfig(learning_rate=2e-3, padding_free=args.padding_free, **common),
                          train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
                                                           for r in rows]), callbacks=[timer])
 else:

@@ -7,8 +7,8 @@ import torch
 from conftest import CHATML, write_jsonl
 
 import reviews_task
-from common import (DataError, encode_prompt, encode_response, last_token_index, pad, position_ids_from_mask,
-                    read_jsonl, render_prompt, setup_tokenizer)
+from common import (DataError, encode_prompt, encode_response, last_token_index, packing_works, pad,
+                    position_ids_from_mask, read_jsonl, render_prompt, setup_tokenizer)
 
 
 def test_formats_are_normalised(tmp_path):
@@ -164,3 +164,15 @@ def test_training_pairs_come_in_rankings(tmp_path):
     for run in runs:  # the pairs of a ranking never contradict each other: no a > b and b > a
         wins = {(r["chosen"], r["rejected"]) for r in run}
         assert not any((b, a) in wins for a, b in wins)
+
+
+def test_packing_check_catches_a_model_that_mixes_packed_sequences(model_dir, monkeypatch):
+    """packing_works is what lets sft.py and reward_model.py pack by default: it must fail for a model whose packed
+    sequences attend to each other, here transformers with its packed-sequence detection switched off."""
+    import transformers.masking_utils
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert packing_works(model)
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing_works(model)

@@ -1,11 +1,12 @@
 """Stage 3: each piece of PPO's math against a slow reference, the rollout contracts, and learning."""
 
+import pytest
 import torch
 from conftest import read_metrics, run_script
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from common import pad
-from ppo_rlhf import (compute_gae, forward, kl_shaped_rewards, masked_mean, masked_whiten, policy_loss,
+from common import pad, reward_scores
+from ppo_rlhf import (compute_gae, forward, kl_shaped_rewards, masked_mean, masked_whiten, packed_layout, policy_loss,
                       truncate_after_eos, value_loss)
 
 
@@ -119,6 +120,42 @@ def test_left_padding_does_not_change_logprobs(model_dir):
         with torch.no_grad():
             results.append(forward(policy, None, qr, mask, queries.shape[1], 0.7, with_values=False)[0][0])
     assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+def test_padding_free_forward_matches_padded(model_dir, value_model):
+    """Left-padded queries, responses cut at different EOS: the packed forward gives the padded forward's log-probs,
+    entropies, values and reward scores on every valid token, and the same gradient of a masked loss."""
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    value_net = None
+    if value_model == "shared":
+        policy.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+    else:
+        value_net = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    scorer = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()
+    prompts = [[1, 40, 41, 42], [1, 43], [1, 44, 45], [1, 46, 47, 48, 49, 50]]
+    responses = [[60, 61, 2, 0, 0], [62, 63, 64, 65, 66], [2, 0, 0, 0, 0], [67, 68, 69, 2, 0]]
+    queries, qmask = pad(prompts, 0, side="left")
+    rmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    qr, mask = torch.cat([queries, torch.tensor(responses)], 1), torch.cat([qmask, rmask], 1)
+    results = []
+    for padding_free in (False, True):
+        lp, ent, v = forward(policy, value_net, qr, mask, queries.shape[1], 0.7, padding_free=padding_free)
+        params = [p for m in (policy, value_net) if m is not None for p in m.parameters()]
+        grads = torch.autograd.grad(masked_mean(lp + ent + v, rmask.float()), params)
+        if padding_free:
+            inputs, _, last = packed_layout(qr, mask, queries.shape[1])
+            score = reward_scores(scorer, **inputs, last=last)
+            assert inputs["input_ids"].numel() < qr.numel()  # the padding is gone
+        else:
+            score = reward_scores(scorer, qr, mask)
+        results.append((lp, ent, v, score, torch.cat([g.flatten() for g in grads])))
+    valid = rmask.bool()
+    for padded, packed in zip(*results):
+        if padded.shape == valid.shape:
+            padded, packed = padded[valid], packed[valid]
+        assert torch.allclose(padded, packed, atol=1e-5), (padded, packed)
 
 
 def ppo_args(task_dir, sft_dir, out, *extra):

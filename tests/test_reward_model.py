@@ -55,28 +55,37 @@ def test_loss_matches_a_hand_computation():
 
 
 def test_collate_puts_chosen_and_rejected_in_one_batch():
-    ids, mask, chosen, rejected = collate([([1, 5], [6, 2], [7, 8, 2]), ([1], [9, 2], [3, 2])], 0)
+    pairs = [([1, 5], [6, 2], [7, 8, 2]), ([1], [9, 2], [2])]
+    batch, chosen, rejected = collate(pairs, 0)
     # independent pairs: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected
-    assert ids.tolist() == [[1, 5, 6, 2, 0], [1, 9, 2, 0, 0], [1, 5, 7, 8, 2], [1, 3, 2, 0, 0]]
-    assert last_token_index(mask).tolist() == [3, 2, 4, 2]
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 0], [1, 9, 2, 0, 0], [1, 5, 7, 8, 2], [1, 2, 0, 0, 0]]
+    assert last_token_index(batch["attention_mask"]).tolist() == [3, 2, 4, 1]
+    assert chosen.tolist() == [0, 1] and rejected.tolist() == [2, 3]
+    # padding-free: longest first into rows of 5; the 3- and 2-token sequences share a row
+    batch, chosen, rejected = collate(pairs, 0, padding_free=True)
+    assert batch["input_ids"].tolist() == [[1, 5, 7, 8, 2], [1, 5, 6, 2, 0], [1, 9, 2, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["last"].tolist() == [[1, 3], [2, 2], [0, 4], [2, 4]]  # (row, column) of each sequence's EOS
     assert chosen.tolist() == [0, 1] and rejected.tolist() == [2, 3]
 
 
-def test_ranking_pairs_share_rows_and_give_the_same_loss(rm):
-    """A ranking a > b > c written as its 3 pairs: 3 distinct rows instead of 6, and the same scores and loss as
-    scoring every pair's two sequences separately (the slow reference)."""
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_ranking_pairs_share_rows_and_give_the_same_loss(rm, padding_free):
+    """A ranking a > b > c written as its 3 pairs: 5 distinct sequences instead of 8, and the same scores and loss
+    as scoring every pair's two sequences separately (the slow reference), padded or packed."""
     p, a, b, c = [1, 40], [41, 2], [42, 43, 2], [44, 2]
     pairs = [(p, a, b), (p, a, c), (p, b, c), ([1, 45], [46, 2], [47, 2])]
-    ids, mask, chosen, rejected = collate(pairs, 0)
-    assert ids.shape[0] == 5
-    assert [ids[i, : mask[i].sum()].tolist() for i in chosen] == [p + a, p + a, p + b, [1, 45, 46, 2]]
-    assert [ids[i, : mask[i].sum()].tolist() for i in rejected] == [p + b, p + c, p + c, [1, 45, 47, 2]]
+    batch, chosen, rejected = collate(pairs, 0, padding_free)
+    assert len(batch["last" if padding_free else "input_ids"]) == 5
     with torch.no_grad():
-        scores = reward_scores(rm, ids, mask)
+        scores = reward_scores(rm, **batch)
         fast = -F.logsigmoid(scores[chosen] - scores[rejected]).mean()
         slow = torch.stack([-F.logsigmoid(reward_scores(rm, *pad([q + x], 0)) - reward_scores(rm, *pad([q + y], 0)))
                             for q, x, y in pairs]).mean()
+        order = [p + a, p + b, [1, 45, 46, 2], p + c, [1, 45, 47, 2]]  # first seen among chosen, then rejected
+        alone = torch.cat([reward_scores(rm, *pad([s], 0)) for s in order])
     assert torch.allclose(fast, slow, atol=1e-5)
+    assert torch.allclose(scores, alone, atol=1e-5)
 
 
 def test_comparison_groups_are_consecutive_pairs_of_one_prompt():

@@ -2,22 +2,56 @@
 
 import os
 
+import pytest
 import torch
 from conftest import CHATML, read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft import collate
+from sft import collate, token_nll_sum
 
 
 def test_labels_on_a_hand_laid_example():
     pad_id = 0
-    input_ids, attention_mask, labels = collate([([1, 11, 12], [21, 22, 2]), ([1, 13], [23, 2])], pad_id, False)
-    assert input_ids.tolist() == [[1, 11, 12, 21, 22, 2], [1, 13, 23, 2, 0, 0]]
-    assert attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    batch = collate([([1, 11, 12], [21, 22, 2]), ([1, 13], [23, 2])], pad_id, False, padding_free=False)
+    assert batch["input_ids"].tolist() == [[1, 11, 12, 21, 22, 2], [1, 13, 23, 2, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
     # prompt positions and padding ignored; completion tokens and the EOS (2) kept
-    assert labels.tolist() == [[-100, -100, -100, 21, 22, 2], [-100, -100, 23, 2, -100, -100]]
-    _, _, whole = collate([([1, 11, 12], [21, 22, 2])], pad_id, True)
-    assert whole.tolist() == [[1, 11, 12, 21, 22, 2]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 21, 22, 2], [-100, -100, 23, 2, -100, -100]]
+    whole = collate([([1, 11, 12], [21, 22, 2])], pad_id, True, padding_free=False)["labels"]
+    assert whole.tolist() == [[-100, 11, 12, 21, 22, 2]]  # the first token is never predicted
+
+
+def test_packed_labels_on_a_hand_laid_example():
+    """Three examples of 6, 4 and 2 tokens: rows of 6, the first holds the 6, the second the 4 then the 2."""
+    examples = [([1, 11, 12], [21, 22, 2]), ([1, 13], [23, 2]), ([1], [2])]
+    batch = collate(examples, 0, False, padding_free=True)
+    assert batch["input_ids"].tolist() == [[1, 11, 12, 21, 22, 2], [1, 13, 23, 2, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 21, 22, 2], [-100, -100, 23, 2, -100, 2]]
+    # with the prompt in the loss, an example's first token is still not a target: it would be predicted from the
+    # last token of the example before it in the row
+    whole = collate(examples, 0, True, padding_free=True)["labels"]
+    assert whole.tolist() == [[-100, 11, 12, 21, 22, 2], [-100, 13, 23, 2, -100, 2]]
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_padding_free_loss_and_gradient_match_padding(model_dir, train_on_prompt):
+    """The packed batch is the same computation as the padded one: summed NLL and its gradient agree."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(3, 300, (int(p),), generator=g).tolist(), torch.randint(3, 300, (int(c),), generator=g).tolist())
+                for p, c in torch.randint(1, 12, (9, 2), generator=g)]
+    results = []
+    for padding_free in (False, True):
+        batch = collate(examples, 0, train_on_prompt, padding_free)
+        loss = token_nll_sum(model, batch)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((loss, torch.cat([x.flatten() for x in grads]), (batch["labels"] != -100).sum()))
+    (padded, g_padded, n_padded), (packed, g_packed, n_packed) = results
+    assert n_padded == n_packed
+    assert batch["input_ids"].numel() < collate(examples, 0, train_on_prompt, False)["input_ids"].numel()
+    assert torch.allclose(padded, packed, rtol=1e-5)
+    assert torch.allclose(g_padded, g_packed, rtol=1e-4, atol=1e-6)
 
 
 def sft_args(task_dir, model_dir, out, *extra):
