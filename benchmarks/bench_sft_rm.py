@@ -7,7 +7,8 @@ Same work on every side: the random-init tiny Llama (hidden 256, 4 layers), fp32
 prompt/completion rows of the embedded task, loss on the completion only; reward model: 32 independent
 prompt/chosen/rejected pairs, chosen and rejected in one forward pass, Bradley-Terry loss), AdamW. Runs interleave
 (ours, TRL, plain, ours, ...); each run is `--steps` optimizer steps, the first `--warmup` dropped; we report the
-median step time as samples per second, and the peak RSS of each run's process.
+median step time as samples per second, and the peak RSS of each run's process. Ratios are paired: taken between
+the runs of one round, then their median, because this machine's speed drifts between rounds.
 
 Ours packs each batch without padding by default (`--padding-free`), so besides the padded rows (ours with
 --no-padding-free, TRL's defaults, a padded plain loop) there are padding-free ones: a plain loop packing the same
@@ -175,23 +176,28 @@ if __name__ == "__main__":
         print(f"run {i + 1}/{args.runs} done", flush=True)
     summary = {}
     for stage, by_side in results.items():
+        # medians per run; ratios are taken within each round of runs (paired) and then their median, since this
+        # machine's speed drifts by 20% between rounds
+        per_run = {side: [statistics.median(run["steps"][args.warmup - 1:]) for run in runs]
+                   for side, runs in by_side.items()}
         summary[stage] = {}
         for side, runs in by_side.items():
-            steps = [t for run in runs for t in run["steps"][args.warmup - 1:]]
-            med = statistics.median(steps)
+            med = statistics.median(t for run in runs for t in run["steps"][args.warmup - 1:])
             summary[stage][side] = {"median_step_s": med, "samples_per_s": args.batch / med,
-                                    "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
+                                    "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+                                    "paired": {other: statistics.median(b / a for a, b in zip(per_run[side],
+                                                                                               per_run[other]))
+                                               for other in by_side}}  # speed of side relative to other
     os.makedirs("benchmarks/results", exist_ok=True)
     json.dump({"args": vars(args), "summary": summary, "raw": results},
               open(f"benchmarks/results/sft_rm_{args.label}.json", "w"), indent=1)
     for stage, by_side in summary.items():
-        plain, packed = by_side["plain loop"]["samples_per_s"], by_side["plain loop, packed"]["samples_per_s"]
         print(f"\n| {stage} | samples / s | peak RSS MB | vs plain loop | vs packed loop |"
               + (" vs TRL |" if args.trl_python else ""))
         print("| --- | --- | --- | --- | --- |" + (" --- |" if args.trl_python else ""))
         for side, r in by_side.items():
-            line = (f"| {side} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['samples_per_s'] / plain:.2f} | "
-                    f"{r['samples_per_s'] / packed:.2f} |")
+            line = (f"| {side} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                    f"{r['paired']['plain loop']:.2f} | {r['paired']['plain loop, packed']:.2f} |")
             if args.trl_python:
-                line += f" {r['samples_per_s'] / by_side['TRL 1.16']['samples_per_s']:.2f}x |"
+                line += f" {r['paired']['TRL 1.16']:.2f}x |"
             print(line)

@@ -51,6 +51,8 @@ common = dict(per_device_train_batch_size=args.batch, max_steps=args.steps, max_
               disable_tqdm=True, seed=1, output_dir="/tmp/trl_sft_rm_bench_out")
 if not args.trl_defaults:  # the same work as ours: fp32 without autocast, no recomputation (TRL turns both on)
     common |= dict(bf16=False, gradient_checkpointing=False)
+if args.padding_free:  # TRL requires max_length=None here; no row of ours comes near 128 tokens anyway
+    common["max_length"] = None
 timer = Timer()
 if args.stage == "sft":
     from trl import SFTConfig, SFTTrainer
