@@ -197,15 +197,17 @@ def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[tor
     return ids, mask
 
 
-def pack(seqs: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids, and (N, 2) the row and column where
-    each sequence starts. Longest first, each sequence goes into the first row with room; a row holds up to twice
-    the longest sequence (measured: denser than rows of one length, cheaper than one long row, whose attention
-    grows with its square). Positions restart at 0 with every sequence: that is how transformers (its attention
-    masks, or flash-attention's variable-length kernels) keeps packed sequences from attending to each other. A
-    row's unused tail is filler, positioned like one more sequence, that no loss or score reads.
+    each sequence starts. Longest first, each sequence goes into the first row with room; a row holds `room` tokens,
+    by default twice the longest sequence (benchmarks/bench_pack_width.py: denser than rows of one length, cheaper
+    than one long row, whose masked attention grows with its square). Positions restart at 0 with every sequence:
+    that is how transformers (its attention masks, or flash-attention's variable-length kernels) keeps packed
+    sequences from attending to each other. A row's unused tail is filler, positioned like one more sequence, that
+    no loss or score reads.
     """
-    room = 2 * max(len(s) for s in seqs)
+    longest = max(len(s) for s in seqs)
+    room = max(room or 2 * longest, longest)
     used, starts = [], [None] * len(seqs)  # used[r]: columns taken in row r
     for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
         r = next((r for r, u in enumerate(used) if u + len(seqs[i]) <= room), len(used))
