@@ -151,7 +151,7 @@ def plain_pytorch_floor(args: Args) -> dict:
     for m in (value, reward):
         m.score(m.model(input_ids=seqs, attention_mask=mask).last_hidden_state)
     times["rollout_forward"] = time.perf_counter() - t0
-    opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-5, eps=1e-5)
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-5, eps=1e-5, fused=True)
     t0 = time.perf_counter()
     with torch.enable_grad():
         for _ in range(4 * 2):
