@@ -197,22 +197,34 @@ def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[tor
     return ids, mask
 
 
+def first_fit(lengths: list[int], room: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Longest first, each sequence into the first row with `room` left. Returns the columns used in each row and
+    each sequence's (row, start column)."""
+    used, starts = [], [None] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= room), len(used))
+        used += [0] * (r == len(used))
+        starts[i], used[r] = (r, used[r]), used[r] + lengths[i]
+    return used, starts
+
+
 def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids, and (N, 2) the row and column where
-    each sequence starts. Longest first, each sequence goes into the first row with room; a row holds `room` tokens,
-    by default twice the longest sequence (benchmarks/bench_pack_width.py: denser than rows of one length, cheaper
-    than one long row, whose masked attention grows with its square). Positions restart at 0 with every sequence:
-    that is how transformers (its attention masks, or flash-attention's variable-length kernels) keeps packed
-    sequences from attending to each other. A row's unused tail is filler, positioned like one more sequence, that
-    no loss or score reads.
+    each sequence starts. Positions restart at 0 with every sequence: that is how transformers (its attention
+    masks, or flash-attention's variable-length kernels) keeps packed sequences from attending to each other. A
+    row's unused tail is filler, positioned like one more sequence, that no loss or score reads.
+
+    A row holds `room` tokens; by default as many as the longest sequence, or twice that where it is cheaper. Longer
+    rows pack denser, but masked attention over a row costs more the longer it is, so a layout's cost is taken as
+    tokens fed x (1 + row length / 640), fitted on CPU to benchmarks/bench_pack_width.py and to PPO rows of ~140.
     """
-    longest = max(len(s) for s in seqs)
-    room = max(room or 2 * longest, longest)
-    used, starts = [], [None] * len(seqs)  # used[r]: columns taken in row r
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        r = next((r for r, u in enumerate(used) if u + len(seqs[i]) <= room), len(used))
-        used += [0] * (r == len(used))
-        starts[i], used[r] = (r, used[r]), used[r] + len(seqs[i])
+    lengths = [len(s) for s in seqs]
+    longest = max(lengths)
+    if room:
+        used, starts = first_fit(lengths, max(room, longest))
+    else:
+        cost = lambda used: len(used) * max(used) * (1 + max(used) / 640)  # noqa: E731
+        used, starts = min(first_fit(lengths, longest), first_fit(lengths, 2 * longest), key=lambda u: cost(u[0]))
     width = max(used)
     ids = torch.full((len(used), width), pad_value, dtype=torch.long)
     positions = torch.zeros((len(used), width), dtype=torch.long)

@@ -34,7 +34,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(f"{models}/policy", num_labels=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    layouts = {"padded": None, "rows of 1x longest": 1, "rows of 2x longest (default)": 2, "rows of 4x longest": 4,
+    layouts = {"padded": None, "rows of 1x longest": 1, "rows of 2x longest (the default here)": 2, "rows of 4x longest": 4,
                "one row per batch": 0}
     times, tokens = {k: [] for k in layouts}, {k: [] for k in layouts}
     for step in range(24):

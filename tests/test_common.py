@@ -7,7 +7,7 @@ import torch
 from conftest import CHATML, write_jsonl
 
 import reviews_task
-from common import (DataError, encode_prompt, encode_response, last_token_index, packing_works, pad,
+from common import (DataError, encode_prompt, encode_response, last_token_index, pack, packing_works, pad,
                     position_ids_from_mask, read_jsonl, render_prompt, setup_tokenizer)
 
 
@@ -176,3 +176,15 @@ def test_packing_check_catches_a_model_that_mixes_packed_sequences(model_dir, mo
     assert packing_works(model)
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     assert not packing_works(model)
+
+
+def test_pack_lays_out_rows_and_picks_the_row_length():
+    # rows of 12 (twice the longest) feed 24 tokens against 30 for rows of 6, so they are taken
+    ids, positions, starts = pack([[1] * 6, [2] * 4, [3] * 4, [4] * 4, [5] * 4, [6] * 2], 0)
+    assert ids.tolist() == [[1] * 6 + [2] * 4 + [6] * 2, [3] * 4 + [4] * 4 + [5] * 4]
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1], [0, 1, 2, 3] * 3]
+    assert starts.tolist() == [[0, 0], [0, 6], [1, 0], [1, 4], [1, 8], [0, 10]]
+    # sequences of equal length gain nothing from longer rows: one per row, as padding would lay them out
+    ids, positions, _ = pack([[1] * 5, [2] * 5, [3] * 4], 0)
+    assert ids.tolist() == [[1] * 5, [2] * 5, [3] * 4 + [0]]
+    assert positions.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 0]]

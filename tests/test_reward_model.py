@@ -61,11 +61,11 @@ def test_collate_puts_chosen_and_rejected_in_one_batch():
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 0], [1, 9, 2, 0, 0], [1, 5, 7, 8, 2], [1, 2, 0, 0, 0]]
     assert last_token_index(batch["attention_mask"]).tolist() == [3, 2, 4, 1]
     assert chosen.tolist() == [0, 1] and rejected.tolist() == [2, 3]
-    # padding-free: longest first into rows of at most 10 (twice the longest), trimmed to the fullest row
+    # padding-free: longest first into rows of 5; the 3- and 2-token sequences share a row
     batch, chosen, rejected = collate(pairs, 0, padding_free=True)
-    assert batch["input_ids"].tolist() == [[1, 5, 7, 8, 2, 1, 5, 6, 2], [1, 9, 2, 1, 2, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert batch["last"].tolist() == [[0, 8], [1, 2], [0, 4], [1, 4]]  # (row, column) of each sequence's EOS
+    assert batch["input_ids"].tolist() == [[1, 5, 7, 8, 2], [1, 5, 6, 2, 0], [1, 9, 2, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["last"].tolist() == [[1, 3], [2, 2], [0, 4], [2, 4]]  # (row, column) of each sequence's EOS
     assert chosen.tolist() == [0, 1] and rejected.tolist() == [2, 3]
 
 

@@ -22,16 +22,16 @@ def test_labels_on_a_hand_laid_example():
 
 
 def test_packed_labels_on_a_hand_laid_example():
-    """Three examples of 6, 4 and 2 tokens fit one row (rows hold up to twice the longest example)."""
+    """Three examples of 6, 4 and 2 tokens: rows of 6, the first holds the 6, the second the 4 then the 2."""
     examples = [([1, 11, 12], [21, 22, 2]), ([1, 13], [23, 2]), ([1], [2])]
     batch = collate(examples, 0, False, padding_free=True)
-    assert batch["input_ids"].tolist() == [[1, 11, 12, 21, 22, 2, 1, 13, 23, 2, 1, 2]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1]]
-    assert batch["labels"].tolist() == [[-100, -100, -100, 21, 22, 2, -100, -100, 23, 2, -100, 2]]
+    assert batch["input_ids"].tolist() == [[1, 11, 12, 21, 22, 2], [1, 13, 23, 2, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 21, 22, 2], [-100, -100, 23, 2, -100, 2]]
     # with the prompt in the loss, an example's first token is still not a target: it would be predicted from the
     # last token of the example before it in the row
     whole = collate(examples, 0, True, padding_free=True)["labels"]
-    assert whole.tolist() == [[-100, 11, 12, 21, 22, 2, -100, 13, 23, 2, -100, 2]]
+    assert whole.tolist() == [[-100, 11, 12, 21, 22, 2], [-100, 13, 23, 2, -100, 2]]
 
 
 @pytest.mark.parametrize("train_on_prompt", [False, True])
