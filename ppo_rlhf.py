@@ -290,7 +290,7 @@ def forward(policy, value_net, query_responses, attention_mask, context_length: 
     if with_values:
         if shared:  # a linear head on the policy's last hidden state
             values = policy.value_head(out.hidden_states[-1][rows, cols]).squeeze(-1).float()
-        else:  # the value model's head applied at every position (it reads like the reward model)
+        else:  # the value model's head at the same positions (its backbone reads like the reward model's)
             hidden = getattr(value_net, value_net.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
             values = value_net.score(hidden[rows, cols]).squeeze(-1).float()
             values = values - getattr(value_net.config, "reward_offset", 0.0)
