@@ -251,38 +251,38 @@ def value_loss(new_values, values, returns, mask, cliprange_value: float):
     return 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask), vf_clipfrac
 
 
-def packed_layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int):
-    """Padded (B, Tq + T) query+responses -> the same sequences packed without padding (`common.pack`): the model
-    inputs; (rows, cols), each (B, T), where in the packed rows the logit predicting response token t of sequence b
-    is; and (B, 2) the row and column of each sequence's last token, where a reward model reads its score. Past a
-    response's EOS, (rows, cols) stay at its last token, so those (masked) entries depend on the sequence alone,
-    whatever it is packed with."""
-    lengths = attention_mask.sum(1)  # (B,) real tokens: the query without its left padding, the response to its EOS
-    seqs = [row[mask.bool()].tolist() for row, mask in zip(query_responses, attention_mask)]
-    input_ids, position_ids, starts = (t.to(query_responses.device) for t in pack(seqs, 0))
-    query_lengths = attention_mask[:, :context_length].sum(1)
-    t = torch.arange(query_responses.shape[1] - context_length, device=query_responses.device)
-    cols = starts[:, 1:] + torch.minimum(query_lengths[:, None] - 1 + t, lengths[:, None] - 1)
-    last = torch.stack([starts[:, 0], starts[:, 1] + lengths - 1], dim=1)
-    return {"input_ids": input_ids, "position_ids": position_ids}, (starts[:, :1].expand_as(cols), cols), last
+def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int, padding_free: bool):
+    """(B, Tq + T) left-padded queries + responses -> what a forward pass over them needs: the model inputs;
+    (rows, cols), each (B, T), where the logit that predicts response token t of sequence b sits; and (B, 2) where
+    each sequence's last real token (its EOS) sits, where a reward model reads its score. Computed once per batch and
+    shared by the policy, reference, value and reward forwards.
 
-
-def forward(policy, value_net, query_responses, attention_mask, context_length: int, temperature: float,
-            with_values: bool = True, padding_free: bool = False):
-    """One pass over (B, Tq + T) query+response ids -> logprobs, entropy and values of the T response tokens.
-
-    Padded: positions come from the mask, so left-padded queries see the positions of unpadded ones, and the
-    logits at position t predict token t + 1, hence the columns [context_length - 1, -1). Padding-free: the
-    sequences are packed (`packed_layout`) and the same logits are gathered from the packed rows.
+    Padded: positions come from the mask, so left-padded queries see the positions of unpadded ones; the logit at
+    column c predicts token c + 1, so response tokens are predicted from columns [context_length - 1, -1).
+    Padding-free: each sequence without its padding, packed into rows (`common.pack`). Past a response's EOS,
+    (rows, cols) stay at its last token, so those (masked) entries depend on the sequence alone.
     """
-    responses = query_responses[:, context_length:]
+    batch, device = query_responses.shape[0], query_responses.device
+    t = torch.arange(query_responses.shape[1] - context_length, device=device)
+    lengths = attention_mask.sum(1)  # (B,) real tokens: the query without its left padding, the response to its EOS
     if padding_free:
-        inputs, (rows, cols), _ = packed_layout(query_responses, attention_mask, context_length)
+        seqs = [row[mask.bool()].tolist() for row, mask in zip(query_responses, attention_mask)]
+        input_ids, position_ids, starts = (x.to(device) for x in pack(seqs, 0))
+        inputs = {"input_ids": input_ids, "position_ids": position_ids}
+        query_lengths = attention_mask[:, :context_length].sum(1)
+        cols = starts[:, 1:] + torch.minimum(query_lengths[:, None] - 1 + t, lengths[:, None] - 1)
+        last = torch.stack([starts[:, 0], starts[:, 1] + lengths - 1], dim=1)
     else:
         inputs = {"input_ids": query_responses, "attention_mask": attention_mask,
                   "position_ids": position_ids_from_mask(attention_mask)}
-        cols = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=responses.device).expand_as(responses)
-        rows = torch.arange(len(responses), device=responses.device)[:, None].expand_as(responses)
+        cols = (context_length - 1 + t).expand(batch, -1)
+        last = torch.stack([torch.arange(batch, device=device), last_token_index(attention_mask)], dim=1)
+    return inputs, (last[:, :1].expand_as(cols), cols), last
+
+
+def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperature: float, with_values: bool = True):
+    """One pass over a `layout` of query+responses -> logprobs, entropy and values of the (B, T) `responses`."""
+    inputs, (rows, cols), _ = batch_layout
     shared = value_net is None
     out = policy(**inputs, use_cache=False, output_hidden_states=shared and with_values)
     logprobs, entropy = logprobs_and_entropy(out.logits[rows, cols], responses, temperature)
@@ -402,21 +402,13 @@ if __name__ == "__main__":
         return query_responses, attention_mask, context_length, responses, padding_mask, has_eos
 
     @torch.no_grad()
-    def get_scores(query_responses, attention_mask, context_length, responses, padding_mask, prompts_text, fn=None):
+    def get_scores(batch_layout, responses, padding_mask, prompts_text):
         """(B,) sequence scores: the reward model at the last real token (the EOS), or a reward function on text."""
-        fn = fn or reward_fn
-        if fn is None:
-            scores = []
-            for k in range(0, len(query_responses), args.micro_batch_size):
-                qr, mask = query_responses[k: k + args.micro_batch_size], attention_mask[k: k + args.micro_batch_size]
-                if args.padding_free:
-                    inputs, _, last = packed_layout(qr, mask, context_length)
-                    scores.append(reward_scores(reward_model, **inputs, last=last))
-                else:
-                    scores.append(reward_scores(reward_model, qr, mask))
-            return torch.cat(scores)
+        if reward_fn is None:
+            inputs, _, last = batch_layout
+            return reward_scores(reward_model, **inputs, last=last)
         texts = tokenizer.batch_decode(responses.masked_fill(~padding_mask, pad_id), skip_special_tokens=True)
-        return torch.tensor([float(fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
+        return torch.tensor([float(reward_fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
 
     @torch.no_grad()
     def evaluate(iteration: int, final: bool = False):
@@ -425,9 +417,10 @@ if __name__ == "__main__":
         policy.eval()
         texts = [r["prompt"] for r in eval_records]
         qr, mask, ctx, responses, padding_mask, has_eos = rollout(policy, eval_prompts)
-        logprobs = forward(policy, value_net, qr, mask, ctx, args.temperature, False, args.padding_free)[0]
-        ref_logprobs = forward(ref_policy, None, qr, mask, ctx, args.temperature, False, args.padding_free)[0]
-        scores = get_scores(qr, mask, ctx, responses, padding_mask, texts)
+        lay = layout(qr, mask, ctx, args.padding_free)
+        logprobs = forward(policy, value_net, lay, responses, args.temperature, with_values=False)[0]
+        ref_logprobs = forward(ref_policy, None, lay, responses, args.temperature, with_values=False)[0]
+        scores = get_scores(lay, responses, padding_mask, texts)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * padding_mask).sum(1).mean(),
                "eval/response_length": padding_mask.sum(1).float().mean(), "eval/eos_rate": has_eos.float().mean()}
         decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -469,14 +462,12 @@ if __name__ == "__main__":
             chunks = []
             for k in range(0, args.rollout_batch_size, args.micro_batch_size):
                 sl = slice(k, k + args.micro_batch_size)
-                lp, ent, v = forward(policy, value_net, query_responses[sl], attention_mask[sl], context_length,
-                                     args.temperature, padding_free=args.padding_free)
-                ref_lp = forward(ref_policy, None, query_responses[sl], attention_mask[sl], context_length,
-                                 args.temperature, with_values=False, padding_free=args.padding_free)[0]
-                chunks.append((lp, ent, v, ref_lp))
-            logprobs, entropy, values, ref_logprobs = (torch.cat(c) for c in zip(*chunks))  # each (B, T)
-            scores = get_scores(query_responses, attention_mask, context_length, responses, padding_mask,
-                                [train_records[i]["prompt"] for i in idx])  # (B,)
+                lay = layout(query_responses[sl], attention_mask[sl], context_length, args.padding_free)
+                lp, ent, v = forward(policy, value_net, lay, responses[sl], args.temperature)
+                ref_lp = forward(ref_policy, None, lay, responses[sl], args.temperature, with_values=False)[0]
+                score = get_scores(lay, responses[sl], padding_mask[sl], [train_records[i]["prompt"] for i in idx[sl]])
+                chunks.append((lp, ent, v, ref_lp, score))
+            logprobs, entropy, values, ref_logprobs, scores = (torch.cat(c) for c in zip(*chunks))  # (B, T) .. (B,)
             raw_scores = scores.clone()
             scores = scores - args.missing_eos_penalty * (~has_eos).float()
             if args.reward_clip > 0:
@@ -504,9 +495,9 @@ if __name__ == "__main__":
                 for micro in range(start, start + args.mini_batch_size, args.micro_batch_size):
                     mb = order[micro: micro + args.micro_batch_size]
                     mb_mask = padding_mask_f[mb]
-                    new_logprobs, new_entropy, new_values = forward(
-                        policy, value_net, query_responses[mb], attention_mask[mb], context_length, args.temperature,
-                        padding_free=args.padding_free)
+                    lay = layout(query_responses[mb], attention_mask[mb], context_length, args.padding_free)
+                    new_logprobs, new_entropy, new_values = forward(policy, value_net, lay, responses[mb],
+                                                                    args.temperature)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
                                                            args.cliprange, args.dual_clip)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask,

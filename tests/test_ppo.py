@@ -6,7 +6,7 @@ from conftest import read_metrics, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from common import pad, reward_scores
-from ppo_rlhf import (compute_gae, forward, kl_shaped_rewards, masked_mean, masked_whiten, packed_layout, policy_loss,
+from ppo_rlhf import (compute_gae, forward, kl_shaped_rewards, masked_mean, masked_whiten, layout, policy_loss,
                       truncate_after_eos, value_loss)
 
 
@@ -118,7 +118,8 @@ def test_left_padding_does_not_change_logprobs(model_dir):
         responses, rmask = pad([response, response], 0)
         qr, mask = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1)
         with torch.no_grad():
-            results.append(forward(policy, None, qr, mask, queries.shape[1], 0.7, with_values=False)[0][0])
+            lay = layout(qr, mask, queries.shape[1], padding_free=False)
+            results.append(forward(policy, None, lay, qr[:, queries.shape[1]:], 0.7, with_values=False)[0][0])
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
@@ -141,15 +142,15 @@ def test_padding_free_forward_matches_padded(model_dir, value_model):
     qr, mask = torch.cat([queries, torch.tensor(responses)], 1), torch.cat([qmask, rmask], 1)
     results = []
     for padding_free in (False, True):
-        lp, ent, v = forward(policy, value_net, qr, mask, queries.shape[1], 0.7, padding_free=padding_free)
+        lay = layout(qr, mask, queries.shape[1], padding_free)
+        lp, ent, v = forward(policy, value_net, lay, qr[:, queries.shape[1]:], 0.7)
         params = [p for m in (policy, value_net) if m is not None for p in m.parameters()]
         grads = torch.autograd.grad(masked_mean(lp + ent + v, rmask.float()), params)
+        score = reward_scores(scorer, **lay[0], last=lay[2])
         if padding_free:
-            inputs, _, last = packed_layout(qr, mask, queries.shape[1])
-            score = reward_scores(scorer, **inputs, last=last)
-            assert inputs["input_ids"].numel() < qr.numel()  # the padding is gone
-        else:
-            score = reward_scores(scorer, qr, mask)
+            assert lay[0]["input_ids"].numel() < qr.numel()  # the padding is gone
+        else:  # the padded layout reads the score where reward_scores finds the last real token itself
+            assert torch.allclose(score, reward_scores(scorer, qr, mask), atol=1e-6)
         results.append((lp, ent, v, score, torch.cat([g.flatten() for g in grads])))
     valid = rmask.bool()
     for padded, packed in zip(*results):
