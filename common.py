@@ -8,6 +8,7 @@ import shutil
 import time
 
 import torch
+from transformers import GenerationConfig
 
 
 class DataError(ValueError):
@@ -50,7 +51,7 @@ def read_jsonl(path: str, kind: str, errors: list | None = None) -> list[dict]:
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors, spreadsheets) is skipped
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -74,7 +75,10 @@ def _parse_line(line: str, kind: str, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "messages" in row and "prompt" not in row:
-        prompt, completion = _split_messages(_check_text(row["messages"], where, "messages"), where)
+        messages = _check_text(row["messages"], where, "messages")
+        if kind == "prompt" and messages[-1]["role"] != "assistant":  # a conversation waiting for its answer
+            return {"prompt": messages}
+        prompt, completion = _split_messages(messages, where)
         if not prompt:
             raise DataError(f"{where}: field 'messages' has no turn before the assistant's")
         row = {"prompt": prompt, "completion": completion}
@@ -94,14 +98,34 @@ def _parse_line(line: str, kind: str, where: str) -> dict:
     return {k: row[k] for k in FIELDS[kind]}
 
 
+def end_token_id(tokenizer) -> int:
+    """The token that ends a response: the chat template's end-of-turn token (<|im_end|>, <end_of_turn>, <|eot_id|>,
+    <|end|>) where there is a template, else EOS. Found by rendering one assistant turn and taking the first special
+    token after its text, so Gemma and Phi-3, whose turns do not end with EOS, stop where their template says."""
+    if tokenizer.chat_template is None:
+        return tokenizer.eos_token_id
+    key = (tokenizer.chat_template, tokenizer.eos_token_id)
+    if getattr(tokenizer, "_end_token_key", None) != key:
+        marker = "Zq9 reply text"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+        tail = text[text.rindex(marker) + len(marker):] if marker in text else ""  # some templates drop it
+        after = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        tokenizer._end_token_id = next((i for i in after if i in special), tokenizer.eos_token_id)
+        tokenizer._end_token_key = key
+    return tokenizer._end_token_id
+
+
 def setup_tokenizer(tokenizer, model=None):
-    """Give the tokenizer a pad token distinct from EOS (resizing `model`'s embeddings if one is added).
+    """Give the tokenizer a pad token distinct from EOS and from the end-of-turn token (resizing `model`'s embeddings
+    if one is added).
 
     With pad == eos (GPT-2, SmolLM2, Llama 3), masking padding out of a loss also masks the EOS that ends every target,
     and the model never learns to stop. So such tokenizers get a new '<pad>' token. Padding is on the right for
     training; generation pads on the left explicitly where it needs to.
     """
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    if tokenizer.pad_token is None or tokenizer.pad_token_id in (tokenizer.eos_token_id, end_token_id(tokenizer)):
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.padding_side = "right"
     if model is not None:
@@ -123,23 +147,46 @@ def render_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompt(tokenizer, prompt, max_length: int) -> tuple[list[int], bool]:
-    """Token ids of a prompt, cut from the left to `max_length`. Returns (ids, was_truncated).
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    # rendered chat text already holds its special tokens, so only plain text gets the tokenizer's own (a BOS)
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=tokenizer.chat_template is None)["input_ids"]
 
-    Rendered chat text already holds its special tokens, so only plain text gets the tokenizer's own (a BOS).
+
+def encode_prompt(tokenizer, prompt, max_length: int) -> tuple[list[int] | None, bool]:
+    """Token ids of a prompt of at most `max_length`. Returns (ids, was_truncated); ids is None when it cannot fit.
+
+    A long prompt loses its oldest text, never its frame: plain text keeps its BOS; a conversation keeps the
+    template's BOS, system turn, turn markers and assistant header, and its non-system turns are cut from the left
+    (an earlier turn is emptied before the last one is cut). None: even with those turns empty it is too long.
     """
-    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=tokenizer.chat_template is None)["input_ids"]
-    return ids[-max_length:], len(ids) > max_length
+    ids = _prompt_ids(tokenizer, prompt)
+    if len(ids) <= max_length:
+        return ids, False
+    if tokenizer.chat_template is None:
+        head = 1 if ids[0] == tokenizer.bos_token_id else 0
+        return (ids[:head] + ids[len(ids) - max_length + head:] if max_length > head else None), True
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    while len(ids) > max_length:
+        turn = next((m for m in messages if m["role"] != "system" and m["content"]), None)
+        if turn is None:
+            return None, True
+        content = tokenizer(turn["content"], add_special_tokens=False)["input_ids"]
+        keep = max(0, len(content) - (len(ids) - max_length))
+        turn["content"] = tokenizer.decode(content[len(content) - keep:]) if keep else ""  # shrinks every round
+        ids = _prompt_ids(tokenizer, messages)
+    return ids, True
 
 
 def encode_response(tokenizer, response, max_length: int) -> tuple[list[int], bool]:
-    """Token ids of a response followed by EOS, cut from the right to `max_length`. Returns (ids, was_truncated).
+    """Token ids of a response followed by its end token, cut from the right to `max_length`. Returns (ids,
+    was_truncated).
 
-    A conversational response is its assistant text; EOS then ends the turn (for chat models it is the end-of-turn
-    token, e.g. SmolLM2's <|im_end|>). Tokenized on its own, never by searching for the prompt inside the ids.
+    A conversational response is its assistant text; the end token is the template's end-of-turn token (SmolLM2's
+    <|im_end|>, Gemma's <end_of_turn>), or EOS without a template (`end_token_id`). Tokenized on its own, never by
+    searching for the prompt inside the ids.
     """
     text = response if isinstance(response, str) else response[-1]["content"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [end_token_id(tokenizer)]
     return ids[:max_length], len(ids) > max_length
 
 
@@ -177,13 +224,21 @@ def reward_scores(model, input_ids, attention_mask=None, position_ids=None, last
 
 
 def disable_dropout(model) -> None:
-    """Dropout off (RLHF needs the same log-probs and scores in every forward pass of the same input)."""
+    """Dropout off (RLHF needs the same log-probs and scores in every forward pass of the same input).
+
+    Three places hold a dropout rate: the config, nn.Dropout modules, and plain float attributes that modules copy
+    from the config when they are built (Llama and Qwen2 attention's `self.attention_dropout`, applied in train mode
+    whatever the config says afterwards). All three are set to 0.
+    """
     for key, value in model.config.to_dict().items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(model.config, key, 0.0)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,18 +292,42 @@ def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Te
 
 @torch.no_grad()
 def packing_works(model) -> bool:
-    """Does `model` keep packed sequences apart? The hidden states of two sequences packed into one row must equal
-    those of each sequence alone. True for transformers' own architectures; code from the Hub may not be."""
+    """Does `model` keep packed sequences apart in the layout the scripts use, several rows of several sequences?
+    The hidden states of four sequences packed two per row must equal those of each sequence alone. True for
+    transformers' SDPA and eager attention; false for its flash-attention path, which finds packed sequences only
+    in a batch of one row, and for remote code that ignores position ids."""
     backbone, was_training = getattr(model, model.base_model_prefix), model.training
     model.eval()
-    a, b = [[t % model.config.get_text_config().vocab_size for t in range(k, k + 5)] for k in (11, 23)]
-    ids, positions = torch.tensor([a + b], device=model.device), torch.tensor([list(range(5)) * 2], device=model.device)
-    packed = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0]  # (10, H)
+    vocab = model.config.get_text_config().vocab_size
+    seqs = [[t % vocab for t in range(k, k + n)] for k, n in ((11, 5), (23, 3), (31, 4), (47, 4))]
+    ids = torch.tensor([seqs[0] + seqs[1], seqs[2] + seqs[3]], device=model.device)  # (2, 8)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]], device=model.device)
+    packed = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state.flatten(0, 1)  # (16, H)
     alone = torch.cat([backbone(input_ids=torch.tensor([s], device=model.device), use_cache=False).last_hidden_state[0]
-                       for s in (a, b)])
+                       for s in seqs])
     model.train(was_training)
     tol = 1e-3 if packed.dtype == torch.float32 else 5e-2
     return torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+def sample(model, queries, query_mask, max_new_tokens: int, temperature: float, end_id: int, pad_id: int):
+    """Left-padded (B, Tq) queries -> (B, Tq + T) queries + responses, T <= max_new_tokens, drawn from exactly
+    softmax(logits / temperature): no top-k, top-p, repetition penalty or anything else. Shared by every stage that
+    samples, so the reward model is normalised on the distribution PPO samples from.
+
+    `generate()` fills each field its config leaves unset from the model's own generation_config.json (a
+    repetition_penalty, no_repeat_ngram_size, suppress_tokens, min_new_tokens...), and PPO's log-probs would then
+    belong to another distribution than its samples. So that config is set aside for the call.
+    """
+    own = model.generation_config
+    model.generation_config = GenerationConfig()  # nothing left to inherit
+    try:
+        return model.generate(input_ids=queries, attention_mask=query_mask, generation_config=GenerationConfig(
+            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            eos_token_id=end_id, pad_token_id=pad_id))
+    finally:
+        model.generation_config = own
 
 
 def load_function(spec: str):
@@ -298,14 +377,23 @@ def save_model(out_dir: str, tokenizer=None, args=None, *models) -> None:
 
 
 def save_state(out_dir: str, state: dict) -> None:
-    """Training state (optimizer, scheduler, step, RNG) beside a checkpoint, written atomically."""
+    """Training state (optimizer, scheduler, step...) beside a checkpoint, written atomically, with the state of
+    every random generator the run draws from (CPU, each CUDA device, Python's), so a resumed run samples the same."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     tmp = os.path.join(out_dir, "training_state.pt.tmp")
-    torch.save(state, tmp)
+    torch.save(state | {"rng": rng}, tmp)
     os.replace(tmp, os.path.join(out_dir, "training_state.pt"))
 
 
 def load_state(ckpt_dir: str) -> dict:
-    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+    """The saved training state; restores the random generators as they were when it was saved."""
+    state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
 
 
 class Metrics:

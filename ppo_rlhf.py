@@ -25,12 +25,12 @@ from typing import Literal
 import torch
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import reviews_task
-from common import (DataError, Metrics, disable_dropout, encode_prompt, last_token_index, load_function, load_state,
-                    pack, packing_works, pad, position_ids_from_mask, read_jsonl, reward_scores, save_model, save_state,
-                    seed_everything, setup_tokenizer)
+from common import (DataError, Metrics, disable_dropout, encode_prompt, end_token_id, last_token_index, load_function,
+                    load_state, pack, packing_works, pad, position_ids_from_mask, read_jsonl, reward_scores, sample,
+                    save_model, save_state, seed_everything, setup_tokenizer)
 
 
 @dataclass
@@ -53,7 +53,8 @@ class Args:
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda if available)"""
     bf16: bool = False
-    """load the models in bfloat16 (GPUs); default fp32"""
+    """bfloat16 mixed precision: policy and value in fp32 with their AdamW state, bf16 compute (autocast); the frozen
+    reference and reward model held in bf16"""
 
     # models & data
     sft_model_path: str = "models/sft"
@@ -64,22 +65,24 @@ class Args:
     """'file.py:function' (prompt, response) -> float: an algorithmic reward used instead of the reward model"""
     value_model: Literal["separate", "shared"] = "separate"
     """'separate': a model initialised from the reward model (the SFT model with --reward-fn); 'shared': a policy head"""
-    eval_reward_fn: str = "reviews_task:gold_score"
-    """the judge used only for evaluation (the embedded task's gold judge); '' to skip"""
+    eval_reward_fn: str = "auto"
+    """a judge (prompt, response) -> float used only for evaluation; 'auto': the embedded task's gold judge on its own
+    prompts, none on yours; '' to skip"""
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
     dataset: str = f"{reviews_task.DATA_DIR}/prompts_train.jsonl"
     """JSONL of prompts (prompt-only, or any format with a prompt)"""
-    eval_dataset: str = f"{reviews_task.DATA_DIR}/prompts_eval.jsonl"
-    """held-out prompts for evaluation"""
+    eval_dataset: str = "auto"
+    """held-out prompts for evaluation; 'auto': the embedded task's held-out prompts with its training prompts, none
+    with yours (evaluation then samples training prompts); 'none' likewise"""
     max_prompt_length: int = 64
-    """in tokens; longer prompts are cut from the left"""
+    """in tokens; longer prompts lose their oldest text (the chat template's frame is kept)"""
 
     # rollout
     num_iterations: int = 60
     """rollout + update iterations"""
     rollout_batch_size: int = 64
-    """prompts (episodes) per iteration, per process"""
+    """prompts (episodes) per iteration, per process (reduced to fit a smaller prompt file)"""
     response_length: int = 24
     """most tokens generated per response"""
     temperature: float = 0.7
@@ -122,8 +125,11 @@ class Args:
     """weight of the entropy bonus; 0 = off"""
     dual_clip: float = 0.0
     """c > 1 bounds the loss of negative advantages at -c * A (Ye et al. 2020); 0 = off"""
-    learning_rate: float = 1e-4
-    """AdamW learning rate of policy and value, decayed linearly to 0 (use ~1e-6 for billion-parameter models)"""
+    learning_rate: float | None = None
+    """AdamW learning rate of policy and value, decayed linearly to 0; default 1e-4 for the embedded tiny model,
+    3e-6 otherwise (the N+ details' rate for 1B-7B models)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of policy and value"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     padding_free: bool = True
@@ -155,6 +161,7 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     """(B, T) sampled ids -> (responses with everything after the first EOS set to pad, (B, T) mask, (B,) has_eos).
+    `eos_id` is the token that ends a response: the chat template's end-of-turn token, or EOS (`end_token_id`).
 
     The mask keeps the EOS itself: the reward is read there and its log-prob is part of the action sequence.
     """
@@ -299,40 +306,52 @@ def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperatur
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    args.mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches,
-                                     "rollout_batch_size / num_mini_batches")
-    args.micro_batch_size = exact_div(args.mini_batch_size, args.gradient_accumulation_steps,
-                                      "mini_batch_size / gradient_accumulation_steps")
+    if args.dual_clip != 0 and args.dual_clip <= 1:
+        raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
+                         "loss), or 0 to turn dual clipping off")
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     seed_everything(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    if args.dataset.startswith(reviews_task.DATA_DIR):
+    # --bf16: the trained models (policy, value) keep fp32 weights and AdamW state and compute in bf16 under
+    # autocast; the frozen ones (reference, reward model) are held in bf16
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    for path, default, command in [(args.sft_model_path, "models/sft", "python sft.py"),
+                                   ("" if args.reward_fn else args.reward_model_path, "models/reward_model",
+                                    "python reward_model.py")]:
+        if path == default and not os.path.isdir(path):
+            raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
+    embedded = args.dataset == f"{reviews_task.DATA_DIR}/prompts_train.jsonl"  # the embedded task's own prompts
+    if embedded:
         reviews_task.ensure_data()
+    if args.eval_dataset == "auto":
+        args.eval_dataset = f"{reviews_task.DATA_DIR}/prompts_eval.jsonl" if embedded else "none"
+    if args.eval_reward_fn == "auto":
+        args.eval_reward_fn = "reviews_task:gold_score" if embedded else ""
 
     # 1. four models: policy, frozen reference, frozen reward model (or a reward function), value network
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
-    hf = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
+    trained = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    frozen = dict(dtype=torch.bfloat16 if args.bf16 else torch.float32, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.sft_model_path, **hf).to(device)
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **hf).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.sft_model_path, **trained).to(device)
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device)
     setup_tokenizer(tokenizer, policy)
     setup_tokenizer(tokenizer, ref_policy)
     reward_model = reward_fn = None
     if args.reward_fn:
         reward_fn = load_function(args.reward_fn)
     else:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, **hf).to(device)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, **frozen).to(device)
     value_net = None
     if args.value_model == "separate":
         value_from = os.path.join(ckpt_dir, "value_model") if resuming else (
             args.sft_model_path if args.reward_fn else args.reward_model_path)
-        value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **hf).to(device)
+        value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
         value_net.train()
     else:
-        policy.value_head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1).to(device, dtype)
+        policy.value_head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1).to(device)
         torch.nn.init.zeros_(policy.value_head.weight)
         torch.nn.init.zeros_(policy.value_head.bias)
     for model in (policy, ref_policy, reward_model, value_net):
@@ -344,19 +363,42 @@ if __name__ == "__main__":
     if args.padding_free and not all(packing_works(m) for m in (policy, reward_model, value_net) if m is not None):
         print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
+    if args.learning_rate is None:
+        tiny = getattr(policy.config, "embedded_tiny_model", False)
+        args.learning_rate = 1e-4 if tiny else 3e-6
+        print(f"learning rate {args.learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
+              "--learning-rate to change)")
     policy.train()
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # 2. prompts, left-padded per batch for generation
     try:
         train_records = read_jsonl(args.dataset, "prompt")
-        eval_records = read_jsonl(args.eval_dataset, "prompt")[: args.num_eval_prompts]
+        eval_records = read_jsonl(args.eval_dataset, "prompt") if args.eval_dataset != "none" else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    train_prompts = [encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0] for r in train_records]
-    eval_prompts = [encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0] for r in eval_records]
+    def encode_prompts(records):
+        """Records -> (records, prompt ids) without the prompts that cannot fit max_prompt_length even cut."""
+        encoded = [(r, encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0]) for r in records]
+        kept = [(r, ids) for r, ids in encoded if ids is not None]
+        if len(kept) < len(encoded):
+            print(f"skipped {len(encoded) - len(kept)} prompts whose fixed part exceeds --max-prompt-length")
+        return [r for r, _ in kept], [ids for _, ids in kept]
+    train_records, train_prompts = encode_prompts(train_records)
+    if not eval_records:  # evaluation samples training prompts; its scores are then not held-out figures
+        print("no held-out prompts (--eval-dataset FILE to add them): evaluation samples training prompts")
+    eval_records, eval_prompts = encode_prompts((eval_records or train_records)[: args.num_eval_prompts])
+    unit = args.num_mini_batches * args.gradient_accumulation_steps  # the rollout batch must split into micro-batches
     if len(train_prompts) < args.rollout_batch_size:
-        raise SystemExit(f"{args.dataset}: {len(train_prompts)} prompts is fewer than rollout_batch_size")
+        if len(train_prompts) < unit:
+            raise SystemExit(f"{args.dataset}: {len(train_prompts)} prompts is fewer than num_mini_batches * "
+                             f"gradient_accumulation_steps = {unit}")
+        print(f"only {len(train_prompts)} prompts: --rollout-batch-size {args.rollout_batch_size} -> "
+              f"{len(train_prompts) // unit * unit}")
+        args.rollout_batch_size = len(train_prompts) // unit * unit
+    args.mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches,
+                                     "rollout_batch_size / num_mini_batches")
+    args.micro_batch_size = exact_div(args.mini_batch_size, args.gradient_accumulation_steps,
+                                      "mini_batch_size / gradient_accumulation_steps")
     batches_per_epoch = len(train_prompts) // args.rollout_batch_size
 
     def prompt_batch(iteration: int) -> list[int]:
@@ -367,34 +409,32 @@ if __name__ == "__main__":
 
     # 3. one AdamW for policy and value (eps 1e-5, N+ details #5), learning rate decayed linearly to 0
     params = list(policy.parameters()) + (list(value_net.parameters()) if value_net is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     num_updates = args.num_iterations * args.num_ppo_epochs * args.num_mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / num_updates)
     kl_coef, start_iteration = args.kl_coef, 0
     if resuming:
-        state = load_state(ckpt_dir)
+        state = load_state(ckpt_dir)  # also restores the random generators
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if "value_head" in state:
             policy.value_head.load_state_dict(state["value_head"])
-        torch.set_rng_state(state["rng"])
         start_iteration, kl_coef, args.run_name = state["iteration"], state["kl_coef"], state["run_name"]
         print(f"resuming {ckpt_dir} at iteration {start_iteration}")
     metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
     value_folder = [("value_model", value_net)] if value_net is not None else []  # saved beside the policy
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    # a fresh config, so nothing from the model's generation_config.json (top_k=50, repetition penalties...) changes
-    # the distribution we sample from: the log-probs below must be those of the sampling distribution
-    generation_config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature,
-                                         max_new_tokens=args.response_length, pad_token_id=pad_id, eos_token_id=eos_id)
+    pad_id, eos_id = tokenizer.pad_token_id, end_token_id(tokenizer)  # eos_id: the token that ends a response
 
     @torch.no_grad()
     def rollout(model, prompts: list[list[int]]):
-        """Generate with pure sampling, cut after the first EOS. Returns (query_responses, attention_mask,
-        context_length, responses, padding_mask, has_eos)."""
+        """Generate with pure sampling (`common.sample`: softmax(logits / temperature), nothing from the model's
+        generation_config), cut after the first EOS. Returns (query_responses, attention_mask, context_length,
+        responses, padding_mask, has_eos)."""
         queries, query_mask = pad(prompts, pad_id, side="left")  # (B, Tq)
         queries, query_mask = queries.to(device), query_mask.to(device)
-        out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation_config)
+        with autocast():
+            out = sample(model, queries, query_mask, args.response_length, args.temperature, eos_id, pad_id)
         context_length = queries.shape[1]
         responses, padding_mask, has_eos = truncate_after_eos(out[:, context_length:], eos_id, pad_id)  # (B, T)
         query_responses = torch.cat([queries, responses], dim=1)
@@ -406,7 +446,8 @@ if __name__ == "__main__":
         """(B,) sequence scores: the reward model at the last real token (the EOS), or a reward function on text."""
         if reward_fn is None:
             inputs, _, last = batch_layout
-            return reward_scores(reward_model, **inputs, last=last)
+            with autocast():
+                return reward_scores(reward_model, **inputs, last=last)
         texts = tokenizer.batch_decode(responses.masked_fill(~padding_mask, pad_id), skip_special_tokens=True)
         return torch.tensor([float(reward_fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
 
@@ -418,8 +459,9 @@ if __name__ == "__main__":
         texts = [r["prompt"] for r in eval_records]
         qr, mask, ctx, responses, padding_mask, has_eos = rollout(policy, eval_prompts)
         lay = layout(qr, mask, ctx, args.padding_free)
-        logprobs = forward(policy, value_net, lay, responses, args.temperature, with_values=False)[0]
-        ref_logprobs = forward(ref_policy, None, lay, responses, args.temperature, with_values=False)[0]
+        with autocast():
+            logprobs = forward(policy, value_net, lay, responses, args.temperature, with_values=False)[0]
+            ref_logprobs = forward(ref_policy, None, lay, responses, args.temperature, with_values=False)[0]
         scores = get_scores(lay, responses, padding_mask, texts)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * padding_mask).sum(1).mean(),
                "eval/response_length": padding_mask.sum(1).float().mean(), "eval/eos_rate": has_eos.float().mean()}
@@ -463,12 +505,16 @@ if __name__ == "__main__":
             for k in range(0, args.rollout_batch_size, args.micro_batch_size):
                 sl = slice(k, k + args.micro_batch_size)
                 lay = layout(query_responses[sl], attention_mask[sl], context_length, args.padding_free)
-                lp, ent, v = forward(policy, value_net, lay, responses[sl], args.temperature)
-                ref_lp = forward(ref_policy, None, lay, responses[sl], args.temperature, with_values=False)[0]
+                with autocast():
+                    lp, ent, v = forward(policy, value_net, lay, responses[sl], args.temperature)
+                    ref_lp = forward(ref_policy, None, lay, responses[sl], args.temperature, with_values=False)[0]
                 score = get_scores(lay, responses[sl], padding_mask[sl], [train_records[i]["prompt"] for i in idx[sl]])
                 chunks.append((lp, ent, v, ref_lp, score))
             logprobs, entropy, values, ref_logprobs, scores = (torch.cat(c) for c in zip(*chunks))  # (B, T) .. (B,)
             raw_scores = scores.clone()
+            if iteration == 0:  # reward_model.py normalised its scores to mean 0 on the SFT policy's samples
+                print(f"first rollout: mean score {raw_scores.mean().item():.3f} (about 0 when the reward model was "
+                      "normalised on samples drawn as these are)")
             scores = scores - args.missing_eos_penalty * (~has_eos).float()
             if args.reward_clip > 0:
                 scores = scores.clamp(-args.reward_clip, args.reward_clip)
@@ -496,8 +542,9 @@ if __name__ == "__main__":
                     mb = order[micro: micro + args.micro_batch_size]
                     mb_mask = padding_mask_f[mb]
                     lay = layout(query_responses[mb], attention_mask[mb], context_length, args.padding_free)
-                    new_logprobs, new_entropy, new_values = forward(policy, value_net, lay, responses[mb],
-                                                                    args.temperature)
+                    with autocast():
+                        new_logprobs, new_entropy, new_values = forward(policy, value_net, lay, responses[mb],
+                                                                        args.temperature)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
                                                            args.cliprange, args.dual_clip)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask,
@@ -542,7 +589,8 @@ if __name__ == "__main__":
             "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
             "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(), "val/ratio": ratios.mean(),
             "val/first_ratio_max_dev": first_ratio_dev,
-            "val/ratio_var": ratios.var(), "val/num_eos_tokens": has_eos.sum(),
+            "val/ratio_var": ratios.var() if ratios.numel() > 1 else 0.0,  # one valid token: no variance to measure
+            "val/num_eos_tokens": has_eos.sum(),
             "val/response_length": padding_mask_f.sum(1).mean(), "charts/lr": scheduler.get_last_lr()[0],
             "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * args.rollout_batch_size,
             "time/generate": t_generate, "time/rollout_forward": t_rollout, "time/update": t_update,
@@ -555,13 +603,12 @@ if __name__ == "__main__":
         if (iteration + 1) % args.save_every == 0 and iteration + 1 < args.num_iterations:
             save_model(ckpt_dir, None, args, ("", policy), *value_folder)
             save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "iteration": iteration + 1, "kl_coef": kl_coef, "rng": torch.get_rng_state(),
-                                  "run_name": args.run_name} |
+                                  "iteration": iteration + 1, "kl_coef": kl_coef, "run_name": args.run_name} |
                        ({"value_head": policy.value_head.state_dict()} if value_net is None else {}))
     progress.close()
 
-    # 11. final evaluation and save: the policy loads with AutoModelForCausalLM; the value model beside it
-    evaluate(args.num_iterations, final=True)
+    # 11. save first, so that nothing after it can cost the trained policy: it loads with AutoModelForCausalLM, the
+    #     value model beside it; then the final evaluation
     value_head = getattr(policy, "value_head", None)
     if value_head is not None:
         del policy.value_head  # not part of the causal LM's weights: saved beside them
@@ -570,5 +617,8 @@ if __name__ == "__main__":
         from safetensors.torch import save_file
 
         save_file(value_head.state_dict(), os.path.join(args.output_dir, "value_head.safetensors"))
+        policy.value_head = value_head
+    print(f"saved to {args.output_dir}")
+    evaluate(args.num_iterations, final=True)
     metrics.close()
-    print(f"saved to {args.output_dir}; logs in runs/{args.run_name}")
+    print(f"logs in runs/{args.run_name}")

@@ -266,6 +266,9 @@ def build_tiny_model(tokenizer, hidden_size: int = 256, num_layers: int = 4, see
                          num_key_value_heads=max(1, hidden_size // 64), max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # marks this model and every model trained from it (the config travels with save_pretrained): the stages then
+    # default to the learning rates of a model learning from scratch, not those of a pretrained model
+    config.embedded_tiny_model = True
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

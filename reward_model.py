@@ -29,9 +29,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import reviews_task
-from common import (DataError, Metrics, disable_dropout, encode_prompt, encode_response, load_function, load_state,
-                    pack, packing_works, pad, read_jsonl, reward_scores, save_model, save_state, seed_everything,
-                    setup_tokenizer)
+from common import (DataError, Metrics, disable_dropout, encode_prompt, encode_response, end_token_id, load_function,
+                    load_state, pack, packing_works, pad, read_jsonl, reward_scores, sample, save_model, save_state,
+                    seed_everything, setup_tokenizer)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Args:
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda if available)"""
     bf16: bool = False
-    """load the model in bfloat16 (GPUs); default fp32"""
+    """bfloat16 mixed precision: fp32 weights and optimizer state, bf16 compute (autocast)"""
 
     # model & data
     model_name_or_path: str = "models/sft"
@@ -63,8 +63,9 @@ class Args:
     """allow a Hub model to run its own code (only for models you trust)"""
     dataset: str = f"{reviews_task.DATA_DIR}/preference_train.jsonl"
     """JSONL of prompt/chosen/rejected, or chosen/rejected conversations"""
-    eval_dataset: str = f"{reviews_task.DATA_DIR}/preference_eval.jsonl"
-    """held-out preferences in the same format"""
+    eval_dataset: str = "auto"
+    """held-out preferences in the same format; 'auto': the embedded task's held-out file with its training file,
+    none with yours; 'none' to skip"""
     skip_bad_pairs: bool = False
     """count and skip bad lines (missing field, chosen == rejected, empty text) instead of stopping with an error"""
     max_prompt_length: int = 64
@@ -75,8 +76,8 @@ class Args:
     """in tokens, EOS included; longer responses are cut from the right"""
 
     # optimization
-    learning_rate: float = 5e-4
-    """peak AdamW learning rate (use ~1e-5 for a pretrained model)"""
+    learning_rate: float | None = None
+    """peak AdamW learning rate; default 5e-4 for the embedded tiny model, 1e-5 otherwise"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     num_epochs: int = 1
@@ -107,12 +108,17 @@ class Args:
     """'sft_samples' (the SFT policy's samples on the training prompts), 'dataset' (the training responses) or 'none'"""
     num_normalize_samples: int = 256
     """responses scored to compute the normalising offset"""
-    normalize_temperature: float = 1.0
-    """sampling temperature of the SFT samples used for normalisation (use stage 3's --temperature)"""
-    eval_reward_fn: str = "reviews_task:gold_score"
-    """gold judge (prompt, response) -> float, to compare against on held-out pairs; '' to skip"""
+    normalize_temperature: float = 0.7
+    """sampling temperature of the SFT samples used for normalisation: stage 3's --temperature (same default)"""
+    normalize_response_length: int = 24
+    """most tokens of those samples: stage 3's --response-length (same default)"""
+    normalize_max_prompt_length: int = 64
+    """prompt length of those samples: stage 3's --max-prompt-length (same default)"""
+    eval_reward_fn: str = "auto"
+    """gold judge (prompt, response) -> float, to compare against on held-out pairs; 'auto': the embedded task's
+    judge on its own data, none on yours; '' to skip"""
     gold_tau: float = reviews_task.TAU
-    """Bradley-Terry temperature of the simulated annotators, for the noise ceiling; 0 to skip"""
+    """Bradley-Terry temperature of the simulated annotators, for the noise ceiling (with a judge); 0 to skip"""
 
     # filled in at runtime
     batch_size: int = 0
@@ -132,7 +138,7 @@ def encode_pairs(records, tokenizer, args):
         return cache[key]
     for r in records:
         prompt_ids, long_prompt = encode(encode_prompt, r["prompt"], args.max_prompt_length)
-        if long_prompt and args.skip_long_prompts:
+        if prompt_ids is None or (long_prompt and args.skip_long_prompts):  # None: cannot fit even cut
             skipped += 1
             continue
         cut += long_prompt
@@ -199,14 +205,23 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     seed_everything(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    if args.dataset.startswith(reviews_task.DATA_DIR):
+    # --bf16: fp32 weights and AdamW state, bf16 compute under autocast; the frozen SFT policy that samples for the
+    # normalisation is held in bf16
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    if args.model_name_or_path == "models/sft" and not os.path.isdir("models/sft"):
+        raise SystemExit("error: models/sft does not exist: run `python sft.py` first, or point --model-name-or-path "
+                         "at an SFT model")
+    embedded = args.dataset == f"{reviews_task.DATA_DIR}/preference_train.jsonl"  # the embedded task's own data
+    if embedded:
         reviews_task.ensure_data()
+    if args.eval_dataset == "auto":
+        args.eval_dataset = f"{reviews_task.DATA_DIR}/preference_eval.jsonl" if embedded else "none"
+    if args.eval_reward_fn == "auto":
+        args.eval_reward_fn = "reviews_task:gold_score" if embedded else ""
 
     # 1. the SFT model with a fresh scalar head (or an interrupted run's checkpoint)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
@@ -214,9 +229,14 @@ if __name__ == "__main__":
     load_from = ckpt_dir if resuming else args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        load_from, num_labels=1, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
+        load_from, num_labels=1, dtype=torch.float32, trust_remote_code=args.trust_remote_code).to(device)
     setup_tokenizer(tokenizer, model)
     disable_dropout(model)
+    if args.learning_rate is None:
+        tiny = getattr(model.config, "embedded_tiny_model", False)
+        args.learning_rate = 5e-4 if tiny else 1e-5
+        print(f"learning rate {args.learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
+              "--learning-rate to change)")
     if args.padding_free and not packing_works(model):
         print("warning: this model lets packed sequences attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
@@ -227,7 +247,7 @@ if __name__ == "__main__":
     bad_lines = [] if args.skip_bad_pairs else None
     try:
         train_records = read_jsonl(args.dataset, "preference", bad_lines)
-        eval_records = read_jsonl(args.eval_dataset, "preference", bad_lines)
+        eval_records = read_jsonl(args.eval_dataset, "preference", bad_lines) if args.eval_dataset != "none" else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if bad_lines:
@@ -236,12 +256,17 @@ if __name__ == "__main__":
     evals, _, _ = encode_pairs(eval_records, tokenizer, args)
     groups = group_pairs(train, args.max_group_pairs)
     print(f"{len(train)} training pairs in {len(groups)} comparison groups ({cut} prompts cut from the left, "
-          f"{skipped} skipped), {len(evals)} held out")
+          f"{skipped} skipped), " + (f"{len(evals)} held out" if evals else "no held-out set (--eval-dataset FILE)"))
+    if not groups:
+        raise SystemExit(f"{args.dataset}: no pair left to train on")
+    if len(groups) < args.per_device_train_batch_size:
+        print(f"only {len(groups)} comparison groups: --per-device-train-batch-size {args.per_device_train_batch_size} "
+              f"-> {len(groups)}")
+        args.per_device_train_batch_size = len(groups)
+    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     batches_per_epoch = len(groups) // args.per_device_train_batch_size
-    if batches_per_epoch == 0:
-        raise SystemExit(f"{args.dataset}: {len(groups)} comparison groups is fewer than one batch of "
-                         f"{args.per_device_train_batch_size}")
-    num_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps
+    num_steps = args.max_steps if args.max_steps > 0 else max(
+        1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
     warmup_steps = int(args.warmup_ratio * num_steps)
 
     def micro_batch(i: int):
@@ -260,7 +285,7 @@ if __name__ == "__main__":
                                                   else max(0.0, 1 - (s - warmup_steps) / max(1, num_steps - warmup_steps)))
     start_step = 0
     if resuming:
-        state = load_state(ckpt_dir)
+        state = load_state(ckpt_dir)  # also restores the random generators
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, args.run_name = state["step"], state["run_name"]
@@ -274,7 +299,8 @@ if __name__ == "__main__":
         chosen, rejected = [], []
         for k in range(0, len(pairs), batch):
             inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, args.padding_free)
-            scores = reward_scores(model, **{name: t.to(device) for name, t in inputs.items()}).cpu()
+            with autocast():
+                scores = reward_scores(model, **{name: t.to(device) for name, t in inputs.items()}).cpu()
             chosen.append(scores[chosen_rows])
             rejected.append(scores[rejected_rows])
         model.train()
@@ -290,22 +316,25 @@ if __name__ == "__main__":
         return chosen_rewards, rejected_rewards
 
     # 4. training loop
-    if start_step == 0:
+    if start_step == 0 and evals:
         evaluate(0)
     model.train()
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="reward model")
     step_end = time.perf_counter()
     for step in progress:
+        micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
+        num_pairs = sum(len(chosen_rows) for _, chosen_rows, _ in micro)  # pairs in the whole accumulated batch
         stats = torch.zeros(3, device=device)  # loss, accuracy, margin; kept on device, no sync per micro-batch
-        for m in range(args.gradient_accumulation_steps):
-            batch, chosen_rows, rejected_rows = micro_batch(step * args.gradient_accumulation_steps + m)
-            scores = reward_scores(model, **batch)  # (N,): every distinct response, one pass
+        for batch, chosen_rows, rejected_rows in micro:
+            with autocast():
+                scores = reward_scores(model, **batch)  # (N,): every distinct response, one pass
             chosen_rewards, rejected_rewards = scores[chosen_rows], scores[rejected_rows]  # (P,) each, P pairs
-            # Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); maximise its log-likelihood
-            loss = -F.logsigmoid(chosen_rewards - rejected_rewards - args.margin).mean()
-            (loss / args.gradient_accumulation_steps).backward()
-            stats += torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().mean(),
-                                  (chosen_rewards - rejected_rewards).mean().detach()]) / args.gradient_accumulation_steps
+            # Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); maximise its log-likelihood,
+            # summed over pairs and divided by the pairs of the whole batch, so accumulation equals one big batch
+            loss = -F.logsigmoid(chosen_rewards - rejected_rewards - args.margin).sum() / num_pairs
+            loss.backward()
+            stats += torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().sum() / num_pairs,
+                                  (chosen_rewards - rejected_rewards).sum().detach() / num_pairs])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -315,7 +344,7 @@ if __name__ == "__main__":
         metrics.log(step + 1, {"train/rm/loss": stats[0], "train/rm/accuracy": stats[1], "train/rm/margin": stats[2],
                                "train/rm/grad_norm": grad_norm.item(), "charts/lr": scheduler.get_last_lr()[0],
                                "time/step": step_seconds})
-        if (step + 1) % args.eval_steps == 0 and step + 1 < num_steps:
+        if (step + 1) % args.eval_steps == 0 and step + 1 < num_steps and evals:
             evaluate(step + 1)
         if (step + 1) % args.save_steps == 0 and step + 1 < num_steps:
             save_model(ckpt_dir, tokenizer, args, ("", model))
@@ -323,27 +352,30 @@ if __name__ == "__main__":
                                   "step": step + 1, "run_name": args.run_name})
     progress.close()
 
-    # 5. normalise: shift scores so the mean over the SFT policy's own samples (or the dataset's responses) is 0
+    # 5. normalise: shift scores so the mean over the SFT policy's own samples (or the dataset's responses) is 0.
+    #    The samples are drawn as stage 3 draws its rollouts (`common.sample`, same temperature, length and prompt
+    #    length by default), so PPO's first rollouts score about 0.
     model.eval()
     rng = random.Random(args.seed)
+    end_id = end_token_id(tokenizer)
     if args.normalize_on == "sft_samples":
-        policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype,
-                                                      trust_remote_code=args.trust_remote_code).to(device).eval()
+        policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
+                                                      dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        policy = policy.to(device).eval()
         setup_tokenizer(tokenizer, policy)
-        prompts = sorted({tuple(p) for p, _, _ in train})
+        prompts = {repr(r["prompt"]): r["prompt"] for r in train_records}  # distinct prompts, in file order
+        prompts = [encode_prompt(tokenizer, p, args.normalize_max_prompt_length)[0] for p in prompts.values()]
+        prompts = [p for p in prompts if p is not None]
         rng.shuffle(prompts)
         prompts = prompts[: args.num_normalize_samples]
         sequences = []
-        with torch.no_grad():
-            for k in range(0, len(prompts), 64):
-                queries, query_mask = pad([list(p) for p in prompts[k: k + 64]], tokenizer.pad_token_id, side="left")
-                out = policy.generate(input_ids=queries.to(device), attention_mask=query_mask.to(device),
-                                      do_sample=True, top_k=0, top_p=1.0, temperature=args.normalize_temperature,
-                                      max_new_tokens=args.max_response_length, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id)
-                for p, r in zip(prompts[k: k + 64], out[:, queries.shape[1]:].tolist()):
-                    n = r.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in r else len(r)
-                    sequences.append(list(p) + r[:n])  # a response ends at (and includes) its first EOS
+        for k in range(0, len(prompts), 64):
+            queries, query_mask = pad(prompts[k: k + 64], tokenizer.pad_token_id, side="left")
+            out = sample(policy, queries.to(device), query_mask.to(device), args.normalize_response_length,
+                         args.normalize_temperature, end_id, tokenizer.pad_token_id)
+            for p, r in zip(prompts[k: k + 64], out[:, queries.shape[1]:].tolist()):
+                n = r.index(end_id) + 1 if end_id in r else len(r)
+                sequences.append(list(p) + r[:n])  # a response ends at (and includes) its first end token
         del policy
     elif args.normalize_on == "dataset":
         sequences = [list(p) + (c if rng.random() < 0.5 else r) for p, c, r in train]
@@ -352,50 +384,53 @@ if __name__ == "__main__":
     else:
         sequences = []
     if sequences:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             raw = torch.cat([reward_scores(model, *[t.to(device) for t in pad(sequences[k: k + 64], tokenizer.pad_token_id)])
                              for k in range(0, len(sequences), 64)])
         model.config.reward_offset = model.config.reward_offset + raw.mean().item()
         print(f"normalised on {len(sequences)} {args.normalize_on}: offset {model.config.reward_offset:.4f} "
               f"(score std {raw.std().item():.4f})")
 
-    # 6. final held-out report: accuracy, by response length, calibration, and (with a judge) agreement with gold
-    chosen_rewards, rejected_rewards = evaluate(num_steps)
-    correct = (chosen_rewards > rejected_rewards).float()
-    lengths = torch.tensor([max(len(c), len(r)) for _, c, r in evals])
-    print("accuracy by response length (tokens, the longer of the pair):")
-    for lo, hi in [(0, 8), (9, 16), (17, 24), (25, 10**6)]:
-        sel = (lengths >= lo) & (lengths <= hi)
-        if sel.any():
-            print(f"  {lo:>3}-{hi if hi < 10**6 else '':<4} n={int(sel.sum()):>5}  accuracy {correct[sel].mean():.3f}")
-            metrics.log(num_steps, {f"eval/rm/accuracy_len_{lo}": correct[sel].mean()})
-    # calibration: orient each pair at random so both outcomes occur, then bin P(A preferred) = sigmoid(r_A - r_B)
-    flip = torch.rand(len(evals), generator=torch.Generator().manual_seed(args.seed)) < 0.5
-    prob = torch.sigmoid(torch.where(flip, rejected_rewards - chosen_rewards, chosen_rewards - rejected_rewards))
-    outcome = (~flip).float()  # 1 when A is the chosen response
-    print("calibration (predicted P(A preferred) vs observed frequency):")
-    ece = 0.0
-    for b in range(10):
-        sel = (prob >= b / 10) & (prob < (b + 1) / 10 if b < 9 else prob <= 1)
-        if sel.any():
-            ece += sel.float().mean() * (prob[sel].mean() - outcome[sel].mean()).abs()
-            print(f"  [{b / 10:.1f}, {(b + 1) / 10:.1f})  n={int(sel.sum()):>5}  predicted {prob[sel].mean():.3f}  "
-                  f"observed {outcome[sel].mean():.3f}")
-    final = {"eval/rm/ece": ece}
-    if args.eval_reward_fn:
-        judge = load_function(args.eval_reward_fn)
-        gold_chosen = torch.tensor([judge(r["prompt"], r["chosen"]) for r in eval_records])
-        gold_rejected = torch.tensor([judge(r["prompt"], r["rejected"]) for r in eval_records])
-        final["eval/rm/gold_agreement"] = (gold_chosen > gold_rejected).float().mean()  # how often gold agrees with labels
-        final["eval/rm/spearman_with_gold"] = spearman(torch.cat([chosen_rewards, rejected_rewards]),
-                                                       torch.cat([gold_chosen, gold_rejected]))
-        if args.gold_tau > 0:  # a judge that knows gold exactly is right with probability max(p, 1 - p) per pair
-            p = torch.sigmoid((gold_chosen - gold_rejected) / args.gold_tau)
-            final["eval/rm/noise_ceiling"] = torch.maximum(p, 1 - p).mean()
-    metrics.log(num_steps, final)
-    print("  ".join(f"{k} {v:.4f}" for k, v in final.items()))
-
-    # 7. save (atomically; replacing the output folder also removes the resumable checkpoint inside it)
+    # 6. save before any analysis (atomically; replacing the output folder also removes the checkpoint inside it):
+    #    nothing that follows may cost the trained model
     save_model(args.output_dir, tokenizer, args, ("", model))
+    print(f"saved to {args.output_dir}")
+
+    # 7. final held-out report: accuracy, by response length, calibration, and (with a judge) agreement with gold
+    if evals:
+        chosen_rewards, rejected_rewards = evaluate(num_steps)
+        correct = (chosen_rewards > rejected_rewards).float()
+        lengths = torch.tensor([max(len(c), len(r)) for _, c, r in evals])
+        print("accuracy by response length (tokens, the longer of the pair):")
+        for lo, hi in [(0, 8), (9, 16), (17, 24), (25, 10**6)]:
+            sel = (lengths >= lo) & (lengths <= hi)
+            if sel.any():
+                print(f"  {lo:>3}-{hi if hi < 10**6 else '':<4} n={int(sel.sum()):>5}  accuracy {correct[sel].mean():.3f}")
+                metrics.log(num_steps, {f"eval/rm/accuracy_len_{lo}": correct[sel].mean()})
+        # calibration: orient each pair at random so both outcomes occur, then bin P(A preferred) = sigmoid(r_A - r_B)
+        flip = torch.rand(len(evals), generator=torch.Generator().manual_seed(args.seed)) < 0.5
+        prob = torch.sigmoid(torch.where(flip, rejected_rewards - chosen_rewards, chosen_rewards - rejected_rewards))
+        outcome = (~flip).float()  # 1 when A is the chosen response
+        print("calibration (predicted P(A preferred) vs observed frequency):")
+        ece = 0.0
+        for b in range(10):
+            sel = (prob >= b / 10) & (prob < (b + 1) / 10 if b < 9 else prob <= 1)
+            if sel.any():
+                ece += sel.float().mean() * (prob[sel].mean() - outcome[sel].mean()).abs()
+                print(f"  [{b / 10:.1f}, {(b + 1) / 10:.1f})  n={int(sel.sum()):>5}  predicted {prob[sel].mean():.3f}  "
+                      f"observed {outcome[sel].mean():.3f}")
+        final = {"eval/rm/ece": ece}
+        if args.eval_reward_fn:
+            judge = load_function(args.eval_reward_fn)
+            gold_chosen = torch.tensor([judge(r["prompt"], r["chosen"]) for r in eval_records])
+            gold_rejected = torch.tensor([judge(r["prompt"], r["rejected"]) for r in eval_records])
+            final["eval/rm/gold_agreement"] = (gold_chosen > gold_rejected).float().mean()  # gold agrees with labels
+            final["eval/rm/spearman_with_gold"] = spearman(torch.cat([chosen_rewards, rejected_rewards]),
+                                                           torch.cat([gold_chosen, gold_rejected]))
+            if args.gold_tau > 0:  # a judge that knows gold exactly is right with probability max(p, 1 - p) per pair
+                p = torch.sigmoid((gold_chosen - gold_rejected) / args.gold_tau)
+                final["eval/rm/noise_ceiling"] = torch.maximum(p, 1 - p).mean()
+        metrics.log(num_steps, final)
+        print("  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     metrics.close()
-    print(f"saved to {args.output_dir}; logs in runs/{args.run_name}")
+    print(f"logs in runs/{args.run_name}")

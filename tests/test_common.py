@@ -1,14 +1,16 @@
 """The contracts between the stages: data formats and their errors, tokenizer padding, the reward index."""
 
+import copy
 import filecmp
 
 import pytest
 import torch
 from conftest import CHATML, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reviews_task
-from common import (DataError, encode_prompt, encode_response, last_token_index, pack, packing_works, pad,
-                    position_ids_from_mask, read_jsonl, render_prompt, setup_tokenizer)
+from common import (DataError, disable_dropout, encode_prompt, encode_response, end_token_id, last_token_index, pack,
+                    packing_works, pad, position_ids_from_mask, read_jsonl, render_prompt, sample, setup_tokenizer)
 
 
 def test_formats_are_normalised(tmp_path):
@@ -73,24 +75,147 @@ def test_pad_token_is_made_distinct_from_eos(case):
     assert ids[-1] == tok.eos_token_id
 
 
+def word_tokenizer(chat_template=None):
+    """A word-level tokenizer whose ids can be laid out by hand."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "very", "good", ".", "<|im_start|>", "<|im_end|>",
+                                         "user", "assistant", "Hi"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = chat_template
+    return tok
+
+
+def test_encode_response_on_hand_laid_ids():
+    tok = word_tokenizer()
+    assert encode_response(tok, "very good .", 48) == ([3, 4, 5, 2], False)  # the text, then EOS (2)
+    assert encode_response(tok, "very good .", 2) == ([3, 4], True)  # cut from the right: no end token
+    chat = word_tokenizer(CHATML)  # with a template a response ends with the end-of-turn token, <|im_end|> (7)
+    assert encode_response(chat, [{"role": "assistant", "content": "very good ."}], 48) == ([3, 4, 5, 7], False)
+
+
 def test_encoding_and_chat_template(tokenizer):
     ids, cut = encode_prompt(tokenizer, "The pasta was", 64)
     assert ids[0] == tokenizer.bos_token_id and not cut
     ids, cut = encode_prompt(tokenizer, "The pasta was very good and the service was slow", 4)
-    assert len(ids) == 4 and cut and ids[-1] == tokenizer("The pasta was very good and the service was slow")["input_ids"][-1]
-    ids, cut = encode_response(tokenizer, " very good, but the service was slow.", 3)
-    assert len(ids) == 3 and cut and tokenizer.eos_token_id not in ids
+    whole = tokenizer("The pasta was very good and the service was slow")["input_ids"]
+    assert cut and ids == [tokenizer.bos_token_id] + whole[-3:]  # cut from the left, BOS kept
 
-    chat = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
-                               pad_token="<pad>")
+    chat = copy.deepcopy(tokenizer)
     chat.chat_template = CHATML
     text = render_prompt(chat, [{"role": "user", "content": "Rate the pasta"}])
     assert text == "<|im_start|>user\nRate the pasta<|im_end|>\n<|im_start|>assistant\n"
     assert render_prompt(chat, "Rate the pasta") == text  # a plain prompt becomes one user turn
     ids, _ = encode_prompt(chat, "Rate the pasta", 512)
     assert ids == chat(text, add_special_tokens=False)["input_ids"]  # no BOS added on top of the template
-    ids, _ = encode_response(chat, [{"role": "assistant", "content": " fine."}], 48)
-    assert ids == chat(" fine.", add_special_tokens=False)["input_ids"] + [chat.eos_token_id]
+
+
+def test_long_chat_prompt_keeps_its_frame(tokenizer):
+    """A chat prompt over the limit loses the oldest words of its user turn, never the BOS, the system turn or the
+    assistant header that the template puts around it; one whose fixed part alone is too long cannot be used."""
+    chat = copy.deepcopy(tokenizer)
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat.chat_template = "{{ bos_token }}" + CHATML
+    story = " ".join(f"the pasta was very good on day {i}" for i in range(30))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": story}]
+    assert len(encode_prompt(chat, messages, 10**6)[0]) > 100
+    ids, cut = encode_prompt(chat, messages, 40)
+    text = chat.decode(ids)
+    assert cut and 30 < len(ids) <= 40
+    assert text.startswith("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("on day 29<|im_end|>\n<|im_start|>assistant\n")  # the newest words are kept
+    assert encode_prompt(chat, messages, 8) == (None, True)  # the frame alone is longer than 8 tokens
+
+
+def test_end_of_turn_token_that_is_not_eos(tokenizer, model_dir):
+    """Gemma's template ends a turn with <end_of_turn>, not EOS: a response must end with it, and sampling must stop
+    at it."""
+    from sft import sample_texts
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end_token_id(tok) == eot != tok.eos_token_id
+    assert encode_response(tok, [{"role": "assistant", "content": " fine."}], 48)[0][-1] == eot
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.resize_token_embeddings(len(tok))
+
+    def prefer_end_of_turn(module, inputs, logits):  # the model now always wants to end its turn
+        logits[..., eot] += 100.0
+        return logits
+    model.lm_head.register_forward_hook(prefer_end_of_turn)
+    texts, ended = sample_texts(model, tok, ["The pasta was", "The plot was"], 8, "cpu")
+    assert texts == ["", ""] and ended == [True, True]
+
+
+def test_sampling_ignores_the_models_generation_config(sft_dir, monkeypatch):
+    """A generation_config.json with a repetition penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens and
+    top_k must not reach the sampler: the processors generate() builds are the temperature alone, and the first
+    token of 4,000 samples follows softmax(logits / T) (total variation below 0.06; sampling noise is ~0.02)."""
+    policy = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    prompt = tok("The pasta was")["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(policy(torch.tensor([prompt])).logits[0, -1] / 0.7, dim=-1)  # (V,)
+    likely = probs.topk(5).indices.tolist()
+    policy.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=3, top_k=3,
+                                    suppress_tokens=likely)  # would forbid the five likeliest first tokens
+    built = []
+    original = type(policy)._get_logits_processor
+    monkeypatch.setattr(type(policy), "_get_logits_processor",
+                        lambda self, *a, **k: built.append(original(self, *a, **k)) or built[-1])
+    torch.manual_seed(0)
+    n = 4000
+    out = sample(policy, torch.tensor([prompt] * n), torch.ones(n, len(prompt), dtype=torch.long), 1, 0.7,
+                 tok.eos_token_id, tok.pad_token_id)
+    assert [type(p).__name__ for p in built[0]] == ["TemperatureLogitsWarper"]
+    assert policy.generation_config.repetition_penalty == 5.0  # the model's own config is back after the call
+    empirical = torch.bincount(out[:, -1], minlength=len(probs)).float() / n
+    # total variation over bins: each token of probability >= 1% alone, the rest pooled (per-token counts of a flat
+    # tail are too noisy for 4,000 draws)
+    bins = torch.where(probs >= 0.01, torch.arange(len(probs)), len(probs))
+    binned = lambda p: torch.zeros(len(probs) + 1).index_add_(0, bins, p)  # noqa: E731
+    assert 0.5 * (binned(empirical) - binned(probs)).abs().sum() < 0.06
+    assert probs[likely].sum() > 0.2  # the test has teeth: suppressing these would move a fifth of the mass
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_dropout_held_as_float_attributes_is_disabled(arch):
+    """Llama and Qwen2 attention copy config.attention_dropout into a float at build time; train-mode forwards must
+    be identical after disable_dropout all the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, attention_dropout=0.3)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))
+    model.train()
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # attention dropout is on
+        disable_dropout(model)
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_byte_order_mark_and_crlf_are_read(tmp_path):
+    """Files saved by Windows editors and spreadsheet exports: a UTF-8 BOM and CRLF line ends."""
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "completion": " c"}\r\n{"prompt": "q", "completion": " d"}\r\n')
+    assert [(r["prompt"], r["completion"]) for r in read_jsonl(str(path), "sft")] == [("p", " c"), ("q", " d")]
+
+
+def test_prompt_file_takes_conversations_awaiting_an_answer(tmp_path):
+    system, user = {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}
+    answer = {"role": "assistant", "content": "Hello"}
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [system, user]}, {"prompt": [user]},
+                                                    {"messages": [user, answer]}, {"prompt": "plain"}])
+    assert [r["prompt"] for r in read_jsonl(path, "prompt")] == [[system, user], [user], [user], "plain"]
 
 
 def test_last_token_index_and_positions():
@@ -175,6 +300,19 @@ def test_packing_check_catches_a_model_that_mixes_packed_sequences(model_dir, mo
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert packing_works(model)
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing_works(model)
+
+
+def test_packing_check_uses_several_rows(model_dir, monkeypatch):
+    """transformers' flash-attention path finds packed sequences only in a batch of one row, and the scripts pack
+    into several: the check must catch a model that keeps packed sequences apart in one row only."""
+    import transformers.masking_utils
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    one_row_only = transformers.masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices",
+                        lambda position_ids: one_row_only(position_ids) if position_ids.shape[0] == 1 else None)
     assert not packing_works(model)
 
 

@@ -1,5 +1,7 @@
 """Stage 3: each piece of PPO's math against a slow reference, the rollout contracts, and learning."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import read_metrics, run_script
@@ -48,26 +50,24 @@ def test_truncation_after_the_first_eos():
     assert has_eos.tolist() == [True, True, False]
 
 
-def test_score_lands_on_eos_and_penalty_only_without_eos():
+def test_score_lands_on_eos_and_the_kl_by_hand():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float)  # row 0 ends with EOS at index 2
     logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0, 0], [-1.0, -1.0, -1.0, -1.0, -1.0]])
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, 9, 9], [-1.0, -2.0, -1.0, -1.0, -1.0]])
-    has_eos = torch.tensor([True, False])
-    raw = torch.tensor([0.7, 0.7])
-    scores = raw - 1.0 * (~has_eos).float()  # the script's missing-EOS penalty, 1.0
+    scores = torch.tensor([0.7, -0.3])
     rewards, non_score, kl_k1, kl_k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
     k1 = torch.tensor([[0.5, -1.0, 0.0, 0, 0], [0.0, 1.0, 0.0, 0.0, 0.0]])
     assert torch.allclose(kl_k1, k1)
     expected = -0.1 * k1
     expected[0, 2] += 0.7  # at the EOS, not one past it
-    expected[1, 4] += -0.3  # no EOS: the last token, with the penalty
+    expected[1, 4] += -0.3  # no EOS: the last token
     assert torch.allclose(rewards, expected)
     assert torch.allclose(non_score, -0.1 * k1)
-    logr = ref_logprobs - logprobs
-    assert torch.allclose(kl_k3, (torch.exp(logr) - 1 - logr) * mask)
-    assert (kl_k3 >= 0).all()
+    # k3 = (r - 1) - log r with log r = ref - logprob: e^-0.5 - 1 + 0.5, e^1 - 1 - 1, and e^-1 - 1 + 1, by hand
+    k3 = torch.tensor([[0.1065307, 0.7182818, 0.0, 0, 0], [0.0, 0.3678794, 0.0, 0.0, 0.0]])
+    assert torch.allclose(kl_k3, k3, atol=1e-6)
     r3, _, _, _ = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, 0.1, "k3")
-    assert torch.allclose(r3 - rewards, -0.1 * (kl_k3 - kl_k1))
+    assert torch.allclose(r3 - rewards, -0.1 * (k3 - k1), atol=1e-6)
 
 
 def test_clipped_value_loss_on_hand_values():
@@ -166,47 +166,101 @@ def ppo_args(task_dir, sft_dir, out, *extra):
             "--eval-every", "1000", "--learning-rate", "1e-3", *extra]
 
 
-def test_first_minibatch_ratio_is_one_and_initial_kl_zero(task_dir, sft_dir, tmp_path):
-    """Generation-time log-probs equal training-time ones (temperature included), and policy == reference at first."""
+def test_first_minibatch_ratio_is_one_and_generation_config_is_ignored(task_dir, sft_dir, tmp_path):
+    """Rollout and update forwards agree (ratio exactly 1 on the first minibatch) and policy == reference at first
+    (KL 0). The SFT model's generation_config.json here forbids EOS (suppress_tokens) and penalises repetition: PPO
+    must sample without it, so some responses end. AdamW's weight decay is 0 by default: embedding rows of the value
+    model that no token reached stay as they were."""
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig
+
+    model = tmp_path / "sft_with_generation_config"
+    shutil.copytree(sft_dir, model)
+    eos = AutoModelForCausalLM.from_pretrained(sft_dir).config.eos_token_id
+    GenerationConfig(do_sample=True, suppress_tokens=[eos], repetition_penalty=1.3, top_k=5).save_pretrained(model)
     for value_model in ("separate", "shared"):
         (tmp_path / value_model).mkdir()
-        run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / value_model / "out", "--num-iterations", "2",
+        run_script("ppo_rlhf.py", *ppo_args(task_dir, model, tmp_path / value_model / "out", "--num-iterations", "2",
                                             "--reward-fn", "reward_functions.py:positivity", "--temperature", "0.7",
                                             "--value-model", value_model, "--eval-reward-fn", ""),
                    cwd=tmp_path / value_model)
         assert [v for _, v in read_metrics(tmp_path / value_model, "val/first_ratio_max_dev")] == [0.0, 0.0]
         kl = read_metrics(tmp_path / value_model, "objective/kl")
         assert kl[0][1] == 0.0 and kl[1][1] != 0.0
+        assert sum(v for _, v in read_metrics(tmp_path / value_model, "val/num_eos_tokens")) > 0
+    start = load_file(model / "model.safetensors")["model.embed_tokens.weight"]
+    trained = load_file(tmp_path / "separate" / "out" / "value_model" / "model.safetensors")["model.embed_tokens.weight"]
+    assert (trained == start).all(dim=1).sum() >= 20  # weight decay would have shrunk every row
+
+
+def test_missing_eos_penalty_through_the_script(task_dir, sft_dir, tmp_path):
+    """A constant reward 0.7 and kl_coef 0: what PPO maximises is 0.7 less the penalty 1.0 for each response that
+    never ended, as the script computes it from its own rollouts."""
+    (tmp_path / "constant.py").write_text("def score(prompt, response):\n    return 0.7\n")
+    run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "3", "--kl-coef", "0",
+                                        "--reward-fn", f"{tmp_path / 'constant.py'}:score", "--response-length", "6",
+                                        "--value-model", "shared", "--num-ppo-epochs", "1", "--eval-reward-fn", ""),
+               cwd=tmp_path)
+    ended = [v for _, v in read_metrics(tmp_path, "val/num_eos_tokens")]
+    assert min(ended) < 16  # some responses ran out of tokens
+    for n, (_, score), (_, rlhf_reward) in zip(ended, read_metrics(tmp_path, "objective/scores"),
+                                                read_metrics(tmp_path, "objective/rlhf_reward")):
+        assert score == pytest.approx(0.7) and rlhf_reward == pytest.approx(0.7 - 1.0 * (16 - n) / 16)
+
+
+def test_one_valid_token_keeps_metrics_finite(task_dir, sft_dir, tmp_path):
+    """One episode of one token: the ratio's variance is undefined and must not stop the run."""
+    run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "1",
+                                        "--rollout-batch-size", "1", "--num-mini-batches", "1", "--num-ppo-epochs", "1",
+                                        "--response-length", "1", "--reward-fn", "reward_functions.py:positivity",
+                                        "--value-model", "shared", "--eval-reward-fn", ""), cwd=tmp_path)
+    assert read_metrics(tmp_path, "val/ratio_var") == [(1, 0.0)]
+
+
+def test_dual_clip_must_exceed_one(task_dir, sft_dir, tmp_path):
+    proc = run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "1",
+                                               "--dual-clip", "0.5", "--reward-fn", "reward_functions.py:positivity",
+                                               "--eval-reward-fn", ""), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "--dual-clip 0.5: c must be > 1" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_ppo_raises_a_toy_reward_and_kl_coef_limits_kl(task_dir, sft_dir, tmp_path):
-    """Reward = count of 'the'. It must rise within a few iterations; a large kl_coef must end with a smaller KL."""
+    """Reward = count of 'the'. It must rise within a few iterations, and the final evaluation's win rate against
+    the SFT policy on that reward must be a share above one half; a large kl_coef must end with a smaller KL."""
     finals = {}
     for kl_coef in ("0.0", "1.0"):
         cwd = tmp_path / kl_coef
         cwd.mkdir()
+        judge = "reward_functions.py:count_token_the" if kl_coef == "0.0" else ""
         run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, cwd / "out", "--num-iterations", "12",
                                             "--reward-fn", "reward_functions.py:count_token_the", "--kl-coef", kl_coef,
-                                            "--value-model", "shared", "--eval-reward-fn", ""), cwd=cwd)
+                                            "--value-model", "shared", "--eval-reward-fn", judge,
+                                            "--num-eval-prompts", "32"), cwd=cwd)
         scores = [v for _, v in read_metrics(cwd, "objective/scores")]
         finals[kl_coef] = sum(v for _, v in read_metrics(cwd, "objective/kl")[-3:]) / 3
         if kl_coef == "0.0":
             assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.5, scores
+            ((_, win_rate),) = read_metrics(cwd, "eval/gold_win_rate_vs_sft")
+            ((_, policy), (_, sft)) = read_metrics(cwd, "eval/gold_score")[-1:] + read_metrics(cwd, "eval/sft_gold_score")
+            assert 0.6 < win_rate <= 1.0 and policy > sft, (win_rate, policy, sft)
     assert finals["1.0"] < finals["0.0"], finals
 
 
 def test_pipeline_chains_and_saves(task_dir, sft_dir, tmp_path):
-    """reward_model.py from the SFT folder, then ppo_rlhf.py with both; outputs load with plain transformers."""
-    run_script("reward_model.py", "--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl",
-               "--eval-dataset", task_dir / "preference_eval.jsonl", "--output-dir", tmp_path / "rm",
-               "--max-steps", "4", "--num-normalize-samples", "16", "--eval-reward-fn", "", cwd=tmp_path)
+    """reward_model.py from the SFT folder, then ppo_rlhf.py with both; outputs load with plain transformers, and the
+    first rollout scores about 0, as the reward model's normalisation promises."""
+    (tmp_path / "rm_logs").mkdir()
+    rm = run_script("reward_model.py", "--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl",
+                    "--eval-dataset", task_dir / "preference_eval.jsonl", "--output-dir", tmp_path / "rm",
+                    "--max-steps", "4", "--num-normalize-samples", "16", "--eval-reward-fn", "", cwd=tmp_path / "rm_logs")
     proc = run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "ppo", "--reward-model-path",
                                                tmp_path / "rm", "--num-iterations", "2", "--eval-every", "1"),
                       cwd=tmp_path)
-    assert "gold_win_rate_vs_sft" in proc.stdout
+    spread = float(rm.stdout.split("(score std ")[1].split(")")[0])  # of the normalisation samples' scores
+    first = float(proc.stdout.split("first rollout: mean score ")[1].split()[0])
+    assert abs(first) < spread, (first, spread)
+    assert first == pytest.approx(read_metrics(tmp_path, "objective/scores")[0][1], abs=1e-3)
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
-    from transformers import AutoModelForSequenceClassification
-
     value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ppo" / "value_model")
     assert policy.config.vocab_size == value.config.vocab_size
     assert not (tmp_path / "ppo" / "checkpoint").exists()

@@ -1,6 +1,7 @@
 """An interrupted run, started again with the same command, continues from its checkpoint and gives the same numbers
 as a run that was never interrupted (CPU, same seed)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,33 +12,34 @@ import pytest
 from conftest import REPO, read_metrics, run_script
 
 
-def stage_args(script, task_dir, model_dir, sft_dir, out):
+def stage_args(script, task_dir, model_dir, sft_dir, out, variant=""):
     if script == "sft.py":
         return ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl", "--eval-dataset",
                 task_dir / "sft_eval.jsonl", "--output-dir", out, "--per-device-train-batch-size", "16",
                 "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--num-eval-generations", "4",
                 "--eval-reward-fn", ""], "train/sft/loss"
-    if script == "reward_model.py":
+    if script == "reward_model.py":  # the default normalisation samples the SFT policy after training
         return ["--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl", "--eval-dataset",
                 task_dir / "preference_eval.jsonl", "--output-dir", out, "--per-device-train-batch-size", "16",
-                "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--normalize-on", "dataset",
+                "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--num-normalize-samples", "64",
                 "--eval-reward-fn", ""], "train/rm/loss"
     return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--eval-dataset",
             task_dir / "prompts_eval.jsonl", "--output-dir", out, "--rollout-batch-size", "8", "--response-length",
             "8", "--num-iterations", "9", "--save-every", "3", "--eval-every", "2", "--num-eval-prompts", "4",
-            "--reward-fn", "reward_functions.py:positivity", "--learning-rate", "1e-3", "--eval-reward-fn", ""], \
-        "loss/policy_avg"
+            "--reward-fn", "reward_functions.py:positivity", "--learning-rate", "1e-3", "--eval-reward-fn", "",
+            "--value-model", variant], "loss/policy_avg"
 
 
-@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "ppo_rlhf.py"])
-def test_interrupted_run_resumes_where_it_stopped(script, task_dir, model_dir, sft_dir, tmp_path):
+@pytest.mark.parametrize("script, variant", [("sft.py", ""), ("reward_model.py", ""), ("ppo_rlhf.py", "separate"),
+                                             ("ppo_rlhf.py", "shared")])
+def test_interrupted_run_resumes_where_it_stopped(script, variant, task_dir, model_dir, sft_dir, tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "x").mkdir()
-    args, metric = stage_args(script, task_dir, model_dir, sft_dir, tmp_path / "ref" / "out")
+    args, metric = stage_args(script, task_dir, model_dir, sft_dir, tmp_path / "ref" / "out", variant)
     run_script(script, *args, cwd=tmp_path / "ref")
     reference = dict(read_metrics(tmp_path / "ref", metric))
 
-    args, _ = stage_args(script, task_dir, model_dir, sft_dir, tmp_path / "x" / "out")
+    args, _ = stage_args(script, task_dir, model_dir, sft_dir, tmp_path / "x" / "out", variant)
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=tmp_path / "x",
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "x" / "out" / "checkpoint" / "training_state.pt"
@@ -52,3 +54,10 @@ def test_interrupted_run_resumes_where_it_stopped(script, task_dir, model_dir, s
     assert set(dict(logged)) == set(reference)  # every step, some twice (those after the checkpoint, before the kill)
     for step, value in logged:
         assert abs(value - reference[step]) < 1e-5, (step, value, reference[step])
+    # what follows training draws from the random generators too (the reward model's normalisation samples the SFT
+    # policy; PPO's held-out evaluation samples the policy): it must come out the same
+    if script == "reward_model.py":
+        offsets = [json.load(open(tmp_path / run / "out" / "config.json"))["reward_offset"] for run in ("ref", "x")]
+        assert offsets[0] == pytest.approx(offsets[1], abs=1e-6), offsets
+    if script == "ppo_rlhf.py":
+        assert read_metrics(tmp_path / "ref", "eval/scores")[-1] == read_metrics(tmp_path / "x", "eval/scores")[-1]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import read_metrics, run_script, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import last_token_index, pad, reward_scores
+from common import encode_prompt, encode_response, last_token_index, pad, reward_scores
 from reward_model import collate, group_pairs, init_score_head
 
 
@@ -43,15 +43,6 @@ def test_score_ignores_padding_side_and_amount(rm):
     # tolerance: fp32 attention over different padded lengths differs by rounding only
     for other in (left, extra, alone):
         assert torch.allclose(right, other, atol=1e-5), (right, other)
-
-
-def test_loss_matches_a_hand_computation():
-    chosen, rejected = torch.tensor([1.0, 0.2, -0.5]), torch.tensor([0.0, 0.4, -2.5])
-    by_hand = sum(math.log(1 + math.exp(-(c - r))) for c, r in zip(chosen.tolist(), rejected.tolist())) / 3
-    assert abs(-F.logsigmoid(chosen - rejected).mean().item() - by_hand) < 1e-6
-    margin = 0.5  # with a margin the pair must win by at least m to have a small loss
-    by_hand = sum(math.log(1 + math.exp(-(c - r - margin))) for c, r in zip(chosen.tolist(), rejected.tolist())) / 3
-    assert abs(-F.logsigmoid(chosen - rejected - margin).mean().item() - by_hand) < 1e-6
 
 
 def test_collate_puts_chosen_and_rejected_in_one_batch():
@@ -191,3 +182,63 @@ def test_bad_pairs_error_or_are_skipped(model_dir, tmp_path):
                                                    "--max-steps", "1", "--normalize-on", "dataset"), cwd=tmp_path)
     assert "skipped 6 bad lines" in proc.stdout  # 3 in the training file and 3 in the held-out file (the same file)
     assert "40 training pairs" in proc.stdout
+
+
+def test_logged_loss_is_the_bradley_terry_loss_of_the_model(model_dir, tmp_path):
+    """At learning rate 0 the model never moves, so the loss the script logs for its one step must be
+    mean(-log sigmoid(r_chosen - r_rejected - margin)) over every pair, a ranking's pairs included, recomputed
+    here pair by pair from the saved model."""
+    ranking = [{"prompt": "The plot was", "chosen": c, "rejected": r}
+               for c, r in [(" great.", " fine."), (" great.", " awful."), (" fine.", " awful.")]]
+    rows = ranking + [{"prompt": f"The {s} was", "chosen": " so good.", "rejected": " bad."}
+                      for s in ("pasta", "view", "screen", "soup")]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "rm"
+    run_script("reward_model.py", *rm_args(model_dir, data, data, out, "--per-device-train-batch-size", "5",
+                                            "--max-steps", "1", "--learning-rate", "0", "--margin", "0.5",
+                                            "--normalize-on", "none"), cwd=tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    score = lambda p, r: reward_scores(model, *pad([encode_prompt(tok, p, 64)[0] + encode_response(tok, r, 16)[0]],
+                                                   tok.pad_token_id))[0]  # noqa: E731
+    with torch.no_grad():
+        losses = [-F.logsigmoid(score(r["prompt"], r["chosen"]) - score(r["prompt"], r["rejected"]) - 0.5) for r in rows]
+    ((step, logged),) = read_metrics(tmp_path, "train/rm/loss")
+    assert step == 1 and abs(logged - torch.stack(losses).mean().item()) < 1e-5
+
+
+def test_gradient_accumulation_matches_one_big_batch(task_dir, model_dir, tmp_path):
+    """Rankings with ties dropped give micro-batches of different pair counts: the loss is summed over pairs and
+    divided by the pairs of the whole accumulated batch, so 2 x 4 groups equal 1 x 8 groups, step for step."""
+    runs = []
+    for name, bs, ga in [("big", "8", "1"), ("acc", "4", "2")]:
+        (tmp_path / name).mkdir()
+        run_script("reward_model.py", *rm_args(model_dir, task_dir / "preference_train.jsonl",
+                                                task_dir / "preference_eval.jsonl", tmp_path / name / "out",
+                                                "--max-steps", "3", "--learning-rate", "1e-3", "--eval-steps", "1000",
+                                                "--normalize-on", "none", "--per-device-train-batch-size", bs,
+                                                "--gradient-accumulation-steps", ga), cwd=tmp_path / name)
+        runs.append([v for _, v in read_metrics(tmp_path / name, "train/rm/loss")])
+    assert len(runs[0]) == 3 and torch.allclose(torch.tensor(runs[0]), torch.tensor(runs[1]), atol=1e-5), runs
+
+
+def test_model_is_saved_before_a_failing_analysis(model_dir, tmp_path):
+    """A judge that fails in the end-of-run analysis must not cost the trained model."""
+    (tmp_path / "judge.py").write_text("def gold(prompt, response):\n    raise RuntimeError('the judge failed')\n")
+    rows = [{"prompt": f"Visit {i}: the pasta was", "chosen": " great.", "rejected": " awful."} for i in range(16)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    proc = run_script("reward_model.py", *rm_args(model_dir, data, data, tmp_path / "rm", "--max-steps", "2",
+                                                   "--normalize-on", "dataset"),
+                      "--eval-reward-fn", f"{tmp_path / 'judge.py'}:gold", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "the judge failed" in proc.stderr
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels == 1
+
+
+def test_normalisation_samples_as_ppo_samples():
+    """The offset makes PPO's first rollouts score about 0 only if it is measured on samples drawn the same way."""
+    import ppo_rlhf
+    import reward_model
+
+    rm, ppo = reward_model.Args(), ppo_rlhf.Args()
+    assert (rm.normalize_temperature, rm.normalize_response_length, rm.normalize_max_prompt_length) == (
+        ppo.temperature, ppo.response_length, ppo.max_prompt_length)

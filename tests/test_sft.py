@@ -7,7 +7,8 @@ import torch
 from conftest import CHATML, read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft import collate, token_nll_sum
+from common import read_jsonl
+from sft import Args, collate, encode, token_nll_sum
 
 
 def test_labels_on_a_hand_laid_example():
@@ -68,11 +69,16 @@ def test_short_run_learns_saves_and_generates(task_dir, model_dir, tmp_path):
     assert [s for s, _ in losses] == [0, 20, 40]
     assert losses[-1][1] < 0.8 * losses[0][1]  # held-out loss falls well below the random-init loss
 
-    model = AutoModelForCausalLM.from_pretrained(out)
+    # the saved folder is the trained model: recomputed from it, the held-out loss is the last one logged
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    ids = tok("The pasta was", return_tensors="pt")
-    gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert gen.shape[1] > ids["input_ids"].shape[1]
+    args = Args(max_completion_length=24)
+    evals, _, _ = encode(read_jsonl(str(task_dir / "sft_eval.jsonl"), "sft"), tok, args)
+    with torch.no_grad():
+        batches = [collate(evals[k: k + 16], tok.pad_token_id, False, False) for k in range(0, len(evals), 16)]
+        nll = sum(token_nll_sum(model, b).item() for b in batches)
+    tokens = sum((b["labels"][:, 1:] != -100).sum().item() for b in batches)
+    assert abs(nll / tokens - losses[-1][1]) < 1e-4 * losses[-1][1], (nll / tokens, losses[-1][1])
     assert os.path.exists(out / "args.json") and os.path.exists(out / "model.safetensors")
     assert not os.path.exists(out / "checkpoint")
 

@@ -1,0 +1,96 @@
+"""The path a new user takes: a chat model of their own and TRL-format conversational files, with nothing but
+--model-name-or-path / --dataset and output paths given. Nothing of the embedded task may leak in (its held-out
+files, its judge, its tiny model's learning rates), and every stage must end with a saved model that loads."""
+
+import copy
+import json
+
+import pytest
+from conftest import CHATML, read_metrics, run_script, write_jsonl
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import reviews_task
+
+SYSTEM = {"role": "system", "content": "You finish restaurant reviews."}
+
+
+def user(text):
+    return {"role": "user", "content": f"Finish this review: {text}"}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, tokenizer):
+    """A stand-in for a Hub chat model: a ChatML template, pad == eos == <|im_end|> (SmolLM2's trap), and no mark of
+    the embedded task, so the scripts must treat it as a pretrained model."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = tok.pad_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    model = reviews_task.build_tiny_model(tok, hidden_size=64, num_layers=2)
+    del model.config.embedded_tiny_model
+    out = tmp_path_factory.mktemp("chat_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_users_chat_model_and_files_run_the_whole_chain(chat_model_dir, tmp_path):
+    dishes = ["the pasta", "the soup", "the steak", "the coffee", "the pizza", "the salad", "the bread", "the curry",
+              "the noodles", "the burger", "the dessert", "the wine"]
+    # fewer examples, pairs and prompts than the default batch sizes (32 examples, 8 groups, 64 prompts)
+    write_jsonl(tmp_path / "sft.jsonl", [{"messages": [SYSTEM, user(f"{d} was"), assistant(f"{d} was great.")]}
+                                         for d in dishes])
+    write_jsonl(tmp_path / "prefs.jsonl",
+                [{"prompt": [user(f"{d} was")], "chosen": [assistant(" lovely.")], "rejected": [assistant(" awful.")]}
+                 for d in dishes[:5]]
+                + [{"chosen": [user("the tea was"), assistant(" warm.")], "rejected": [user("the tea was"),
+                                                                                       assistant(" cold.")]}])
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [SYSTEM, user(f"{d} was")]} for d in dishes[:6]]
+                + [{"messages": [user(f"{d} tasted")]} for d in dishes[6:10]])
+    for stage in ("sft", "rm", "ppo"):
+        (tmp_path / stage).mkdir()
+
+    sft = run_script("sft.py", "--model-name-or-path", chat_model_dir, "--dataset", tmp_path / "sft.jsonl",
+                     "--output-dir", tmp_path / "models" / "sft", cwd=tmp_path / "sft")
+    assert "12 training examples" in sft.stdout and "no held-out set" in sft.stdout
+    assert "learning rate 1e-05 (a pretrained model" in sft.stdout
+    rm = run_script("reward_model.py", "--model-name-or-path", tmp_path / "models" / "sft", "--dataset",
+                    tmp_path / "prefs.jsonl", "--output-dir", tmp_path / "models" / "rm", cwd=tmp_path / "rm")
+    assert "6 training pairs" in rm.stdout and "normalised on 6 sft_samples" in rm.stdout
+    ppo = run_script("ppo_rlhf.py", "--sft-model-path", tmp_path / "models" / "sft", "--reward-model-path",
+                     tmp_path / "models" / "rm", "--dataset", tmp_path / "prompts.jsonl", "--output-dir",
+                     tmp_path / "models" / "ppo", cwd=tmp_path / "ppo")
+    assert "--rollout-batch-size 64 -> 10" in ppo.stdout
+
+    # pretrained-model learning rates, no embedded-task evaluation or judge
+    for stage, peak in [("sft", 1e-5), ("rm", 1e-5), ("ppo", 3e-6)]:
+        assert max(v for _, v in read_metrics(tmp_path / stage, "charts/lr")) <= peak
+    (run,) = (tmp_path / "sft" / "runs").iterdir()
+    logged = {k for line in open(run / "metrics.jsonl") for k in json.loads(line)}
+    assert "eval/sft/eos_rate" in logged and not {"eval/sft/loss", "eval/sft/gold_mean"} & logged
+    assert not read_metrics(tmp_path / "rm", "eval/rm/accuracy")
+    assert not read_metrics(tmp_path / "ppo", "eval/gold_score") and read_metrics(tmp_path / "ppo", "eval/scores")
+
+    # every stage saved a model that loads with plain transformers, with a pad token that is not the end of a turn
+    tok = AutoTokenizer.from_pretrained(tmp_path / "models" / "sft")
+    assert tok.pad_token == "<pad>" and tok.eos_token == "<|im_end|>"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "sft")
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "models" / "rm").config.num_labels == 1
+    AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "ppo")
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "models" / "ppo" / "value_model")
+
+
+@pytest.mark.parametrize("script, missing, command", [("reward_model.py", "models/sft", "python sft.py"),
+                                                      ("ppo_rlhf.py", "models/sft", "python sft.py"),
+                                                      ("ppo_rlhf.py", "models/reward_model", "python reward_model.py")])
+def test_a_missing_upstream_stage_is_named(script, missing, command, tmp_path):
+    """Run out of order, a stage says which folder is missing and which command makes it (not a Hub traceback)."""
+    if missing == "models/reward_model":
+        (tmp_path / "models" / "sft").mkdir(parents=True)
+    proc = run_script(script, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{missing} does not exist: run `{command}` first" in proc.stderr
