@@ -17,20 +17,26 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
    with other sequences (`common.pack`); log-probs and values come back in the usual (B, T) layout.
 """
 
+import importlib
+import importlib.util
+import json
 import os
+import random
+import shutil
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import reviews_task
-from common import (DataError, Metrics, disable_dropout, encode_prompt, end_token_id, last_token_index, load_function,
-                    load_state, pack, packing_works, pad, position_ids_from_mask, read_jsonl, reward_scores, sample,
-                    save_model, save_state, seed_everything, setup_tokenizer)
+from common import (DataError, encode_prompt, end_token_id, last_token_index, read_jsonl, reward_scores, sample,
+                    setup_tokenizer)
+
+# the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
+TASK_DATA = "data/reviews"
 
 
 @dataclass
@@ -66,11 +72,11 @@ class Args:
     value_model: Literal["separate", "shared"] = "separate"
     """'separate': a model initialised from the reward model (the SFT model with --reward-fn); 'shared': a policy head"""
     eval_reward_fn: str = "auto"
-    """a judge (prompt, response) -> float used only for evaluation; 'auto': the embedded task's gold judge on its own
-    prompts, none on yours; '' to skip"""
+    """a judge (prompt, response) -> float used only for evaluation; 'auto': the embedded task's gold judge
+    (reviews_task.py:gold_score) on its own prompts, none on yours; '' to skip"""
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
-    dataset: str = f"{reviews_task.DATA_DIR}/prompts_train.jsonl"
+    dataset: str = f"{TASK_DATA}/prompts_train.jsonl"
     """JSONL of prompts (prompt-only, or any format with a prompt)"""
     eval_dataset: str = "auto"
     """held-out prompts for evaluation; 'auto': the embedded task's held-out prompts with its training prompts, none
@@ -169,8 +175,8 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(has_eos, is_eos.long().argmax(dim=1), responses.shape[1])  # (B,)
     positions = torch.arange(responses.shape[1], device=responses.device)
-    padding_mask = positions[None, :] <= first_eos[:, None]  # (B, T), True on valid tokens
-    return responses.masked_fill(~padding_mask, pad_id), padding_mask, has_eos
+    response_mask = positions[None, :] <= first_eos[:, None]  # (B, T), True on valid tokens
+    return responses.masked_fill(~response_mask, pad_id), response_mask, has_eos
 
 
 def logprobs_and_entropy(logits: torch.Tensor, responses: torch.Tensor, temperature: float):
@@ -185,18 +191,18 @@ def logprobs_and_entropy(logits: torch.Tensor, responses: torch.Tensor, temperat
     return logprobs, entropy
 
 
-def kl_shaped_rewards(scores, logprobs, ref_logprobs, padding_mask, kl_coef: float, kl_estimator: str = "k1"):
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, kl_estimator: str = "k1"):
     """Per-token rewards (B, T): -kl_coef * KL at every valid token, plus the (B,) score at the last valid token,
     which is the EOS (or the last token of a response cut at response_length). Not one past it: that is padding.
 
     Returns (rewards, non_score_reward, kl_k1, kl_k3); the KL tensors are per token and zero on padding.
     """
     logr = ref_logprobs - logprobs  # log(pi_ref / pi) of the sampled tokens
-    kl_k1 = -logr * padding_mask
-    kl_k3 = (torch.exp(logr) - 1 - logr) * padding_mask
+    kl_k1 = -logr * response_mask
+    kl_k3 = (torch.exp(logr) - 1 - logr) * response_mask
     non_score_reward = -kl_coef * (kl_k1 if kl_estimator == "k1" else kl_k3)
     rewards = non_score_reward.clone()
-    rewards[torch.arange(len(rewards), device=rewards.device), last_token_index(padding_mask)] += scores
+    rewards[torch.arange(len(rewards), device=rewards.device), last_token_index(response_mask)] += scores
     return rewards, non_score_reward, kl_k1, kl_k3
 
 
@@ -281,27 +287,215 @@ def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_
         last = torch.stack([starts[:, 0], starts[:, 1] + lengths - 1], dim=1)
     else:
         inputs = {"input_ids": query_responses, "attention_mask": attention_mask,
-                  "position_ids": position_ids_from_mask(attention_mask)}
+                  "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0)}  # left padding shifts nothing
         cols = (context_length - 1 + t).expand(batch, -1)
         last = torch.stack([torch.arange(batch, device=device), last_token_index(attention_mask)], dim=1)
     return inputs, (last[:, :1].expand_as(cols), cols), last
 
 
+class ValueHead(torch.nn.Module):
+    """The shared value network (`--value-model shared`): a linear map of the policy's last hidden state to a value
+    per token, zero-initialised so that the first values are 0. Saved beside the policy as value_head.safetensors."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (...)
+        return self.linear(hidden).squeeze(-1).float()
+
+
 def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperature: float, with_values: bool = True):
-    """One pass over a `layout` of query+responses -> logprobs, entropy and values of the (B, T) `responses`."""
+    """One pass over a `layout` of query+responses -> logprobs, entropy and values of the (B, T) `responses`.
+    `value_net` is a separate value model (a sequence classifier), a ValueHead on the policy, or None."""
     inputs, (rows, cols), _ = batch_layout
-    shared = value_net is None
+    shared = isinstance(value_net, ValueHead)
     out = policy(**inputs, use_cache=False, output_hidden_states=shared and with_values)
     logprobs, entropy = logprobs_and_entropy(out.logits[rows, cols], responses, temperature)
     values = None
-    if with_values:
-        if shared:  # a linear head on the policy's last hidden state
-            values = policy.value_head(out.hidden_states[-1][rows, cols]).squeeze(-1).float()
-        else:  # the value model's head at the same positions (its backbone reads like the reward model's)
-            hidden = getattr(value_net, value_net.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
-            values = value_net.score(hidden[rows, cols]).squeeze(-1).float()
-            values = values - getattr(value_net.config, "reward_offset", 0.0)
+    if with_values and shared:
+        values = value_net(out.hidden_states[-1][rows, cols])
+    elif with_values:  # the value model's head at the same positions (its backbone reads like the reward model's)
+        hidden = getattr(value_net, value_net.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
+        values = value_net.score(hidden[rows, cols]).squeeze(-1).float()
+        values = values - getattr(value_net.config, "reward_offset", 0.0)
     return logprobs, entropy, values  # each (B, T)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off, so every forward pass of the same input gives the same numbers (copied in reward_model.py and
+    ppo_rlhf.py). Three places hold a rate: the config, nn.Dropout modules, and floats that modules copy from the
+    config when built (Llama's and Qwen2's `self.attention_dropout`, applied in train mode whatever the config says)."""
+    for key, value in model.config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing, the same in sft.py, reward_model.py and ppo_rlhf.py: copied rather than shared, so that a stage script
+# and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+
+
+def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> (B, T) ids and attention mask, padded on `side` ("left" for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids, and (N, 2) the row and column where
+    each sequence starts. Positions restart at 0 with every sequence: that is how transformers keeps packed sequences
+    from attending to each other (a block-diagonal causal mask). A row's unused tail is filler no loss reads.
+
+    Longest first, each sequence into the first row with room. A row holds `room` tokens; by default the longest
+    sequence, or twice that where it is cheaper: longer rows pack denser but masked attention costs more the longer a
+    row is, so a layout costs tokens fed x (1 + row length / 640), fitted on CPU (benchmarks/bench_pack_width.py).
+    """
+    lengths = [len(s) for s in seqs]
+
+    def first_fit(room: int):  # -> columns used in each row, (row, start column) of each sequence
+        used, starts = [], [None] * len(seqs)
+        for i in sorted(range(len(seqs)), key=lambda i: -lengths[i]):
+            r = next((r for r, u in enumerate(used) if u + lengths[i] <= room), len(used))
+            used += [0] * (r == len(used))
+            starts[i], used[r] = (r, used[r]), used[r] + lengths[i]
+        return used, starts
+
+    longest = max(lengths)
+    cost = lambda used: len(used) * max(used) * (1 + max(used) / 640)  # noqa: E731
+    used, starts = first_fit(max(room, longest)) if room else min(first_fit(longest), first_fit(2 * longest),
+                                                                  key=lambda layout: cost(layout[0]))
+    width = max(used)
+    ids = torch.full((len(used), width), pad_value, dtype=torch.long)
+    positions = torch.zeros((len(used), width), dtype=torch.long)
+    for s, (r, c) in zip(seqs, starts):
+        ids[r, c: c + len(s)], positions[r, c: c + len(s)] = torch.tensor(s, dtype=torch.long), torch.arange(len(s))
+    for r, u in enumerate(used):
+        positions[r, u:] = torch.arange(width - u)
+    return ids, positions, torch.tensor(starts, dtype=torch.long)
+
+
+@torch.no_grad()
+def packing_works(model) -> bool:
+    """Does `model` keep packed sequences apart in the layout `pack` makes, several rows of several sequences? True
+    for transformers' SDPA and eager attention; false for its flash-attention path, which finds packed sequences only
+    in a batch of one row, and for remote code that ignores position ids."""
+    backbone, was_training = getattr(model, model.base_model_prefix), model.training
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size
+    seqs = [[t % vocab for t in range(k, k + n)] for k, n in ((11, 5), (23, 3), (31, 4), (47, 4))]
+    ids = torch.tensor([seqs[0] + seqs[1], seqs[2] + seqs[3]], device=model.device)  # (2, 8): two rows of two
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]], device=model.device)
+    packed = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state.flatten(0, 1)
+    alone = torch.cat([backbone(input_ids=torch.tensor([s], device=model.device), use_cache=False).last_hidden_state[0]
+                       for s in seqs])
+    model.train(was_training)
+    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    return torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol)
+
+
+def load_function(spec: str):
+    """'path/file.py:name' (a relative path may also name a file beside this script) or 'module:name' -> the function,
+    e.g. a judge f(prompt, response) -> float. Loaded only when used."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
+    if not path.endswith(".py"):
+        return getattr(importlib.import_module(path), name)
+    if not os.path.exists(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def save_model(out_dir: str, tokenizer, args, *models) -> None:
+    """Hugging Face folders written to `out_dir.tmp` and then swapped in, so a crash keeps the old folder. `models` are
+    (subfolder, model) pairs, "" for the top; `args` goes to args.json beside them."""
+    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub, model in models:
+        model.save_pretrained(os.path.join(tmp, sub))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2, default=str)
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_state(ckpt_dir: str, state: dict) -> None:
+    """Training state beside a checkpoint, written atomically, with every random generator the run draws from (CPU,
+    each CUDA device, Python's), so that a resumed run samples what the uninterrupted one would have."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state | {"rng": rng}, os.path.join(ckpt_dir, "training_state.pt.tmp"))
+    os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
+
+
+def load_state(ckpt_dir: str) -> dict:
+    """The saved training state (tensors and plain types only), with the random generators restored."""
+    state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+class Metrics:
+    """Scalars and texts to runs/{run_name}/metrics.jsonl (one JSON object per line), TensorBoard when installed, and
+    Weights & Biases with --track."""
+
+    def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
+        self.tb = self.wandb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(run_dir)
+            self.tb.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only")
+        if track:
+            import wandb  # only with --track
+
+            self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
+
+    def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
+        row = {k: float(v) for k, v in (scalars or {}).items()} | texts
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
+        self.jsonl.flush()
+        for k, v in row.items():
+            if self.tb is not None:
+                (self.tb.add_text if isinstance(v, str) else self.tb.add_scalar)(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 if __name__ == "__main__":
@@ -310,7 +504,8 @@ if __name__ == "__main__":
         raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
                          "loss), or 0 to turn dual clipping off")
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    seed_everything(args.seed)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     # --bf16: the trained models (policy, value) keep fp32 weights and AdamW state and compute in bf16 under
@@ -321,13 +516,13 @@ if __name__ == "__main__":
                                     "python reward_model.py")]:
         if path == default and not os.path.isdir(path):
             raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
-    embedded = args.dataset == f"{reviews_task.DATA_DIR}/prompts_train.jsonl"  # the embedded task's own prompts
-    if embedded:
-        reviews_task.ensure_data()
+    embedded = args.dataset == f"{TASK_DATA}/prompts_train.jsonl"  # the embedded task's own prompts
+    if embedded and not os.path.exists(args.dataset):
+        load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
     if args.eval_dataset == "auto":
-        args.eval_dataset = f"{reviews_task.DATA_DIR}/prompts_eval.jsonl" if embedded else "none"
+        args.eval_dataset = f"{TASK_DATA}/prompts_eval.jsonl" if embedded else "none"
     if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task:gold_score" if embedded else ""
+        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
 
     # 1. four models: policy, frozen reference, frozen reward model (or a reward function), value network
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
@@ -344,23 +539,21 @@ if __name__ == "__main__":
         reward_fn = load_function(args.reward_fn)
     else:
         reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, **frozen).to(device)
-    value_net = None
     if args.value_model == "separate":
         value_from = os.path.join(ckpt_dir, "value_model") if resuming else (
             args.sft_model_path if args.reward_fn else args.reward_model_path)
         value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
         value_net.train()
-    else:
-        policy.value_head = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1).to(device)
-        torch.nn.init.zeros_(policy.value_head.weight)
-        torch.nn.init.zeros_(policy.value_head.bias)
-    for model in (policy, ref_policy, reward_model, value_net):
-        if model is not None:
-            disable_dropout(model)  # PPO needs identical log-probs in rollout and update (N+ details, #2)
+    else:  # its weights come from the checkpoint when resuming (below)
+        value_net = ValueHead(policy.config.get_text_config().hidden_size).to(device)
+    hf_models = [m for m in (policy, ref_policy, reward_model, value_net) if isinstance(m, torch.nn.Module) and
+                 hasattr(m, "config")]  # the Hugging Face models among the four
+    for model in hf_models:
+        disable_dropout(model)  # PPO needs identical log-probs in rollout and update (N+ details, #2)
     for model in (ref_policy, reward_model):
         if model is not None:
             model.eval().requires_grad_(False)
-    if args.padding_free and not all(packing_works(m) for m in (policy, reward_model, value_net) if m is not None):
+    if args.padding_free and not all(packing_works(m) for m in hf_models if m is not ref_policy):
         print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
     if args.learning_rate is None:
@@ -408,7 +601,7 @@ if __name__ == "__main__":
         return order[j * args.rollout_batch_size: (j + 1) * args.rollout_batch_size].tolist()
 
     # 3. one AdamW for policy and value (eps 1e-5, N+ details #5), learning rate decayed linearly to 0
-    params = list(policy.parameters()) + (list(value_net.parameters()) if value_net is not None else [])
+    params = list(policy.parameters()) + list(value_net.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     num_updates = args.num_iterations * args.num_ppo_epochs * args.num_mini_batches
@@ -419,36 +612,42 @@ if __name__ == "__main__":
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if "value_head" in state:
-            policy.value_head.load_state_dict(state["value_head"])
+            value_net.load_state_dict(state["value_head"])
         start_iteration, kl_coef, args.run_name = state["iteration"], state["kl_coef"], state["run_name"]
         print(f"resuming {ckpt_dir} at iteration {start_iteration}")
     metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
-    value_folder = [("value_model", value_net)] if value_net is not None else []  # saved beside the policy
+    value_folder = [] if isinstance(value_net, ValueHead) else [("value_model", value_net)]  # saved beside the policy
     pad_id, eos_id = tokenizer.pad_token_id, end_token_id(tokenizer)  # eos_id: the token that ends a response
 
+    class Rollout(NamedTuple):
+        query_responses: torch.Tensor  # (B, Tq + T) left-padded queries, then responses padded after their end token
+        attention_mask: torch.Tensor  # (B, Tq + T)
+        context_length: int  # Tq
+        responses: torch.Tensor  # (B, T)
+        response_mask: torch.Tensor  # (B, T) bool, True up to and including the end token
+        has_eos: torch.Tensor  # (B,) bool: the response ended within response_length
+
     @torch.no_grad()
-    def rollout(model, prompts: list[list[int]]):
+    def rollout(model, prompts: list[list[int]]) -> Rollout:
         """Generate with pure sampling (`common.sample`: softmax(logits / temperature), nothing from the model's
-        generation_config), cut after the first EOS. Returns (query_responses, attention_mask, context_length,
-        responses, padding_mask, has_eos)."""
+        generation_config), cut after the first end token."""
         queries, query_mask = pad(prompts, pad_id, side="left")  # (B, Tq)
         queries, query_mask = queries.to(device), query_mask.to(device)
         with autocast():
             out = sample(model, queries, query_mask, args.response_length, args.temperature, eos_id, pad_id)
         context_length = queries.shape[1]
-        responses, padding_mask, has_eos = truncate_after_eos(out[:, context_length:], eos_id, pad_id)  # (B, T)
-        query_responses = torch.cat([queries, responses], dim=1)
-        attention_mask = torch.cat([query_mask, padding_mask.long()], dim=1)
-        return query_responses, attention_mask, context_length, responses, padding_mask, has_eos
+        responses, response_mask, has_eos = truncate_after_eos(out[:, context_length:], eos_id, pad_id)  # (B, T)
+        return Rollout(torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask.long()], dim=1),
+                       context_length, responses, response_mask, has_eos)
 
     @torch.no_grad()
-    def get_scores(batch_layout, responses, padding_mask, prompts_text):
+    def get_scores(batch_layout, responses, response_mask, prompts_text):
         """(B,) sequence scores: the reward model at the last real token (the EOS), or a reward function on text."""
         if reward_fn is None:
             inputs, _, last = batch_layout
             with autocast():
                 return reward_scores(reward_model, **inputs, last=last)
-        texts = tokenizer.batch_decode(responses.masked_fill(~padding_mask, pad_id), skip_special_tokens=True)
+        texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
         return torch.tensor([float(reward_fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
 
     @torch.no_grad()
@@ -457,28 +656,28 @@ if __name__ == "__main__":
         of the policy against the SFT policy on the same prompts."""
         policy.eval()
         texts = [r["prompt"] for r in eval_records]
-        qr, mask, ctx, responses, padding_mask, has_eos = rollout(policy, eval_prompts)
-        lay = layout(qr, mask, ctx, args.padding_free)
+        batch = rollout(policy, eval_prompts)
+        batch_layout = layout(batch.query_responses, batch.attention_mask, batch.context_length, args.padding_free)
         with autocast():
-            logprobs = forward(policy, value_net, lay, responses, args.temperature, with_values=False)[0]
-            ref_logprobs = forward(ref_policy, None, lay, responses, args.temperature, with_values=False)[0]
-        scores = get_scores(lay, responses, padding_mask, texts)
-        out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * padding_mask).sum(1).mean(),
-               "eval/response_length": padding_mask.sum(1).float().mean(), "eval/eos_rate": has_eos.float().mean()}
-        decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            logprobs = forward(policy, None, batch_layout, batch.responses, args.temperature, with_values=False)[0]
+            ref_logprobs = forward(ref_policy, None, batch_layout, batch.responses, args.temperature, with_values=False)[0]
+        scores = get_scores(batch_layout, batch.responses, batch.response_mask, texts)
+        out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * batch.response_mask).sum(1).mean(),
+               "eval/response_length": batch.response_mask.sum(1).float().mean(),
+               "eval/eos_rate": batch.has_eos.float().mean()}
+        decoded = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
         if args.eval_reward_fn:
             judge = load_function(args.eval_reward_fn)
             gold = torch.tensor([judge(p, t) for p, t in zip(texts, decoded)])
             out["eval/gold_score"] = gold.mean()
             if final:  # the SFT policy answers the same prompts; the gold judge picks (ties count half)
-                sft = rollout(ref_policy, eval_prompts)
-                sft_texts = tokenizer.batch_decode(sft[3], skip_special_tokens=True)
+                sft_texts = tokenizer.batch_decode(rollout(ref_policy, eval_prompts).responses, skip_special_tokens=True)
                 sft_gold = torch.tensor([judge(p, t) for p, t in zip(texts, sft_texts)])
                 out["eval/sft_gold_score"] = sft_gold.mean()
                 out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
-        metrics.log(iteration, out)
+                metrics.log(iteration, sft_samples="\n".join(f"  {t!r} -> {d!r}" for t, d in zip(texts, sft_texts)))
         table = "\n".join(f"  {s:+.2f} | {t!r} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, decoded))
-        metrics.text(iteration, "samples", table)
+        metrics.log(iteration, out, samples=table)
         tqdm.write(f"eval @ {iteration}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in out.items()) + "\n" +
                    "\n".join(table.split("\n")[: args.num_sample_rows]))
         policy.train()
@@ -493,23 +692,27 @@ if __name__ == "__main__":
         # 4. rollout: sample responses from the current policy (pure sampling at --temperature)
         idx = prompt_batch(iteration)
         policy.eval()
-        query_responses, attention_mask, context_length, responses, padding_mask, has_eos = rollout(
-            policy, [train_prompts[i] for i in idx])
+        batch = rollout(policy, [train_prompts[i] for i in idx])
+        query_responses, attention_mask, responses, has_eos = (batch.query_responses, batch.attention_mask,
+                                                               batch.responses, batch.has_eos)
+        response_mask = batch.response_mask.float()  # (B, T), 1 on valid tokens
         t_generate = time.time() - t0
-        padding_mask_f = padding_mask.float()  # (B, T)
 
         # 5. log-probs of the sampled tokens under policy and reference, values, and scores, in micro-batches
         #    of the training size so that the first PPO minibatch reproduces these numbers exactly
         with torch.no_grad():
             chunks = []
             for k in range(0, args.rollout_batch_size, args.micro_batch_size):
-                sl = slice(k, k + args.micro_batch_size)
-                lay = layout(query_responses[sl], attention_mask[sl], context_length, args.padding_free)
+                chunk = slice(k, k + args.micro_batch_size)
+                batch_layout = layout(query_responses[chunk], attention_mask[chunk], batch.context_length, args.padding_free)
                 with autocast():
-                    lp, ent, v = forward(policy, value_net, lay, responses[sl], args.temperature)
-                    ref_lp = forward(ref_policy, None, lay, responses[sl], args.temperature, with_values=False)[0]
-                score = get_scores(lay, responses[sl], padding_mask[sl], [train_records[i]["prompt"] for i in idx[sl]])
-                chunks.append((lp, ent, v, ref_lp, score))
+                    mb_logprobs, mb_entropy, mb_values = forward(policy, value_net, batch_layout, responses[chunk],
+                                                                 args.temperature)
+                    mb_ref_logprobs = forward(ref_policy, None, batch_layout, responses[chunk], args.temperature,
+                                              with_values=False)[0]
+                mb_scores = get_scores(batch_layout, responses[chunk], batch.response_mask[chunk],
+                                       [train_records[i]["prompt"] for i in idx[chunk]])
+                chunks.append((mb_logprobs, mb_entropy, mb_values, mb_ref_logprobs, mb_scores))
             logprobs, entropy, values, ref_logprobs, scores = (torch.cat(c) for c in zip(*chunks))  # (B, T) .. (B,)
             raw_scores = scores.clone()
             if iteration == 0:  # reward_model.py normalised its scores to mean 0 on the SFT policy's samples
@@ -520,15 +723,15 @@ if __name__ == "__main__":
                 scores = scores.clamp(-args.reward_clip, args.reward_clip)
 
             # 6. per-token rewards: -kl_coef * KL at every token, plus the score at the last valid token (the EOS)
-            rewards, non_score_reward, kl_k1, kl_k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, padding_mask_f,
+            rewards, non_score_reward, kl_k1, kl_k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask,
                                                                         kl_coef, args.kl_estimator)  # each (B, T)
             if args.whiten_rewards:
-                rewards = masked_whiten(rewards, padding_mask_f, shift_mean=False)
+                rewards = masked_whiten(rewards, response_mask, shift_mean=False)
 
             # 7. advantages with GAE over valid tokens, returns = A + V before whitening A
-            values = values * padding_mask_f
-            advantages, returns = compute_gae(rewards, values, padding_mask_f, args.gamma, args.lam)
-            advantages = masked_whiten(advantages, padding_mask_f)
+            values = values * response_mask
+            advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.lam)
+            advantages = masked_whiten(advantages, response_mask)
         t_rollout = time.time() - t0 - t_generate
 
         # 8. PPO update: num_ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch
@@ -540,10 +743,10 @@ if __name__ == "__main__":
             for start in range(0, args.rollout_batch_size, args.mini_batch_size):
                 for micro in range(start, start + args.mini_batch_size, args.micro_batch_size):
                     mb = order[micro: micro + args.micro_batch_size]
-                    mb_mask = padding_mask_f[mb]
-                    lay = layout(query_responses[mb], attention_mask[mb], context_length, args.padding_free)
+                    mb_mask = response_mask[mb]
+                    batch_layout = layout(query_responses[mb], attention_mask[mb], batch.context_length, args.padding_free)
                     with autocast():
-                        new_logprobs, new_entropy, new_values = forward(policy, value_net, lay, responses[mb],
+                        new_logprobs, new_entropy, new_values = forward(policy, value_net, batch_layout, responses[mb],
                                                                         args.temperature)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
                                                            args.cliprange, args.dual_clip)
@@ -579,7 +782,7 @@ if __name__ == "__main__":
         ratios = torch.cat(stats["ratio"])
         row = {
             "objective/kl": mean_kl, "objective/kl_k3": kl_k3.sum(1).mean(),
-            "objective/entropy": (entropy * padding_mask_f).sum(1).mean(),
+            "objective/entropy": (entropy * response_mask).sum(1).mean(),
             "objective/scores": raw_scores.mean(), "objective/non_score_reward": non_score_reward.sum(1).mean(),
             "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
             "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
@@ -591,7 +794,7 @@ if __name__ == "__main__":
             "val/first_ratio_max_dev": first_ratio_dev,
             "val/ratio_var": ratios.var() if ratios.numel() > 1 else 0.0,  # one valid token: no variance to measure
             "val/num_eos_tokens": has_eos.sum(),
-            "val/response_length": padding_mask_f.sum(1).mean(), "charts/lr": scheduler.get_last_lr()[0],
+            "val/response_length": response_mask.sum(1).mean(), "charts/lr": scheduler.get_last_lr()[0],
             "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * args.rollout_batch_size,
             "time/generate": t_generate, "time/rollout_forward": t_rollout, "time/update": t_update,
         }
@@ -604,20 +807,16 @@ if __name__ == "__main__":
             save_model(ckpt_dir, None, args, ("", policy), *value_folder)
             save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "iteration": iteration + 1, "kl_coef": kl_coef, "run_name": args.run_name} |
-                       ({"value_head": policy.value_head.state_dict()} if value_net is None else {}))
+                       ({"value_head": value_net.state_dict()} if isinstance(value_net, ValueHead) else {}))
     progress.close()
 
     # 11. save first, so that nothing after it can cost the trained policy: it loads with AutoModelForCausalLM, the
     #     value model beside it; then the final evaluation
-    value_head = getattr(policy, "value_head", None)
-    if value_head is not None:
-        del policy.value_head  # not part of the causal LM's weights: saved beside them
     save_model(args.output_dir, tokenizer, args, ("", policy), *value_folder)
-    if value_head is not None:
+    if isinstance(value_net, ValueHead):
         from safetensors.torch import save_file
 
-        save_file(value_head.state_dict(), os.path.join(args.output_dir, "value_head.safetensors"))
-        policy.value_head = value_head
+        save_file(value_net.state_dict(), os.path.join(args.output_dir, "value_head.safetensors"))
     print(f"saved to {args.output_dir}")
     evaluate(args.num_iterations, final=True)
     metrics.close()

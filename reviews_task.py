@@ -53,8 +53,9 @@ POSITIVE = ["good", "great", "excellent", "wonderful", "amazing", "delightful", 
             "happy", "satisfying", "cute", "gorgeous", "peaceful", "elegant", "generous", "neat", "warm", "nice",
             "glad", "inspiring", "terrific", "cheerful", "gentle", "sweet", "awesome", "fabulous", "pleasing"]
 NEGATIVE = ["bad", "terrible", "awful", "horrible", "disappointing", "unpleasant", "boring", "dull", "rude", "dirty",
-            "noisy", "slow", "lame", "broken", "disgusting", "depressing", "overpriced", "inferior", "poor", "weak", "annoying",
-            "uncomfortable", "confusing", "painful", "ugly", "irritating", "worthless", "unfriendly", "unacceptable", "frustrating",
+            "noisy", "slow", "lame", "broken", "disgusting", "depressing", "overpriced", "inferior", "poor", "weak",
+            "annoying", "uncomfortable", "confusing", "painful", "ugly", "irritating", "worthless", "unfriendly",
+            "unacceptable", "frustrating",
             "disastrous", "ridiculous", "awkward", "rotten", "gross", "dreadful", "miserable", "pathetic", "useless",
             "crowded", "careless", "messy", "lazy", "harsh", "nasty", "lousy"]
 NEUTRAL = ["okay", "average", "ordinary", "standard", "typical", "simple", "small", "large", "quiet", "busy", "long",

@@ -15,9 +15,13 @@ Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this depart
    sequences), and the sequences are packed into rows without padding (`common.pack`).
 """
 
+import importlib
+import importlib.util
+import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -28,10 +32,11 @@ import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import reviews_task
-from common import (DataError, Metrics, disable_dropout, encode_prompt, encode_response, end_token_id, load_function,
-                    load_state, pack, packing_works, pad, read_jsonl, reward_scores, sample, save_model, save_state,
-                    seed_everything, setup_tokenizer)
+from common import (DataError, encode_prompt, encode_response, end_token_id, read_jsonl, reward_scores, sample,
+                    setup_tokenizer)
+
+# the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
+TASK_DATA = "data/reviews"
 
 
 @dataclass
@@ -61,7 +66,7 @@ class Args:
     """the SFT model the reward model starts from (a local folder or a Hub name)"""
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
-    dataset: str = f"{reviews_task.DATA_DIR}/preference_train.jsonl"
+    dataset: str = f"{TASK_DATA}/preference_train.jsonl"
     """JSONL of prompt/chosen/rejected, or chosen/rejected conversations"""
     eval_dataset: str = "auto"
     """held-out preferences in the same format; 'auto': the embedded task's held-out file with its training file,
@@ -116,9 +121,10 @@ class Args:
     """prompt length of those samples: stage 3's --max-prompt-length (same default)"""
     eval_reward_fn: str = "auto"
     """gold judge (prompt, response) -> float, to compare against on held-out pairs; 'auto': the embedded task's
-    judge on its own data, none on yours; '' to skip"""
-    gold_tau: float = reviews_task.TAU
-    """Bradley-Terry temperature of the simulated annotators, for the noise ceiling (with a judge); 0 to skip"""
+    judge (reviews_task.py:gold_score) on its own data, none on yours; '' to skip"""
+    gold_tau: float = 0.3
+    """Bradley-Terry temperature of the annotators, for the noise ceiling (with a judge; the embedded task's is 0.3);
+    0 to skip"""
 
     # filled in at runtime
     batch_size: int = 0
@@ -203,10 +209,185 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([rx, ry]))[0, 1].item()
 
 
+def disable_dropout(model) -> None:
+    """Dropout off, so every forward pass of the same input gives the same numbers (copied in reward_model.py and
+    ppo_rlhf.py). Three places hold a rate: the config, nn.Dropout modules, and floats that modules copy from the
+    config when built (Llama's and Qwen2's `self.attention_dropout`, applied in train mode whatever the config says)."""
+    for key, value in model.config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing, the same in sft.py, reward_model.py and ppo_rlhf.py: copied rather than shared, so that a stage script
+# and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+
+
+def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> (B, T) ids and attention mask, padded on `side` ("left" for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids, and (N, 2) the row and column where
+    each sequence starts. Positions restart at 0 with every sequence: that is how transformers keeps packed sequences
+    from attending to each other (a block-diagonal causal mask). A row's unused tail is filler no loss reads.
+
+    Longest first, each sequence into the first row with room. A row holds `room` tokens; by default the longest
+    sequence, or twice that where it is cheaper: longer rows pack denser but masked attention costs more the longer a
+    row is, so a layout costs tokens fed x (1 + row length / 640), fitted on CPU (benchmarks/bench_pack_width.py).
+    """
+    lengths = [len(s) for s in seqs]
+
+    def first_fit(room: int):  # -> columns used in each row, (row, start column) of each sequence
+        used, starts = [], [None] * len(seqs)
+        for i in sorted(range(len(seqs)), key=lambda i: -lengths[i]):
+            r = next((r for r, u in enumerate(used) if u + lengths[i] <= room), len(used))
+            used += [0] * (r == len(used))
+            starts[i], used[r] = (r, used[r]), used[r] + lengths[i]
+        return used, starts
+
+    longest = max(lengths)
+    cost = lambda used: len(used) * max(used) * (1 + max(used) / 640)  # noqa: E731
+    used, starts = first_fit(max(room, longest)) if room else min(first_fit(longest), first_fit(2 * longest),
+                                                                  key=lambda layout: cost(layout[0]))
+    width = max(used)
+    ids = torch.full((len(used), width), pad_value, dtype=torch.long)
+    positions = torch.zeros((len(used), width), dtype=torch.long)
+    for s, (r, c) in zip(seqs, starts):
+        ids[r, c: c + len(s)], positions[r, c: c + len(s)] = torch.tensor(s, dtype=torch.long), torch.arange(len(s))
+    for r, u in enumerate(used):
+        positions[r, u:] = torch.arange(width - u)
+    return ids, positions, torch.tensor(starts, dtype=torch.long)
+
+
+@torch.no_grad()
+def packing_works(model) -> bool:
+    """Does `model` keep packed sequences apart in the layout `pack` makes, several rows of several sequences? True
+    for transformers' SDPA and eager attention; false for its flash-attention path, which finds packed sequences only
+    in a batch of one row, and for remote code that ignores position ids."""
+    backbone, was_training = getattr(model, model.base_model_prefix), model.training
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size
+    seqs = [[t % vocab for t in range(k, k + n)] for k, n in ((11, 5), (23, 3), (31, 4), (47, 4))]
+    ids = torch.tensor([seqs[0] + seqs[1], seqs[2] + seqs[3]], device=model.device)  # (2, 8): two rows of two
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]], device=model.device)
+    packed = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state.flatten(0, 1)
+    alone = torch.cat([backbone(input_ids=torch.tensor([s], device=model.device), use_cache=False).last_hidden_state[0]
+                       for s in seqs])
+    model.train(was_training)
+    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    return torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol)
+
+
+def load_function(spec: str):
+    """'path/file.py:name' (a relative path may also name a file beside this script) or 'module:name' -> the function,
+    e.g. a judge f(prompt, response) -> float. Loaded only when used."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
+    if not path.endswith(".py"):
+        return getattr(importlib.import_module(path), name)
+    if not os.path.exists(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def save_model(out_dir: str, tokenizer, args, *models) -> None:
+    """Hugging Face folders written to `out_dir.tmp` and then swapped in, so a crash keeps the old folder. `models` are
+    (subfolder, model) pairs, "" for the top; `args` goes to args.json beside them."""
+    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub, model in models:
+        model.save_pretrained(os.path.join(tmp, sub))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2, default=str)
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_state(ckpt_dir: str, state: dict) -> None:
+    """Training state beside a checkpoint, written atomically, with every random generator the run draws from (CPU,
+    each CUDA device, Python's), so that a resumed run samples what the uninterrupted one would have."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state | {"rng": rng}, os.path.join(ckpt_dir, "training_state.pt.tmp"))
+    os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
+
+
+def load_state(ckpt_dir: str) -> dict:
+    """The saved training state (tensors and plain types only), with the random generators restored."""
+    state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+class Metrics:
+    """Scalars and texts to runs/{run_name}/metrics.jsonl (one JSON object per line), TensorBoard when installed, and
+    Weights & Biases with --track."""
+
+    def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
+        self.tb = self.wandb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(run_dir)
+            self.tb.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only")
+        if track:
+            import wandb  # only with --track
+
+            self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
+
+    def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
+        row = {k: float(v) for k, v in (scalars or {}).items()} | texts
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
+        self.jsonl.flush()
+        for k, v in row.items():
+            if self.tb is not None:
+                (self.tb.add_text if isinstance(v, str) else self.tb.add_scalar)(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    seed_everything(args.seed)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     # --bf16: fp32 weights and AdamW state, bf16 compute under autocast; the frozen SFT policy that samples for the
@@ -215,13 +396,13 @@ if __name__ == "__main__":
     if args.model_name_or_path == "models/sft" and not os.path.isdir("models/sft"):
         raise SystemExit("error: models/sft does not exist: run `python sft.py` first, or point --model-name-or-path "
                          "at an SFT model")
-    embedded = args.dataset == f"{reviews_task.DATA_DIR}/preference_train.jsonl"  # the embedded task's own data
-    if embedded:
-        reviews_task.ensure_data()
+    embedded = args.dataset == f"{TASK_DATA}/preference_train.jsonl"  # the embedded task's own data
+    if embedded and not os.path.exists(args.dataset):
+        load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
     if args.eval_dataset == "auto":
-        args.eval_dataset = f"{reviews_task.DATA_DIR}/preference_eval.jsonl" if embedded else "none"
+        args.eval_dataset = f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none"
     if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task:gold_score" if embedded else ""
+        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
 
     # 1. the SFT model with a fresh scalar head (or an interrupted run's checkpoint)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")

@@ -13,8 +13,13 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
    restarting with each example so attention stays inside it. Same loss as padding, about 30% less compute here.
 """
 
+import importlib
+import importlib.util
+import json
 import math
 import os
+import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -25,10 +30,11 @@ import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import reviews_task
-from common import (DataError, Metrics, encode_prompt, encode_response, end_token_id, load_function, load_state, pack,
-                    packing_works, pad, read_jsonl, render_prompt, sample, save_model, save_state, seed_everything,
+from common import (DataError, encode_prompt, encode_response, end_token_id, read_jsonl, render_prompt, sample,
                     setup_tokenizer)
+
+# the embedded "reviews" task: its files and tiny model are made by reviews_task.py on first use of these defaults
+TASK_DATA, TINY_MODEL = "data/reviews", "models/tiny-llama"
 
 
 @dataclass
@@ -54,11 +60,11 @@ class Args:
     """bfloat16 mixed precision: fp32 weights and optimizer state, bf16 compute (autocast)"""
 
     # model & data
-    model_name_or_path: str = reviews_task.TINY_MODEL_DIR
+    model_name_or_path: str = TINY_MODEL
     """a local Hugging Face folder or a Hub name; the default tiny model is made on first use"""
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
-    dataset: str = f"{reviews_task.DATA_DIR}/sft_train.jsonl"
+    dataset: str = f"{TASK_DATA}/sft_train.jsonl"
     """JSONL of prompt/completion pairs or conversational `messages`"""
     eval_dataset: str = "auto"
     """held-out JSONL in the same format; 'auto': the embedded task's held-out file with its training file, none with
@@ -105,7 +111,7 @@ class Args:
     scores"""
     eval_reward_fn: str = "auto"
     """'file.py:function' or 'module:function' scoring (prompt, response) at the end; 'auto': the embedded task's
-    gold judge on its own data, none on yours; '' to skip"""
+    gold judge (reviews_task.py:gold_score) on its own data, none on yours; '' to skip"""
 
     # filled in at runtime
     batch_size: int = 0
@@ -175,24 +181,183 @@ def sample_texts(model, tokenizer, prompts, max_new_tokens: int, device, tempera
     return texts, ended
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing, the same in sft.py, reward_model.py and ppo_rlhf.py: copied rather than shared, so that a stage script
+# and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+
+
+def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> (B, T) ids and attention mask, padded on `side` ("left" for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids, and (N, 2) the row and column where
+    each sequence starts. Positions restart at 0 with every sequence: that is how transformers keeps packed sequences
+    from attending to each other (a block-diagonal causal mask). A row's unused tail is filler no loss reads.
+
+    Longest first, each sequence into the first row with room. A row holds `room` tokens; by default the longest
+    sequence, or twice that where it is cheaper: longer rows pack denser but masked attention costs more the longer a
+    row is, so a layout costs tokens fed x (1 + row length / 640), fitted on CPU (benchmarks/bench_pack_width.py).
+    """
+    lengths = [len(s) for s in seqs]
+
+    def first_fit(room: int):  # -> columns used in each row, (row, start column) of each sequence
+        used, starts = [], [None] * len(seqs)
+        for i in sorted(range(len(seqs)), key=lambda i: -lengths[i]):
+            r = next((r for r, u in enumerate(used) if u + lengths[i] <= room), len(used))
+            used += [0] * (r == len(used))
+            starts[i], used[r] = (r, used[r]), used[r] + lengths[i]
+        return used, starts
+
+    longest = max(lengths)
+    cost = lambda used: len(used) * max(used) * (1 + max(used) / 640)  # noqa: E731
+    used, starts = first_fit(max(room, longest)) if room else min(first_fit(longest), first_fit(2 * longest),
+                                                                  key=lambda layout: cost(layout[0]))
+    width = max(used)
+    ids = torch.full((len(used), width), pad_value, dtype=torch.long)
+    positions = torch.zeros((len(used), width), dtype=torch.long)
+    for s, (r, c) in zip(seqs, starts):
+        ids[r, c: c + len(s)], positions[r, c: c + len(s)] = torch.tensor(s, dtype=torch.long), torch.arange(len(s))
+    for r, u in enumerate(used):
+        positions[r, u:] = torch.arange(width - u)
+    return ids, positions, torch.tensor(starts, dtype=torch.long)
+
+
+@torch.no_grad()
+def packing_works(model) -> bool:
+    """Does `model` keep packed sequences apart in the layout `pack` makes, several rows of several sequences? True
+    for transformers' SDPA and eager attention; false for its flash-attention path, which finds packed sequences only
+    in a batch of one row, and for remote code that ignores position ids."""
+    backbone, was_training = getattr(model, model.base_model_prefix), model.training
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size
+    seqs = [[t % vocab for t in range(k, k + n)] for k, n in ((11, 5), (23, 3), (31, 4), (47, 4))]
+    ids = torch.tensor([seqs[0] + seqs[1], seqs[2] + seqs[3]], device=model.device)  # (2, 8): two rows of two
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]], device=model.device)
+    packed = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state.flatten(0, 1)
+    alone = torch.cat([backbone(input_ids=torch.tensor([s], device=model.device), use_cache=False).last_hidden_state[0]
+                       for s in seqs])
+    model.train(was_training)
+    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    return torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol)
+
+
+def load_function(spec: str):
+    """'path/file.py:name' (a relative path may also name a file beside this script) or 'module:name' -> the function,
+    e.g. a judge f(prompt, response) -> float. Loaded only when used."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
+    if not path.endswith(".py"):
+        return getattr(importlib.import_module(path), name)
+    if not os.path.exists(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def save_model(out_dir: str, tokenizer, args, *models) -> None:
+    """Hugging Face folders written to `out_dir.tmp` and then swapped in, so a crash keeps the old folder. `models` are
+    (subfolder, model) pairs, "" for the top; `args` goes to args.json beside them."""
+    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub, model in models:
+        model.save_pretrained(os.path.join(tmp, sub))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2, default=str)
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_state(ckpt_dir: str, state: dict) -> None:
+    """Training state beside a checkpoint, written atomically, with every random generator the run draws from (CPU,
+    each CUDA device, Python's), so that a resumed run samples what the uninterrupted one would have."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state | {"rng": rng}, os.path.join(ckpt_dir, "training_state.pt.tmp"))
+    os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
+
+
+def load_state(ckpt_dir: str) -> dict:
+    """The saved training state (tensors and plain types only), with the random generators restored."""
+    state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+class Metrics:
+    """Scalars and texts to runs/{run_name}/metrics.jsonl (one JSON object per line), TensorBoard when installed, and
+    Weights & Biases with --track."""
+
+    def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
+        self.tb = self.wandb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(run_dir)
+            self.tb.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only")
+        if track:
+            import wandb  # only with --track
+
+            self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
+
+    def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
+        row = {k: float(v) for k, v in (scalars or {}).items()} | texts
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
+        self.jsonl.flush()
+        for k, v in row.items():
+            if self.tb is not None:
+                (self.tb.add_text if isinstance(v, str) else self.tb.add_scalar)(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    seed_everything(args.seed)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     # --bf16: the weights and AdamW's state stay fp32 (bf16 cannot hold the small updates of lr ~1e-5), the forward
     # and backward run in bf16 under autocast
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
-    if args.model_name_or_path == reviews_task.TINY_MODEL_DIR:
-        reviews_task.ensure_tiny_model()
-    embedded = args.dataset == f"{reviews_task.DATA_DIR}/sft_train.jsonl"  # the embedded task's own data
-    if embedded:
-        reviews_task.ensure_data()
+    embedded = args.dataset == f"{TASK_DATA}/sft_train.jsonl"  # the embedded task's own data
+    if (embedded and not os.path.exists(args.dataset)) or (args.model_name_or_path == TINY_MODEL and
+                                                            not os.path.isdir(TINY_MODEL)):
+        load_function("reviews_task.py:ensure_tiny_model")()  # writes the task's files too; deterministic
     if args.eval_dataset == "auto":
-        args.eval_dataset = f"{reviews_task.DATA_DIR}/sft_eval.jsonl" if embedded else "none"
+        args.eval_dataset = f"{TASK_DATA}/sft_eval.jsonl" if embedded else "none"
     if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task:gold_score" if embedded else ""
+        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
 
     # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
@@ -280,7 +445,7 @@ if __name__ == "__main__":
         with autocast():
             texts, _ = sample_texts(model, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
         table = "\n".join(f"{render_prompt(tokenizer, p)!r} -> {t!r}" for p, t in zip(prompts, texts))
-        metrics.text(step, "samples", table)
+        metrics.log(step, samples=table)
         tqdm.write(table)
         model.train()
 

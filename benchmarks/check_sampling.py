@@ -20,8 +20,8 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (encode_prompt, end_token_id, pad, position_ids_from_mask, read_jsonl, sample,  # noqa: E402
-                    setup_tokenizer)
+from common import encode_prompt, end_token_id, read_jsonl, sample, setup_tokenizer  # noqa: E402
+from sft import pad  # noqa: E402
 
 
 @dataclass
@@ -47,7 +47,7 @@ def repeat_shares(model, out, query_mask, context_length: int, end_id: int, temp
     response_mask = (is_end.cumsum(1) - is_end) == 0  # up to and including the first end token
     mask = torch.cat([query_mask, response_mask.long()], dim=1)
     with torch.no_grad():
-        logits = model(input_ids=out, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        logits = model(input_ids=out, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
     probs = torch.softmax(logits[:, context_length - 1: -1].float() / temperature, dim=-1)  # (B, T, V)
     observed, expected = [], []
     for b in range(out.shape[0]):
@@ -84,7 +84,7 @@ if __name__ == "__main__":
                 do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.response_length,
                 eos_token_id=end_id, pad_token_id=pad_id)),
     }
-    print(f"| sampler | logits processors | repeated tokens, observed | expected under softmax(logits / T) | z |")
+    print("| sampler | logits processors | repeated tokens, observed | expected under softmax(logits / T) | z |")
     print("| --- | --- | --- | --- | --- |")
     for name, draw in methods.items():
         torch.manual_seed(args.seed)

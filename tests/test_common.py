@@ -9,8 +9,10 @@ from conftest import CHATML, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reviews_task
-from common import (DataError, disable_dropout, encode_prompt, encode_response, end_token_id, last_token_index, pack,
-                    packing_works, pad, position_ids_from_mask, read_jsonl, render_prompt, sample, setup_tokenizer)
+from common import (DataError, encode_prompt, encode_response, end_token_id, last_token_index, read_jsonl, render_prompt,
+                    sample, setup_tokenizer)
+from ppo_rlhf import disable_dropout
+from sft import pack, packing_works, pad
 
 
 def test_formats_are_normalised(tmp_path):
@@ -218,11 +220,9 @@ def test_prompt_file_takes_conversations_awaiting_an_answer(tmp_path):
     assert [r["prompt"] for r in read_jsonl(path, "prompt")] == [[system, user], [user], [user], "plain"]
 
 
-def test_last_token_index_and_positions():
+def test_last_token_index_and_left_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
     assert last_token_index(mask).tolist() == [2, 4, 4, 2]
-    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4],
-                                                     [0, 0, 1, 1, 1]]
     ids, mask = pad([[5, 6, 7], [8]], 0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 

@@ -7,9 +7,9 @@ import torch
 from conftest import read_metrics, run_script
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from common import pad, reward_scores
-from ppo_rlhf import (compute_gae, forward, kl_shaped_rewards, masked_mean, masked_whiten, layout, policy_loss,
-                      truncate_after_eos, value_loss)
+from common import reward_scores
+from ppo_rlhf import (ValueHead, compute_gae, forward, kl_shaped_rewards, layout, masked_mean, masked_whiten, pad,
+                      policy_loss, truncate_after_eos, value_loss)
 
 
 def test_gae_matches_a_direct_double_sum():
@@ -24,7 +24,7 @@ def test_gae_matches_a_direct_double_sum():
         v_next = torch.cat([v[1:], torch.zeros(1)])
         delta = r + gamma * v_next - v
         for t in range(T):
-            expected = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t)) if t < n else torch.tensor(0.0)
+            expected = sum((gamma * lam) ** k * delta[t + k] for k in range(n - t)) if t < n else torch.tensor(0.0)
             assert torch.allclose(advantages[b, t], torch.as_tensor(expected), atol=1e-5), (b, t)
             assert torch.allclose(returns[b, t], torch.as_tensor(expected) + (v[t] if t < n else 0), atol=1e-5)
 
@@ -129,9 +129,9 @@ def test_padding_free_forward_matches_padded(model_dir, value_model):
     entropies, values and reward scores on every valid token, and the same gradient of a masked loss."""
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
-    value_net = None
     if value_model == "shared":
-        policy.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+        value_net = ValueHead(policy.config.hidden_size)
+        torch.nn.init.normal_(value_net.linear.weight)  # not zeros: values of 0 everywhere would hide a wrong gather
     else:
         value_net = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     scorer = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import read_metrics, run_script, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import encode_prompt, encode_response, last_token_index, pad, reward_scores
-from reward_model import collate, group_pairs, init_score_head
+from common import encode_prompt, encode_response, last_token_index, reward_scores
+from reward_model import collate, group_pairs, init_score_head, pad
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +199,10 @@ def test_logged_loss_is_the_bradley_terry_loss_of_the_model(model_dir, tmp_path)
                                             "--normalize-on", "none"), cwd=tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    score = lambda p, r: reward_scores(model, *pad([encode_prompt(tok, p, 64)[0] + encode_response(tok, r, 16)[0]],
-                                                   tok.pad_token_id))[0]  # noqa: E731
+
+    def score(prompt, response):
+        return reward_scores(model, *pad([encode_prompt(tok, prompt, 64)[0] + encode_response(tok, response, 16)[0]],
+                                         tok.pad_token_id))[0]
     with torch.no_grad():
         losses = [-F.logsigmoid(score(r["prompt"], r["chosen"]) - score(r["prompt"], r["rejected"]) - 0.5) for r in rows]
     ((step, logged),) = read_metrics(tmp_path, "train/rm/loss")

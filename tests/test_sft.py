@@ -40,8 +40,8 @@ def test_padding_free_loss_and_gradient_match_padding(model_dir, train_on_prompt
     """The packed batch is the same computation as the padded one: summed NLL and its gradient agree."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(0)
-    examples = [(torch.randint(3, 300, (int(p),), generator=g).tolist(), torch.randint(3, 300, (int(c),), generator=g).tolist())
-                for p, c in torch.randint(1, 12, (9, 2), generator=g)]
+    examples = [(torch.randint(3, 300, (int(p),), generator=g).tolist(),
+                 torch.randint(3, 300, (int(c),), generator=g).tolist()) for p, c in torch.randint(1, 12, (9, 2), generator=g)]
     results = []
     for padding_free in (False, True):
         batch = collate(examples, 0, train_on_prompt, padding_free)

@@ -1,0 +1,71 @@
+"""Copy one file and go: a stage script and common.py, alone in an empty folder, run on a model and data of the
+user's (no reviews_task.py beside them, no VADER importable) and save a model that loads."""
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, write_jsonl
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import ppo_rlhf
+import reward_model
+import sft
+
+
+def run_copy(script, tmp_path, *args):
+    """Copy `script` and common.py into tmp_path/copy and run it there, where the embedded task cannot be found."""
+    folder = tmp_path / "copy"
+    folder.mkdir(exist_ok=True)
+    for name in (script, "common.py"):
+        shutil.copy(os.path.join(REPO, name), folder)
+    blocked = tmp_path / "blocked" / "vaderSentiment"  # the embedded task's judge must not be needed
+    blocked.mkdir(parents=True, exist_ok=True)
+    (blocked / "__init__.py").write_text("raise ImportError('VADER is not installed here')\n")
+    env = os.environ | {"TQDM_DISABLE": "1", "PYTHONPATH": str(tmp_path / "blocked")}
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=folder, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert set(os.listdir(folder)) <= {script, "common.py", "runs", "out", "__pycache__"}  # no data/, no models/
+    return folder
+
+
+def test_sft_copied_alone(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"The {w} was", "completion": " fine."}
+                                                for w in ("pasta", "soup", "plot", "view", "bed", "tea")])
+    folder = run_copy("sft.py", tmp_path, "--model-name-or-path", model_dir, "--dataset", data, "--output-dir", "out",
+                      "--max-steps", "2", "--num-eval-generations", "2")
+    AutoModelForCausalLM.from_pretrained(folder / "out")
+
+
+def test_reward_model_copied_alone(sft_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"The {w} was", "chosen": " great.", "rejected": " bad."}
+                                                  for w in ("pasta", "soup", "plot", "view", "bed", "tea")])
+    folder = run_copy("reward_model.py", tmp_path, "--model-name-or-path", sft_dir, "--dataset", data, "--output-dir",
+                      "out", "--max-steps", "2", "--num-normalize-samples", "4")
+    assert AutoModelForSequenceClassification.from_pretrained(folder / "out").config.num_labels == 1
+
+
+@pytest.mark.parametrize("value_model", ["separate", "shared"])
+def test_ppo_copied_alone(sft_dir, tmp_path, value_model):
+    AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1).save_pretrained(tmp_path / "rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was"} for w in ("pasta", "soup", "plot", "view")])
+    folder = run_copy("ppo_rlhf.py", tmp_path, "--sft-model-path", sft_dir, "--reward-model-path", tmp_path / "rm",
+                      "--dataset", data, "--output-dir", "out", "--num-iterations", "2", "--response-length", "6",
+                      "--value-model", value_model)
+    AutoModelForCausalLM.from_pretrained(folder / "out")
+    if value_model == "separate":
+        AutoModelForSequenceClassification.from_pretrained(folder / "out" / "value_model")
+    else:
+        assert (folder / "out" / "value_head.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["pad", "pack", "packing_works", "load_function", "save_model", "save_state",
+                                  "load_state", "Metrics", "disable_dropout"])
+def test_copied_helpers_stay_identical(name):
+    """The plumbing each script carries for itself is one text in all of them, so a fix reaches every copy."""
+    sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf)
+               if hasattr(module, name)}
+    assert len(sources) == 1
