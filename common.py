@@ -1,6 +1,5 @@
-"""The contract between the three stages, and nothing else: the data formats, how prompts and responses become tokens
-(the pad rule, the end token), which token a reward is read at, and the distribution sampled from. A stage script
-and this file are all you need to copy; everything else a script needs is written out in it."""
+"""The contract between the three stages and nothing else: the data formats, how prompts and responses become tokens
+(pad rule, end token), where a reward is read, and the distribution sampled from. Copy it with any stage script."""
 
 import json
 import os
@@ -13,7 +12,6 @@ class DataError(ValueError):
     """A problem in a user's data file, reported with the file, the line and the field."""
 
 
-# the fields of each kind of record; a conversational record may give `messages` instead
 FIELDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
 
 
@@ -121,35 +119,33 @@ def setup_tokenizer(tokenizer, model=None):
     return tokenizer
 
 
-def render_prompt(tokenizer, prompt) -> str:
-    """Prompt text as the model sees it: through the chat template (with the assistant header) if it has one."""
-    if tokenizer.chat_template is None:
-        return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def encode_prompt(tokenizer, prompt, max_length: int) -> tuple[list[int] | None, bool]:
-    """Token ids of a prompt, at most `max_length`. Returns (ids, was_truncated); ids is None when it cannot fit. A long
-    prompt loses its oldest text, never its frame: plain text keeps its BOS; a conversation keeps the template's BOS,
-    system turn and assistant header while its other turns are cut from the left, the earliest first."""
-    def encode(p):  # rendered chat text holds its special tokens already: only plain text gets a BOS added
-        return tokenizer(render_prompt(tokenizer, p), add_special_tokens=tokenizer.chat_template is None)["input_ids"]
-    ids = encode(prompt)
+    """Token ids of a prompt, at most `max_length`, through the chat template (a string becomes one user turn) if the
+    tokenizer has one. Returns (ids, was_truncated); ids is None when it cannot fit. A long prompt loses its oldest
+    text, never its frame: plain text keeps its BOS; a conversation keeps the template's BOS, system turn and
+    assistant header while its other turns are cut from the left, the earliest first."""
+    chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+    def encode(messages):  # rendered chat text holds its special tokens already: only plain text gets a BOS added
+        if tokenizer.chat_template is None:
+            return tokenizer(prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt))["input_ids"]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = encode(chat)
     if len(ids) <= max_length:
         return ids, False
     if tokenizer.chat_template is None:
         head = 1 if ids[0] == tokenizer.bos_token_id else 0
         return (ids[:head] + ids[len(ids) - max_length + head:] if max_length > head else None), True
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     while len(ids) > max_length:
-        turn = next((m for m in messages if m["role"] != "system" and m["content"]), None)
+        turn = next((m for m in chat if m["role"] != "system" and m["content"]), None)
         if turn is None:
             return None, True
         content = tokenizer(turn["content"], add_special_tokens=False)["input_ids"]
         keep = max(0, len(content) - (len(ids) - max_length))
         turn["content"] = tokenizer.decode(content[len(content) - keep:]) if keep else ""  # shorter every round
-        ids = encode(messages)
+        ids = encode(chat)
     return ids, True
 
 
@@ -163,8 +159,8 @@ def encode_response(tokenizer, response, max_length: int) -> tuple[list[int], bo
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) mask -> (B,) index of each row's last real token (left, right or no padding): where a reward model reads
-    its score, the response's end token. From the mask, never from `config.pad_token_id` (wrong when pad == eos)."""
+    """(B, T) mask -> (B,) index of each row's last real token, where a reward is read: from the mask, never from
+    `config.pad_token_id` (wrong when pad == eos or padding is on the left)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.long() * (positions + 1)).argmax(dim=1)
 

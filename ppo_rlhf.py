@@ -10,7 +10,7 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
 1. The value network is by default a separate model initialised from the reward model (their recipe); with
    `--value-model shared` it is a linear head on the policy's last hidden state (the tutorials' design).
 2. `--dual-clip c` optionally bounds the loss on negative advantages by -c * A (Ye et al. 2020), the fix for
-   unbounded penalties that the seeds' appendix discusses; off by default.
+   unbounded penalties on negative advantages; off by default.
 3. The KL penalty's estimator is k1 (log pi - log pi_ref) or k3 ((r - 1) - log r, r = pi_ref / pi), by flag;
    both are always logged. k3 is never negative per token; k1 can be, per token, and is unbiased.
 4. Forward passes are padding-free by default: each query+response is stripped of its padding and packed into rows
@@ -539,6 +539,15 @@ if __name__ == "__main__":
         reward_fn = load_function(args.reward_fn)
     else:
         reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, **frozen).to(device)
+        rm_args_file = os.path.join(args.reward_model_path, "args.json")  # written by reward_model.py
+        rm_args = json.load(open(rm_args_file)) if os.path.exists(rm_args_file) else {}
+        normalised_on = [rm_args.get(k) for k in ("normalize_temperature", "normalize_response_length",
+                                                  "normalize_max_prompt_length")]
+        if rm_args.get("normalize_on") == "sft_samples" and normalised_on != [
+                args.temperature, args.response_length, args.max_prompt_length]:
+            print(f"warning: the reward model was normalised on samples at temperature, response length, prompt length "
+                  f"{normalised_on}; this run samples at {[args.temperature, args.response_length, args.max_prompt_length]}"
+                  ", so its first rollouts will not score about 0 (rerun reward_model.py with matching --normalize-*)")
     if args.value_model == "separate":
         value_from = os.path.join(ckpt_dir, "value_model") if resuming else (
             args.sft_model_path if args.reward_fn else args.reward_model_path)

@@ -1,7 +1,7 @@
 """Algorithmic rewards for `ppo_rlhf.py --reward-fn reward_functions.py:NAME`, each f(prompt, response) -> float.
 
-They follow the progression in the seeds' tutorial: a word count that is easy to game, one that handles negation and
-repetition, and a multi-part score. Use them to see PPO work without a learned reward model, and to watch a policy
+They follow the usual progression of a first RLHF tutorial: a word count that is easy to game, one that handles
+negation and repetition, and a multi-part score. Use them to see PPO work without a learned reward model, and to watch a policy
 exploit a reward's blind spots (run the first with --kl-coef 0 and read the samples).
 """
 

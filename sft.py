@@ -30,8 +30,7 @@ import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DataError, encode_prompt, encode_response, end_token_id, read_jsonl, render_prompt, sample,
-                    setup_tokenizer)
+from common import DataError, encode_prompt, encode_response, end_token_id, read_jsonl, sample, setup_tokenizer
 
 # the embedded "reviews" task: its files and tiny model are made by reviews_task.py on first use of these defaults
 TASK_DATA, TINY_MODEL = "data/reviews", "models/tiny-llama"
@@ -444,7 +443,8 @@ if __name__ == "__main__":
         prompts = sample_prompts[: args.num_samples]
         with autocast():
             texts, _ = sample_texts(model, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
-        table = "\n".join(f"{render_prompt(tokenizer, p)!r} -> {t!r}" for p, t in zip(prompts, texts))
+        shown = [tokenizer.decode(encode_prompt(tokenizer, p, 10**6)[0]) for p in prompts]  # as the model sees it
+        table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(shown, texts))
         metrics.log(step, samples=table)
         tqdm.write(table)
         model.train()

@@ -9,8 +9,8 @@ from conftest import CHATML, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reviews_task
-from common import (DataError, encode_prompt, encode_response, end_token_id, last_token_index, read_jsonl, render_prompt,
-                    sample, setup_tokenizer)
+from common import (DataError, encode_prompt, encode_response, end_token_id, last_token_index, read_jsonl, sample,
+                    setup_tokenizer)
 from ppo_rlhf import disable_dropout
 from sft import pack, packing_works, pad
 
@@ -109,11 +109,10 @@ def test_encoding_and_chat_template(tokenizer):
 
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = CHATML
-    text = render_prompt(chat, [{"role": "user", "content": "Rate the pasta"}])
-    assert text == "<|im_start|>user\nRate the pasta<|im_end|>\n<|im_start|>assistant\n"
-    assert render_prompt(chat, "Rate the pasta") == text  # a plain prompt becomes one user turn
-    ids, _ = encode_prompt(chat, "Rate the pasta", 512)
+    text = "<|im_start|>user\nRate the pasta<|im_end|>\n<|im_start|>assistant\n"
+    ids, _ = encode_prompt(chat, [{"role": "user", "content": "Rate the pasta"}], 512)
     assert ids == chat(text, add_special_tokens=False)["input_ids"]  # no BOS added on top of the template
+    assert encode_prompt(chat, "Rate the pasta", 512)[0] == ids  # a plain prompt becomes one user turn
 
 
 def test_long_chat_prompt_keeps_its_frame(tokenizer):

@@ -252,10 +252,18 @@ def test_pipeline_chains_and_saves(task_dir, sft_dir, tmp_path):
     (tmp_path / "rm_logs").mkdir()
     rm = run_script("reward_model.py", "--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl",
                     "--eval-dataset", task_dir / "preference_eval.jsonl", "--output-dir", tmp_path / "rm",
-                    "--max-steps", "4", "--num-normalize-samples", "16", "--eval-reward-fn", "", cwd=tmp_path / "rm_logs")
+                    "--max-steps", "4", "--num-normalize-samples", "16", "--normalize-response-length", "12",
+                    "--eval-reward-fn", "", cwd=tmp_path / "rm_logs")
     proc = run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "ppo", "--reward-model-path",
                                                tmp_path / "rm", "--num-iterations", "2", "--eval-every", "1"),
                       cwd=tmp_path)
+    assert "warning: the reward model was normalised" not in proc.stdout  # it sampled as this run samples
+    (tmp_path / "other").mkdir()
+    other = run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "other" / "ppo", "--reward-model-path",
+                                                tmp_path / "rm", "--num-iterations", "1", "--response-length", "8"),
+                       cwd=tmp_path / "other")
+    assert "warning: the reward model was normalised on samples at temperature, response length, prompt length " \
+           "[0.7, 12, 64]; this run samples at [0.7, 8, 64]" in other.stdout
     spread = float(rm.stdout.split("(score std ")[1].split(")")[0])  # of the normalisation samples' scores
     first = float(proc.stdout.split("first rollout: mean score ")[1].split()[0])
     assert abs(first) < spread, (first, spread)

@@ -1,0 +1,160 @@
+"""Turn runs/*/metrics.jsonl into the figures and the sample table the docs show.
+
+    pip install matplotlib                       # optional: only this script needs it
+    python docs/make_figures.py                  # reads ./runs, writes docs/figures/*.png and docs/samples.md
+
+Runs are found by their experiment name (runs/{exp_name}__{seed}__{time}; the latest of each name is used): `sft`,
+`reward_model` and `ppo_kl0.05` from the default chain, and those of docs/run_experiments.sh (`ppo_kl0`, `ppo_kl0.2`,
+`ppo_hacking`, `rm_pairs10000`, ...). A figure whose runs are missing is skipped with a line saying so.
+"""
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import tyro
+
+
+@dataclass
+class Args:
+    runs: str = "runs"
+    """the folder holding the runs"""
+    out: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
+    """where the PNGs go"""
+    samples: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples.md")
+    """where the table of SFT and PPO samples goes"""
+
+
+def load(runs: str, name: str) -> list[dict] | None:
+    """The rows of the latest run named `name`, or None."""
+    found = sorted(glob.glob(os.path.join(runs, f"{name}__*", "metrics.jsonl")), key=os.path.getmtime)
+    return [json.loads(line) for line in open(found[-1])] if found else None
+
+
+def series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of one metric; a step logged twice (a resumed run) keeps its last value."""
+    points = {r["step"]: r[key] for r in rows if key in r}
+    return sorted(points), [points[s] for s in sorted(points)]
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(args.out, exist_ok=True)
+    plt.rcParams.update({"figure.dpi": 120, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, name))
+        plt.close(fig)
+        print(f"wrote {os.path.join(args.out, name)}")
+
+    # 1. PPO with the default settings: proxy reward, gold score and KL against iteration
+    ppo = load(args.runs, "ppo_kl0.05") or load(args.runs, "ppo")
+    if ppo:
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+        axes[0].plot(*series(ppo, "objective/scores"), label="rollouts (training prompts)")
+        axes[0].plot(*series(ppo, "eval/scores"), "o-", label="held-out prompts")
+        axes[0].set(title="reward-model score", xlabel="iteration")
+        axes[0].legend()
+        axes[1].plot(*series(ppo, "eval/gold_score"), "o-", color="C2", label="PPO policy")
+        steps, sft_gold = series(ppo, "eval/sft_gold_score")
+        if sft_gold:
+            axes[1].axhline(sft_gold[-1], color="gray", ls="--", label="SFT policy")
+        axes[1].set(title="gold judge, held-out prompts", xlabel="iteration")
+        axes[1].legend()
+        axes[2].plot(*series(ppo, "objective/kl"), color="C3")
+        axes[2].set(title="KL to the SFT policy (nats per response)", xlabel="iteration")
+        save(fig, "ppo_learning_curve.png")
+    else:
+        print("no ppo_kl0.05 or ppo run: skipping ppo_learning_curve.png")
+
+    # 2. the kl_coef sweep
+    sweep = {kl: load(args.runs, f"ppo_kl{kl}") for kl in ("0", "0.05", "0.2")}
+    if all(sweep.values()):
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+        for i, (kl, rows) in enumerate(sweep.items()):
+            axes[0].plot(*series(rows, "objective/scores"), color=f"C{i}", label=f"kl_coef {kl}")
+            axes[1].plot(*series(rows, "eval/gold_score"), "o-", color=f"C{i}", label=f"kl_coef {kl}")
+            axes[2].plot(*series(rows, "objective/kl"), color=f"C{i}", label=f"kl_coef {kl}")
+        for ax, title in zip(axes, ["reward-model score (rollouts)", "gold judge (held-out)", "KL to SFT (nats)"]):
+            ax.set(title=title, xlabel="iteration")
+            ax.legend()
+        save(fig, "ppo_kl_sweep.png")
+    else:
+        print("kl sweep runs missing: skipping ppo_kl_sweep.png")
+
+    # 3. reward hacking without a KL penalty: the proxy keeps rising, the gold judge turns away
+    hacking = load(args.runs, "ppo_hacking")
+    if hacking:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        axes[0].plot(*series(hacking, "eval/scores"), "o-", label="reward-model score")
+        axes[0].plot(*series(hacking, "eval/gold_score"), "o-", label="gold score")
+        axes[0].set(title="kl_coef 0, held-out prompts", xlabel="iteration")
+        axes[0].legend()
+        axes[1].plot(*series(hacking, "objective/kl"), color="C3")
+        axes[1].set(title="KL to the SFT policy (nats)", xlabel="iteration")
+        save(fig, "ppo_reward_hacking.png")
+    else:
+        print("no ppo_hacking run: skipping ppo_reward_hacking.png")
+
+    # 4. the reward model: held-out accuracy during training, and against the number of labelled pairs
+    curve = {n: load(args.runs, f"rm_pairs{n}") for n in (10000, 30000, 60000)}
+    default = load(args.runs, "reward_model")
+    if default:
+        curve[21000] = default
+    curve = {n: rows for n, rows in sorted(curve.items()) if rows}
+    if curve:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        ceiling = None
+        for i, (n, rows) in enumerate(curve.items()):
+            axes[0].plot(*series(rows, "eval/rm/accuracy"), color=f"C{i}", label=f"{n:,} pairs")
+            ceiling = (series(rows, "eval/rm/noise_ceiling")[1] or [ceiling])[-1]
+        final = [series(rows, "eval/rm/accuracy")[1][-1] for rows in curve.values()]
+        axes[1].plot(list(curve), final, "o-", label="reward model")
+        for ax in axes:
+            if ceiling:
+                ax.axhline(ceiling, color="gray", ls="--", label="noise ceiling")
+        axes[0].set(title="held-out accuracy while training", xlabel="optimizer step")
+        axes[1].set(title="final held-out accuracy", xlabel="training pairs (rankings of 4)", xscale="log")
+        for ax in axes:
+            ax.legend()
+        save(fig, "rm_accuracy.png")
+    else:
+        print("no reward-model runs: skipping rm_accuracy.png")
+
+    # 5. SFT: training and held-out loss
+    sft = load(args.runs, "sft")
+    if sft:
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        ax.plot(*series(sft, "train/sft/loss"), alpha=0.6, label="training batches")
+        ax.plot(*series(sft, "eval/sft/loss"), "o-", label="held out")
+        ax.set(title="SFT loss (nats per completion token)", xlabel="optimizer step")
+        ax.legend()
+        save(fig, "sft_loss.png")
+    else:
+        print("no sft run: skipping sft_loss.png")
+
+    # 6. the same held-out prompts answered by the SFT policy and by the PPO policy, side by side
+    if ppo:
+        last = {}
+        for r in ppo:
+            last |= {k: r[k] for k in ("samples", "sft_samples") if k in r}
+        if "sft_samples" in last:
+            def responses(table, with_score):
+                # lines "  +1.23 | 'prompt' -> 'response'" (PPO) or "  'prompt' -> 'response'" (SFT)
+                return [line.split(" | ", 1)[1] if with_score else line.strip() for line in table.split("\n")]
+            ppo_rows, sft_rows = responses(last["samples"], True), responses(last["sft_samples"], False)
+            lines = ["| prompt | SFT policy | PPO policy |", "| --- | --- | --- |"]
+            for p, s in list(zip(ppo_rows, sft_rows))[:12]:
+                prompt, ppo_text = p.split(" -> ", 1)
+                lines.append(f"| {prompt} | {s.split(' -> ', 1)[1]} | {ppo_text} |")
+            with open(args.samples, "w") as f:
+                f.write("<!-- written by docs/make_figures.py from the default PPO run's final evaluation -->\n"
+                        + "\n".join(lines) + "\n")
+            print(f"wrote {args.samples}")
