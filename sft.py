@@ -197,14 +197,11 @@ def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[tor
 
 
 def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids, and (N, 2) the row and column where
-    each sequence starts. Positions restart at 0 with every sequence: that is how transformers keeps packed sequences
-    from attending to each other (a block-diagonal causal mask). A row's unused tail is filler no loss reads.
-
-    Longest first, each sequence into the first row with room. A row holds `room` tokens; by default the longest
-    sequence, or twice that where it is cheaper: longer rows pack denser but masked attention costs more the longer a
-    row is, so a layout costs tokens fed x (1 + row length / 640), fitted on CPU (benchmarks/bench_pack_width.py).
-    """
+    """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids restarting at 0 with every sequence
+    (so transformers keeps packed sequences apart, with a block-diagonal causal mask), and (N, 2) the row and column
+    where each sequence starts. Longest first, each into the first row with room; a row holds `room` tokens, by default
+    the longest sequence or twice that, whichever costs less as tokens fed x (1 + row length / 640) (longer rows pack
+    denser, but masked attention costs more; fitted on CPU by benchmarks/bench_pack_width.py)."""
     lengths = [len(s) for s in seqs]
 
     def first_fit(room: int):  # -> columns used in each row, (row, start column) of each sequence
@@ -249,8 +246,7 @@ def packing_works(model) -> bool:
 
 
 def load_function(spec: str):
-    """'path/file.py:name' (a relative path may also name a file beside this script) or 'module:name' -> the function,
-    e.g. a judge f(prompt, response) -> float. Loaded only when used."""
+    """'path/file.py:name' (also looked for beside this script) or 'module:name' -> the function, loaded when used."""
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
@@ -313,7 +309,6 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(run_dir)
-            self.tb.add_text("args", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
         except ImportError:
             print("tensorboard is not installed: logging to metrics.jsonl only")
         if track:

@@ -32,6 +32,16 @@ def load(runs: str, name: str) -> list[dict] | None:
     return [json.loads(line) for line in open(found[-1])] if found else None
 
 
+def distinct(rows: list[dict], key: str = "samples") -> tuple[list, list]:
+    """(steps, share of distinct responses) from the evaluation tables logged as text ("... 'prompt' -> 'response'")."""
+    points = {}
+    for r in rows:
+        if key in r:
+            responses = [line.split(" -> ", 1)[1] for line in r[key].split("\n") if " -> " in line]
+            points[r["step"]] = len(set(responses)) / len(responses)
+    return sorted(points), [points[s] for s in sorted(points)]
+
+
 def series(rows: list[dict], key: str) -> tuple[list, list]:
     """(steps, values) of one metric; a step logged twice (a resumed run) keeps its last value."""
     points = {r["step"]: r[key] for r in rows if key in r}
@@ -77,12 +87,14 @@ if __name__ == "__main__":
     # 2. the kl_coef sweep
     sweep = {kl: load(args.runs, f"ppo_kl{kl}") for kl in ("0", "0.05", "0.2")}
     if all(sweep.values()):
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+        fig, axes = plt.subplots(1, 4, figsize=(13, 3))
         for i, (kl, rows) in enumerate(sweep.items()):
             axes[0].plot(*series(rows, "objective/scores"), color=f"C{i}", label=f"kl_coef {kl}")
             axes[1].plot(*series(rows, "eval/gold_score"), "o-", color=f"C{i}", label=f"kl_coef {kl}")
             axes[2].plot(*series(rows, "objective/kl"), color=f"C{i}", label=f"kl_coef {kl}")
-        for ax, title in zip(axes, ["reward-model score (rollouts)", "gold judge (held-out)", "KL to SFT (nats)"]):
+            axes[3].plot(*distinct(rows), "o-", color=f"C{i}", label=f"kl_coef {kl}")
+        for ax, title in zip(axes, ["reward-model score (rollouts)", "gold judge (held-out)", "KL to SFT (nats)",
+                                    "distinct responses (held-out)"]):
             ax.set(title=title, xlabel="iteration")
             ax.legend()
         save(fig, "ppo_kl_sweep.png")
@@ -92,13 +104,15 @@ if __name__ == "__main__":
     # 3. reward hacking without a KL penalty: the proxy keeps rising, the gold judge turns away
     hacking = load(args.runs, "ppo_hacking")
     if hacking:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3))
         axes[0].plot(*series(hacking, "eval/scores"), "o-", label="reward-model score")
         axes[0].plot(*series(hacking, "eval/gold_score"), "o-", label="gold score")
         axes[0].set(title="kl_coef 0, held-out prompts", xlabel="iteration")
         axes[0].legend()
         axes[1].plot(*series(hacking, "objective/kl"), color="C3")
         axes[1].set(title="KL to the SFT policy (nats)", xlabel="iteration")
+        axes[2].plot(*distinct(hacking), "o-", color="C4")
+        axes[2].set(title="distinct responses, share of 128 held-out", xlabel="iteration", ylim=(0, 1.05))
         save(fig, "ppo_reward_hacking.png")
     else:
         print("no ppo_hacking run: skipping ppo_reward_hacking.png")
@@ -116,12 +130,14 @@ if __name__ == "__main__":
             axes[0].plot(*series(rows, "eval/rm/accuracy"), color=f"C{i}", label=f"{n:,} pairs")
             ceiling = (series(rows, "eval/rm/noise_ceiling")[1] or [ceiling])[-1]
         final = [series(rows, "eval/rm/accuracy")[1][-1] for rows in curve.values()]
-        axes[1].plot(list(curve), final, "o-", label="reward model")
+        error = [(a * (1 - a) / 600) ** 0.5 for a in final]  # sampling error of 600 held-out pairs
+        axes[1].errorbar(list(curve), final, yerr=error, fmt="o-", capsize=3, label="reward model (+-1 s.e.)")
+        axes[1].set_xticks(list(curve), [f"{n // 1000}k" for n in curve])
         for ax in axes:
             if ceiling:
                 ax.axhline(ceiling, color="gray", ls="--", label="noise ceiling")
         axes[0].set(title="held-out accuracy while training", xlabel="optimizer step")
-        axes[1].set(title="final held-out accuracy", xlabel="training pairs (rankings of 4)", xscale="log")
+        axes[1].set(title="final held-out accuracy (600 pairs)", xlabel="training pairs (rankings of 4)")
         for ax in axes:
             ax.legend()
         save(fig, "rm_accuracy.png")

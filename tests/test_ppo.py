@@ -243,6 +243,8 @@ def test_ppo_raises_a_toy_reward_and_kl_coef_limits_kl(task_dir, sft_dir, tmp_pa
             ((_, win_rate),) = read_metrics(cwd, "eval/gold_win_rate_vs_sft")
             ((_, policy), (_, sft)) = read_metrics(cwd, "eval/gold_score")[-1:] + read_metrics(cwd, "eval/sft_gold_score")
             assert 0.6 < win_rate <= 1.0 and policy > sft, (win_rate, policy, sft)
+            distinct = [v for _, v in read_metrics(cwd, "eval/distinct_responses")]
+            assert distinct[0] > 0.8 and all(0 < v <= 1 for v in distinct), distinct  # sampled responses differ
     assert finals["1.0"] < finals["0.0"], finals
 
 
