@@ -14,7 +14,7 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
 3. The KL penalty's estimator is k1 (log pi - log pi_ref) or k3 ((r - 1) - log r, r = pi_ref / pi), by flag;
    both are always logged. k3 is never negative per token; k1 can be, per token, and is unbiased.
 4. Forward passes are padding-free by default: each query+response is stripped of its padding and packed into rows
-   with other sequences (`common.pack`); log-probs and values come back in the usual (B, T) layout.
+   with other sequences (`pack`, below); log-probs and values come back in the usual (B, T) layout.
 """
 
 import importlib
@@ -272,7 +272,7 @@ def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_
 
     Padded: positions come from the mask, so left-padded queries see the positions of unpadded ones; the logit at
     column c predicts token c + 1, so response tokens are predicted from columns [context_length - 1, -1).
-    Padding-free: each sequence without its padding, packed into rows (`common.pack`). Past a response's EOS,
+    Padding-free: each sequence without its padding, packed into rows (`pack`, below). Past a response's EOS,
     (rows, cols) stay at its last token, so those (masked) entries depend on the sequence alone.
     """
     batch, device = query_responses.shape[0], query_responses.device

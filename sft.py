@@ -135,7 +135,7 @@ def encode(records, tokenizer, args):
 
 def collate(examples, pad_id: int, train_on_prompt: bool, padding_free: bool) -> dict:
     """(prompt_ids, completion_ids) pairs -> a batch: input_ids, labels, and an attention_mask (right padding, one
-    example per row) or position_ids (padding-free: examples packed into rows by `common.pack`).
+    example per row) or position_ids (padding-free: examples packed into rows by `pack`).
 
     labels = input ids on the completion (and its EOS), -100 elsewhere (ignored by the loss): on the prompt, on
     padding, and on each example's first token, which in a packed row would be "predicted" from its neighbour.
