@@ -101,7 +101,7 @@ if __name__ == "__main__":
     else:
         print("kl sweep runs missing: skipping ppo_kl_sweep.png")
 
-    # 3. reward hacking without a KL penalty: the proxy keeps rising, the gold judge turns away
+    # 3. a long run without a KL penalty: proxy and gold score, KL, and how many different answers are left
     hacking = load(args.runs, "ppo_hacking")
     if hacking:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
