@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -66,9 +67,15 @@ class Args:
     sft_model_path: str = "models/sft"
     """the SFT model: the policy's start and the frozen reference"""
     reward_model_path: str = "models/reward_model"
-    """the frozen reward model (from reward_model.py)"""
+    """the frozen reward model: from reward_model.py, or any sequence classifier (its own tokenizer and labels are
+    handled: see --reward-label-index)"""
     reward_fn: str = ""
     """'file.py:function' (prompt, response) -> float: an algorithmic reward used instead of the reward model"""
+    reward_label_index: int | None = None
+    """for a reward model with several outputs (a sentiment classifier's labels), the one that is the reward, e.g. the
+    'positive' logit; required then"""
+    reward_transform: Literal["none", "logsigmoid"] = "none"
+    """applied to the reward model's output: 'logsigmoid' turns a classifier's logit into log P(label), at most 0"""
     value_model: Literal["separate", "shared"] = "separate"
     """'separate': a model initialised from the reward model (the SFT model with --reward-fn); 'shared': a policy head"""
     eval_reward_fn: str = "auto"
@@ -291,6 +298,27 @@ def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_
         cols = (context_length - 1 + t).expand(batch, -1)
         last = torch.stack([torch.arange(batch, device=device), last_token_index(attention_mask)], dim=1)
     return inputs, (last[:, :1].expand_as(cols), cols), last
+
+
+def score_texts(reward_model, reward_tokenizer, prompts: list, responses: list[str]) -> torch.Tensor:
+    """Score with a reward model that has its own tokenizer: each prompt and response as text, rendered in the reward
+    model's chat template if it has one (the prompt as user turns, the response as the assistant turn) or joined as
+    plain text, tokenized by its tokenizer, right-padded -> (B,) or (B, num_labels) outputs. A decoder's head is read
+    at the last real token (`reward_scores`); an encoder classifier (BERT, DeBERTa) pools its own way, so its own
+    forward is used."""
+    texts = []
+    for prompt, response in zip(prompts, responses):
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if reward_tokenizer.chat_template is not None:
+            texts.append(reward_tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}],
+                                                              tokenize=False))
+        else:
+            texts.append((prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)) + response)
+    batch = reward_tokenizer(texts, add_special_tokens=reward_tokenizer.chat_template is None, padding=True,
+                             truncation=True, return_tensors="pt").to(reward_model.device)
+    if hasattr(reward_model, "score"):
+        return reward_scores(reward_model, batch["input_ids"], batch["attention_mask"])
+    return reward_model(**batch).logits.float().squeeze(-1)
 
 
 class ValueHead(torch.nn.Module):
@@ -529,11 +557,36 @@ if __name__ == "__main__":
     ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device)
     setup_tokenizer(tokenizer, policy)
     setup_tokenizer(tokenizer, ref_policy)
-    reward_model = reward_fn = None
+    reward_model = reward_fn = reward_tokenizer = None
+    same_tokenizer = reusable_reward_model = False
     if args.reward_fn:
         reward_fn = load_function(args.reward_fn)
     else:
         reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, **frozen).to(device)
+        try:
+            reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path,
+                                                             trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError):  # a folder saved without its tokenizer
+            print("reward model: no tokenizer in its folder, so the policy's is assumed")
+            reward_tokenizer = tokenizer
+        if reward_tokenizer.pad_token is None:  # padding is read from the attention mask: any id will do
+            reward_tokenizer.pad_token = reward_tokenizer.eos_token or reward_tokenizer.unk_token
+        num_labels = reward_model.config.num_labels
+        if num_labels > 1 and args.reward_label_index is None:
+            raise SystemExit(f"error: {args.reward_model_path} has {num_labels} outputs ({reward_model.config.id2label}): "
+                             "choose the reward with --reward-label-index")
+        if args.reward_label_index is not None and not 0 <= args.reward_label_index < num_labels:
+            raise SystemExit(f"error: --reward-label-index {args.reward_label_index}, but {args.reward_model_path} has "
+                             f"{num_labels} output(s)")
+        # the same tokenizer (same vocabulary and ids, once the policy's pad rule is applied): score the policy's ids
+        if hasattr(reward_model, "score"):
+            setup_tokenizer(reward_tokenizer, reward_model)
+        same_tokenizer = hasattr(reward_model, "score") and reward_tokenizer.get_vocab() == tokenizer.get_vocab()
+        reusable_reward_model = same_tokenizer and num_labels == 1 and (
+            reward_model.config.get_text_config().hidden_size == policy.config.get_text_config().hidden_size)
+        print("reward model: the policy's tokenizer; its token ids are scored directly" if same_tokenizer else
+              "reward model: its own tokenizer (another vocabulary): responses are decoded and re-tokenized, "
+              + ("in its chat template" if reward_tokenizer.chat_template is not None else "as plain text"))
         rm_args_file = os.path.join(args.reward_model_path, "args.json")  # written by reward_model.py
         rm_args = json.load(open(rm_args_file)) if os.path.exists(rm_args_file) else {}
         normalised_on = [rm_args.get(k) for k in ("normalize_temperature", "normalize_response_length",
@@ -545,7 +598,9 @@ if __name__ == "__main__":
                   ", so its first rollouts will not score about 0 (rerun reward_model.py with matching --normalize-*)")
     if args.value_model == "separate":
         value_from = os.path.join(ckpt_dir, "value_model") if resuming else (
-            args.sft_model_path if args.reward_fn else args.reward_model_path)
+            args.reward_model_path if reusable_reward_model else args.sft_model_path)
+        if not resuming and reward_model is not None and not reusable_reward_model:
+            print("value model: from the SFT model, not the reward model (another tokenizer, width or label layout)")
         value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
         value_net.train()
     else:  # its weights come from the checkpoint when resuming (below)
@@ -557,7 +612,8 @@ if __name__ == "__main__":
     for model in (ref_policy, reward_model):
         if model is not None:
             model.eval().requires_grad_(False)
-    if args.padding_free and not all(packing_works(m) for m in hf_models if m is not ref_policy):
+    packed = [m for m in hf_models if m is not ref_policy and (m is not reward_model or same_tokenizer)]
+    if args.padding_free and not all(packing_works(m) for m in packed):
         print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
     if args.learning_rate is None:
@@ -646,13 +702,21 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def get_scores(batch_layout, responses, response_mask, prompts_text):
-        """(B,) sequence scores: the reward model at the last real token (the EOS), or a reward function on text."""
-        if reward_fn is None:
-            inputs, _, last = batch_layout
-            with autocast():
-                return reward_scores(reward_model, **inputs, last=last)
-        texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
-        return torch.tensor([float(reward_fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
+        """(B,) sequence scores: the reward model at the last real token (the EOS) of the policy's ids, or of its own
+        tokens (another tokenizer), or a reward function on text."""
+        if reward_fn is not None or not same_tokenizer:  # these read text
+            texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
+        if reward_fn is not None:
+            return torch.tensor([float(reward_fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
+        with autocast():
+            if same_tokenizer:
+                inputs, _, last = batch_layout
+                outputs = reward_scores(reward_model, **inputs, last=last)
+            else:  # the reward model's own tokens
+                outputs = score_texts(reward_model, reward_tokenizer, prompts_text, texts)
+        if outputs.dim() == 2:  # several labels: the chosen one is the reward
+            outputs = outputs[:, args.reward_label_index]
+        return F.logsigmoid(outputs) if args.reward_transform == "logsigmoid" else outputs
 
     @torch.no_grad()
     def evaluate(iteration: int, final: bool = False):

@@ -54,7 +54,7 @@ def test_ppo_copied_alone(sft_dir, tmp_path, value_model):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was"} for w in ("pasta", "soup", "plot", "view")])
     folder = run_copy("ppo_rlhf.py", tmp_path, "--sft-model-path", sft_dir, "--reward-model-path", tmp_path / "rm",
                       "--dataset", data, "--output-dir", "out", "--num-iterations", "2", "--response-length", "6",
-                      "--value-model", value_model)
+                      "--value-model", value_model)  # the reward model's folder has no tokenizer: the policy's is used
     AutoModelForCausalLM.from_pretrained(folder / "out")
     if value_model == "separate":
         AutoModelForSequenceClassification.from_pretrained(folder / "out" / "value_model")
