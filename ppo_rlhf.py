@@ -2,6 +2,7 @@
 
     python ppo_rlhf.py                                  # after sft.py and reward_model.py; embedded task, CPU
     python ppo_rlhf.py --kl-coef 0.2 --reward-fn my_rewards.py:score     # an algorithmic reward instead of the RM
+    torchrun --nproc-per-node 8 ppo_rlhf.py --sft-model-path ... --strategy fsdp --bf16     # 8 GPUs, models sharded
 
 Four models: the policy and a frozen reference (both from the SFT model), a frozen reward model, and a value
 network. Each iteration has a rollout phase (generate, score, KL-shape the rewards, GAE) and an update phase
@@ -17,19 +18,28 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
    with other sequences (`pack`, below); log-probs and values come back in the usual (B, T) layout.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -58,10 +68,16 @@ class Args:
     save_every: int = 20
     """write a resumable checkpoint every this many iterations"""
     device: str = "auto"
-    """'cpu', 'cuda', or 'auto' (cuda if available)"""
+    """'cpu', 'cuda', 'cuda:N', or 'auto' (cuda if available); under torchrun each process takes cuda:LOCAL_RANK"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: 'ddp' keeps full copies of the four models per process; 'fsdp' (FSDP2) shards all four (and
+    the trained ones' gradients and optimizer state) across them, for models that do not fit one device"""
     bf16: bool = False
-    """bfloat16 mixed precision: policy and value in fp32 with their AdamW state, bf16 compute (autocast); the frozen
-    reference and reward model held in bf16"""
+    """bfloat16 mixed precision: policy and value in fp32 with their AdamW state, bf16 compute (autocast; FSDP2's
+    MixedPrecisionPolicy under --strategy fsdp), gradients reduced in fp32; the frozen reference and reward model
+    held in bf16"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's and value model's activations in backward (non-reentrant): less memory, more compute"""
 
     # models & data
     sft_model_path: str = "models/sft"
@@ -218,9 +234,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance (and zero mean) using statistics of the valid tokens only; invalid ones become 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Normalise to unit variance (and zero mean) using statistics of the valid tokens only; invalid ones become 0.
+    Under torchrun the statistics are those of every process's valid tokens: the whole rollout batch is normalised
+    as one, as it would be on one device (per-process statistics would give each share its own scale)."""
+    def global_mean(v):
+        sums = all_reduce(torch.stack([(v * mask).sum(), mask.sum()]))  # itself without torchrun
+        return sums[0] / sums[1].clamp(min=1)
+    mean = global_mean(x)
+    var = global_mean((x - mean) ** 2)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -353,9 +374,10 @@ def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperatur
 
 
 def disable_dropout(model) -> None:
-    """Dropout off, so every forward pass of the same input gives the same numbers (copied in reward_model.py and
-    ppo_rlhf.py). Three places hold a rate: the config, nn.Dropout modules, and floats that modules copy from the
-    config when built (Llama's and Qwen2's `self.attention_dropout`, applied in train mode whatever the config says)."""
+    """Dropout off, so every forward pass of the same input gives the same numbers (copied in reward_model.py,
+    ppo_rlhf.py and dpo.py). Three places hold a rate: the config, nn.Dropout modules, and floats that modules copy
+    from the config when built (Llama's and Qwen2's `self.attention_dropout`, applied in train mode whatever the
+    config says)."""
     for key, value in model.config.to_dict().items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(model.config, key, 0.0)
@@ -368,8 +390,8 @@ def disable_dropout(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing, the same in sft.py, reward_model.py and ppo_rlhf.py: copied rather than shared, so that a stage script
-# and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py and dpo.py: copied rather than shared, so that a stage
+# script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,11 +471,21 @@ def load_function(spec: str):
 
 def save_model(out_dir: str, tokenizer, args, *models) -> None:
     """Hugging Face folders written to `out_dir.tmp` and then swapped in, so a crash keeps the old folder. `models` are
-    (subfolder, model) pairs, "" for the top; `args` goes to args.json beside them."""
+    (name, model) pairs: a subfolder ("" for the top) for a Hugging Face model, a file name for a plain module (its
+    weights as safetensors); `args` goes to args.json beside them. Under torchrun every process hands over its shards
+    and rank 0 writes."""
+    states = [full_state_dict(model) for _, model in models]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 is writing
+        return
     tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub, model in models:
-        model.save_pretrained(os.path.join(tmp, sub))
+    os.makedirs(tmp)
+    for (name, model), state in zip(models, states):
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(os.path.join(tmp, name), state_dict=state)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, name))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "args.json"), "w") as f:
@@ -463,25 +495,44 @@ def save_model(out_dir: str, tokenizer, args, *models) -> None:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def save_state(ckpt_dir: str, state: dict) -> None:
-    """Training state beside a checkpoint, written atomically, with every random generator the run draws from (CPU,
-    each CUDA device, Python's), so that a resumed run samples what the uninterrupted one would have."""
+def save_state(ckpt_dir: str, state: dict, parallel, optimizer) -> None:
+    """Training state beside a checkpoint's weights: the optimizer's through torch.distributed.checkpoint (under FSDP2
+    each process writes its own shard), each process's random generators (CPU, every CUDA device, Python's) so that a
+    resumed run samples what the uninterrupted one would have, and `state` (step, scheduler...), written last and
+    atomically by rank 0: its presence marks a complete checkpoint."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dcp.save({"optimizer": get_optimizer_state_dict(parallel, optimizer)}, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(state | {"rng": rng}, os.path.join(ckpt_dir, "training_state.pt.tmp"))
-    os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
+    torch.save(rng, os.path.join(ckpt_dir, f"rng_{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        torch.save(state, os.path.join(ckpt_dir, "training_state.pt.tmp"))
+        os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
 
 
-def load_state(ckpt_dir: str) -> dict:
-    """The saved training state (tensors and plain types only), with the random generators restored."""
-    state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
+def load_state(ckpt_dir: str, parallel, optimizer) -> dict:
+    """The saved training state (tensors and plain types only), with the optimizer and random generators restored.
+    The checkpoint must come from as many processes as this run has: each one's share of the data depends on it."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    written_by = len([f for f in os.listdir(ckpt_dir) if f.startswith("rng_")])
+    if written_by != world_size:
+        raise SystemExit(f"error: {ckpt_dir} was written by {written_by} process(es), this run has {world_size}: resume "
+                         "with as many, or start again with --no-resume")
+    target = {"optimizer": get_optimizer_state_dict(parallel, optimizer)}
+    dcp.load(target, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
+    set_optimizer_state_dict(parallel, optimizer, target["optimizer"])
+    rng = torch.load(os.path.join(ckpt_dir, f"rng_{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
 
 
 class Metrics:
@@ -489,6 +540,9 @@ class Metrics:
     Weights & Biases with --track."""
 
     def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+        self.on = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 logs for all processes
+        if not self.on:
+            return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
         self.tb = self.wandb = None
@@ -504,6 +558,8 @@ class Metrics:
             self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
 
     def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
+        if not self.on:
+            return
         row = {k: float(v) for k, v in (scalars or {}).items()} | texts
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
         self.jsonl.flush()
@@ -514,6 +570,8 @@ class Metrics:
             self.wandb.log(row, step=step)
 
     def close(self) -> None:
+        if not self.on:
+            return
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
@@ -521,27 +579,135 @@ class Metrics:
             self.wandb.finish()
 
 
+# torch.distributed, launched by torchrun: without it these are single-process no-ops and every number is as before
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) each process joins the
+    process group (NCCL on GPUs, gloo on CPU) on its own device, cuda:LOCAL_RANK; only rank 0 prints (the others'
+    stdout goes to os.devnull; errors still reach stderr). Without torchrun: one process, no group."""
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world_size > 1 else device)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), world_size, device
+
+
+class Parallel(torch.nn.Module):
+    """Models whose computation runs as this module's forward: `parallel(fn, *args)` returns fn(*models, *args). DDP
+    syncs gradients and FSDP2 gathers parameters only around the forward of the module they wrap, and the stages call
+    parts of a model (a backbone, then a head at chosen positions), so every pass goes through here."""
+
+    def __init__(self, *models):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*self.models, *args, **kwargs)
+
+
+def distribute(models: list, strategy: str, bf16: bool, trainable: bool = True) -> torch.nn.Module:
+    """`models` -> their `Parallel`, under torchrun replicated or sharded across the processes. 'ddp': a full copy per
+    process, gradients averaged in backward (frozen models are left as they are: nothing to sync). 'fsdp' (FSDP2):
+    parameters, gradients and optimizer state sharded, one unit per decoder layer plus the root (embeddings, final
+    norm, heads), each gathered just for its forward and backward; with --bf16 the gathered copies are bf16 and the
+    fp32 shards, Adam state and gradient reduction stay fp32 (MixedPrecisionPolicy)."""
+    parallel = Parallel(*models)
+    if not dist.is_initialized() or (strategy == "ddp" and not trainable):
+        return parallel
+    if strategy == "ddp":
+        return DistributedDataParallel(parallel, forward_sync_buffers=False)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for model in models:
+        for module in model.modules():  # a model's decoder layer classes are the ones it must not split
+            if type(module).__name__ in (getattr(model, "_no_split_modules", None) or []):
+                fully_shard(module, mp_policy=policy)
+    return fully_shard(parallel, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def gathered(parallel):
+    """Yields the `Parallel` to generate with. Under FSDP2 its parameters are all-gathered once for the whole decode
+    loop and freed after it (a full copy per process meanwhile): processes stop decoding at different steps, so the
+    usual all-gather per forward would leave some waiting on the others. Under DDP, the replica without its hooks."""
+    if isinstance(parallel, DistributedDataParallel):
+        yield parallel.module
+        return
+    units = [m for m in parallel.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        if unit is not parallel:  # the root stays gathered between forwards anyway
+            unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield parallel
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not parallel:
+                unit.set_reshard_after_forward(True, recurse=False)
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The sum (or 'mean', 'max') of a tensor over the processes; itself without torchrun."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x / dist.get_world_size() if op == "mean" else x
+
+
+def sync_gradients(parallel, sync: bool) -> None:
+    """Gradient accumulation: reduce gradients across processes in the last micro-batch's backward only."""
+    if isinstance(parallel, DistributedDataParallel):
+        parallel.require_backward_grad_sync = sync
+    elif isinstance(parallel, FSDPModule):
+        parallel.set_requires_gradient_sync(sync)
+
+
+def full_state_dict(model) -> dict:
+    """A model's whole state dict on the CPU: gathered from its shards under FSDP2 (every process must call)."""
+    if not dist.is_initialized():
+        return model.state_dict()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return state  # empty: rank 0 holds the gathered copy
+    first_name = {}  # tied parameters (an LM head that is the input embedding) come back as copies: tie them again
+    for name, param in model.named_parameters(remove_duplicate=False):
+        state[name] = state[first_name.setdefault(id(param), name)]
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.dual_clip != 0 and args.dual_clip <= 1:
         raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
                          "loss), or 0 to turn dual clipping off")
+    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     # --bf16: the trained models (policy, value) keep fp32 weights and AdamW state and compute in bf16 under
-    # autocast; the frozen ones (reference, reward model) are held in bf16
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    # autocast (FSDP2 instead gathers bf16 copies of the fp32 shards); the frozen ones (reference, reward model) are
+    # held in bf16
+    fsdp = world_size > 1 and args.strategy == "fsdp"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
     for path, default, command in [(args.sft_model_path, "models/sft", "python sft.py"),
                                    ("" if args.reward_fn else args.reward_model_path, "models/reward_model",
                                     "python reward_model.py")]:
         if path == default and not os.path.isdir(path):
             raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
     embedded = args.dataset == f"{TASK_DATA}/prompts_train.jsonl"  # the embedded task's own prompts
-    if embedded and not os.path.exists(args.dataset):
+    if rank == 0 and embedded and not os.path.exists(args.dataset):
         load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
+    if world_size > 1:
+        dist.barrier()  # the files are written
     if args.eval_dataset == "auto":
         args.eval_dataset = f"{TASK_DATA}/prompts_eval.jsonl" if embedded else "none"
     if args.eval_reward_fn == "auto":
@@ -603,8 +769,10 @@ if __name__ == "__main__":
             print("value model: from the SFT model, not the reward model (another tokenizer, width or label layout)")
         value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
         value_net.train()
-    else:  # its weights come from the checkpoint when resuming (below)
+    else:
         value_net = ValueHead(policy.config.get_text_config().hidden_size).to(device)
+        if resuming:
+            value_net.load_state_dict(load_file(os.path.join(ckpt_dir, "value_head.safetensors")))
     hf_models = [m for m in (policy, ref_policy, reward_model, value_net) if isinstance(m, torch.nn.Module) and
                  hasattr(m, "config")]  # the Hugging Face models among the four
     for model in hf_models:
@@ -621,7 +789,16 @@ if __name__ == "__main__":
         args.learning_rate = 1e-4 if tiny else 3e-6
         print(f"learning rate {args.learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
               "--learning-rate to change)")
-    policy.train()
+    if args.gradient_checkpointing:
+        for model in (policy, value_net):
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # every pass runs through these (`Parallel`): policy_w(fn, ...) = fn(policy, value_net, ...), trained together;
+    # under torchrun the frozen two are sharded too with --strategy fsdp, and replicated with ddp
+    policy_w = distribute([policy, value_net], args.strategy, args.bf16)
+    ref_w = distribute([ref_policy], args.strategy, args.bf16, trainable=False)
+    reward_w = distribute([reward_model], args.strategy, args.bf16, trainable=False) if reward_model is not None else None
+    policy_w.train()
 
     # 2. prompts, left-padded per batch for generation
     try:
@@ -641,42 +818,45 @@ if __name__ == "__main__":
         print("no held-out prompts (--eval-dataset FILE to add them): evaluation samples training prompts")
     eval_records, eval_prompts = encode_prompts((eval_records or train_records)[: args.num_eval_prompts])
     unit = args.num_mini_batches * args.gradient_accumulation_steps  # the rollout batch must split into micro-batches
-    if len(train_prompts) < args.rollout_batch_size:
-        if len(train_prompts) < unit:
+    if len(train_prompts) < args.rollout_batch_size * world_size:
+        if len(train_prompts) < unit * world_size:
             raise SystemExit(f"{args.dataset}: {len(train_prompts)} prompts is fewer than num_mini_batches * "
-                             f"gradient_accumulation_steps = {unit}")
+                             f"gradient_accumulation_steps * processes = {unit * world_size}")
         print(f"only {len(train_prompts)} prompts: --rollout-batch-size {args.rollout_batch_size} -> "
-              f"{len(train_prompts) // unit * unit}")
-        args.rollout_batch_size = len(train_prompts) // unit * unit
+              f"{len(train_prompts) // world_size // unit * unit}")
+        args.rollout_batch_size = len(train_prompts) // world_size // unit * unit
     args.mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches,
                                      "rollout_batch_size / num_mini_batches")
     args.micro_batch_size = exact_div(args.mini_batch_size, args.gradient_accumulation_steps,
                                       "mini_batch_size / gradient_accumulation_steps")
-    batches_per_epoch = len(train_prompts) // args.rollout_batch_size
+    print(f"global batch: {args.rollout_batch_size} prompts x {world_size} process(es) = "
+          f"{args.rollout_batch_size * world_size} episodes per iteration")
+    batches_per_epoch = len(train_prompts) // (args.rollout_batch_size * world_size)
 
     def prompt_batch(iteration: int) -> list[int]:
-        """Indices of the prompts of an iteration: epoch-wise permutations seeded by (seed, epoch), resumable."""
+        """Indices of this process's prompts of an iteration: its share of the global batch, from epoch-wise
+        permutations seeded by (seed, epoch), the same in every process; resumable."""
         epoch, j = divmod(iteration, batches_per_epoch)
         order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        return order[j * args.rollout_batch_size: (j + 1) * args.rollout_batch_size].tolist()
+        first = (j * world_size + rank) * args.rollout_batch_size
+        return order[first: first + args.rollout_batch_size].tolist()
 
     # 3. one AdamW for policy and value (eps 1e-5, N+ details #5), learning rate decayed linearly to 0
-    params = list(policy.parameters()) + list(value_net.parameters())
+    params = list(policy_w.parameters())  # the policy's, then the value network's
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     num_updates = args.num_iterations * args.num_ppo_epochs * args.num_mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / num_updates)
     kl_coef, start_iteration = args.kl_coef, 0
     if resuming:
-        state = load_state(ckpt_dir)  # also restores the random generators
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_state(ckpt_dir, policy_w, optimizer)  # also restores the optimizer and the random generators
         scheduler.load_state_dict(state["scheduler"])
-        if "value_head" in state:
-            value_net.load_state_dict(state["value_head"])
         start_iteration, kl_coef, args.run_name = state["iteration"], state["kl_coef"], state["run_name"]
         print(f"resuming {ckpt_dir} at iteration {start_iteration}")
+    elif world_size > 1:
+        torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
     metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
-    value_folder = [] if isinstance(value_net, ValueHead) else [("value_model", value_net)]  # saved beside the policy
+    value_saved_as = ("value_head.safetensors" if isinstance(value_net, ValueHead) else "value_model", value_net)
     pad_id, eos_id = tokenizer.pad_token_id, end_token_id(tokenizer)  # eos_id: the token that ends a response
 
     class Rollout(NamedTuple):
@@ -688,13 +868,15 @@ if __name__ == "__main__":
         has_eos: torch.Tensor  # (B,) bool: the response ended within response_length
 
     @torch.no_grad()
-    def rollout(model, prompts: list[list[int]]) -> Rollout:
-        """Generate with pure sampling (`common.sample`: softmax(logits / temperature), nothing from the model's
-        generation_config), cut after the first end token."""
+    def rollout(model_w, prompts: list[list[int]]) -> Rollout:
+        """Generate from the first model of `model_w` (the policy, or the reference) with pure sampling
+        (`common.sample`: softmax(logits / temperature), nothing from the model's generation_config), cut after the
+        first end token."""
         queries, query_mask = pad(prompts, pad_id, side="left")  # (B, Tq)
         queries, query_mask = queries.to(device), query_mask.to(device)
-        with autocast():
-            out = sample(model, queries, query_mask, args.response_length, args.temperature, eos_id, pad_id)
+        with autocast(), gathered(model_w) as generator:
+            out = generator(lambda model, *_: sample(model, queries, query_mask, args.response_length, args.temperature,
+                                                     eos_id, pad_id))
         context_length = queries.shape[1]
         responses, response_mask, has_eos = truncate_after_eos(out[:, context_length:], eos_id, pad_id)  # (B, T)
         return Rollout(torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask.long()], dim=1),
@@ -711,9 +893,9 @@ if __name__ == "__main__":
         with autocast():
             if same_tokenizer:
                 inputs, _, last = batch_layout
-                outputs = reward_scores(reward_model, **inputs, last=last)
+                outputs = reward_w(reward_scores, **inputs, last=last)
             else:  # the reward model's own tokens
-                outputs = score_texts(reward_model, reward_tokenizer, prompts_text, texts)
+                outputs = reward_w(score_texts, reward_tokenizer, prompts_text, texts)
         if outputs.dim() == 2:  # several labels: the chosen one is the reward
             outputs = outputs[:, args.reward_label_index]
         return F.logsigmoid(outputs) if args.reward_transform == "logsigmoid" else outputs
@@ -721,14 +903,15 @@ if __name__ == "__main__":
     @torch.no_grad()
     def evaluate(iteration: int, final: bool = False):
         """Held-out prompts: reward, gold score, KL to the reference and length; at the end also the gold win rate
-        of the policy against the SFT policy on the same prompts."""
-        policy.eval()
+        of the policy against the SFT policy on the same prompts. Every process samples them (its own draws); the
+        figures are the means over processes, the table rank 0's."""
+        policy_w.eval()
         texts = [r["prompt"] for r in eval_records]
-        batch = rollout(policy, eval_prompts)
+        batch = rollout(policy_w, eval_prompts)
         batch_layout = layout(batch.query_responses, batch.attention_mask, batch.context_length, args.padding_free)
         with autocast():
-            logprobs = forward(policy, None, batch_layout, batch.responses, args.temperature, with_values=False)[0]
-            ref_logprobs = forward(ref_policy, None, batch_layout, batch.responses, args.temperature, with_values=False)[0]
+            logprobs = policy_w(forward, batch_layout, batch.responses, args.temperature, with_values=False)[0]
+            ref_logprobs = ref_w(forward, None, batch_layout, batch.responses, args.temperature, with_values=False)[0]
         scores = get_scores(batch_layout, batch.responses, batch.response_mask, texts)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * batch.response_mask).sum(1).mean(),
                "eval/response_length": batch.response_mask.sum(1).float().mean(),
@@ -740,28 +923,29 @@ if __name__ == "__main__":
             gold = torch.tensor([judge(p, t) for p, t in zip(texts, decoded)])
             out["eval/gold_score"] = gold.mean()
             if final:  # the SFT policy answers the same prompts; the gold judge picks (ties count half)
-                sft_texts = tokenizer.batch_decode(rollout(ref_policy, eval_prompts).responses, skip_special_tokens=True)
+                sft_texts = tokenizer.batch_decode(rollout(ref_w, eval_prompts).responses, skip_special_tokens=True)
                 sft_gold = torch.tensor([judge(p, t) for p, t in zip(texts, sft_texts)])
                 out["eval/sft_gold_score"] = sft_gold.mean()
                 out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
                 metrics.log(iteration, sft_samples="\n".join(f"  {t!r} -> {d!r}" for t, d in zip(texts, sft_texts)))
         table = "\n".join(f"  {s:+.2f} | {t!r} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, decoded))
+        out = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), "mean") for k, v in out.items()}
         metrics.log(iteration, out, samples=table)
         tqdm.write(f"eval @ {iteration}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in out.items()) + "\n" +
                    "\n".join(table.split("\n")[: args.num_sample_rows]))
-        policy.train()
+        policy_w.train()
         return out
 
     progress = tqdm(range(start_iteration, args.num_iterations), initial=start_iteration, total=args.num_iterations,
-                    desc="ppo")
+                    desc="ppo", disable=rank != 0 or None)  # None: on in a terminal, off in a log file
     for iteration in progress:
         if iteration % args.eval_every == 0:
             evaluate(iteration)
         t0 = time.time()
         # 4. rollout: sample responses from the current policy (pure sampling at --temperature)
         idx = prompt_batch(iteration)
-        policy.eval()
-        batch = rollout(policy, [train_prompts[i] for i in idx])
+        policy_w.eval()
+        batch = rollout(policy_w, [train_prompts[i] for i in idx])
         query_responses, attention_mask, responses, has_eos = (batch.query_responses, batch.attention_mask,
                                                                batch.responses, batch.has_eos)
         response_mask = batch.response_mask.float()  # (B, T), 1 on valid tokens
@@ -775,18 +959,17 @@ if __name__ == "__main__":
                 chunk = slice(k, k + args.micro_batch_size)
                 batch_layout = layout(query_responses[chunk], attention_mask[chunk], batch.context_length, args.padding_free)
                 with autocast():
-                    mb_logprobs, mb_entropy, mb_values = forward(policy, value_net, batch_layout, responses[chunk],
-                                                                 args.temperature)
-                    mb_ref_logprobs = forward(ref_policy, None, batch_layout, responses[chunk], args.temperature,
-                                              with_values=False)[0]
+                    mb_logprobs, mb_entropy, mb_values = policy_w(forward, batch_layout, responses[chunk], args.temperature)
+                    mb_ref_logprobs = ref_w(forward, None, batch_layout, responses[chunk], args.temperature,
+                                            with_values=False)[0]
                 mb_scores = get_scores(batch_layout, responses[chunk], batch.response_mask[chunk],
                                        [train_records[i]["prompt"] for i in idx[chunk]])
                 chunks.append((mb_logprobs, mb_entropy, mb_values, mb_ref_logprobs, mb_scores))
             logprobs, entropy, values, ref_logprobs, scores = (torch.cat(c) for c in zip(*chunks))  # (B, T) .. (B,)
             raw_scores = scores.clone()
             if iteration == 0:  # reward_model.py normalised its scores to mean 0 on the SFT policy's samples
-                print(f"first rollout: mean score {raw_scores.mean().item():.3f} (about 0 when the reward model was "
-                      "normalised on samples drawn as these are)")
+                print(f"first rollout: mean score {all_reduce(raw_scores.mean(), 'mean').item():.3f} (about 0 when the "
+                      "reward model was normalised on samples drawn as these are)")
             scores = scores - args.missing_eos_penalty * (~has_eos).float()
             if args.reward_clip > 0:
                 scores = scores.clamp(-args.reward_clip, args.reward_clip)
@@ -803,20 +986,22 @@ if __name__ == "__main__":
             advantages = masked_whiten(advantages, response_mask)
         t_rollout = time.time() - t0 - t_generate
 
-        # 8. PPO update: num_ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch
-        policy.train()
+        # 8. PPO update: num_ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch. Under
+        #    torchrun each process updates on its own episodes and DDP/FSDP2 average the gradients
+        policy_w.train()
         stats = {k: [] for k in ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy"]}
         for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(args.rollout_batch_size, device=device) if epoch > 0 else torch.arange(
                 args.rollout_batch_size, device=device)  # epoch 0 in rollout order: the first step must give ratio 1
             for start in range(0, args.rollout_batch_size, args.mini_batch_size):
                 for micro in range(start, start + args.mini_batch_size, args.micro_batch_size):
+                    sync_gradients(policy_w, micro + args.micro_batch_size == start + args.mini_batch_size)
                     mb = order[micro: micro + args.micro_batch_size]
                     mb_mask = response_mask[mb]
                     batch_layout = layout(query_responses[mb], attention_mask[mb], batch.context_length, args.padding_free)
                     with autocast():
-                        new_logprobs, new_entropy, new_values = forward(policy, value_net, batch_layout, responses[mb],
-                                                                        args.temperature)
+                        new_logprobs, new_entropy, new_values = policy_w(forward, batch_layout, responses[mb],
+                                                                         args.temperature)
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
                                                            args.cliprange, args.dual_clip)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask,
@@ -841,14 +1026,16 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)
         t_update = time.time() - t0 - t_generate - t_rollout
 
-        # 9. adaptive KL coefficient: proportional control towards target_kl (Ziegler et al. 2019, sec. 2.2)
-        mean_kl = kl_k1.sum(1).mean().item()
+        # 9. adaptive KL coefficient: proportional control towards target_kl (Ziegler et al. 2019, sec. 2.2), on the
+        #    KL of the whole batch, so every process keeps the same kl_coef
+        mean_kl = all_reduce(kl_k1.sum(1).mean(), "mean").item()
         if args.adaptive_kl:
             error = max(-0.2, min(0.2, mean_kl / args.target_kl - 1))
             kl_coef *= 1 + error * args.rollout_batch_size / args.kl_horizon
 
-        # 10. log
+        # 10. log: each figure is the mean over processes (the first ratio's deviation, the largest)
         ratios = torch.cat(stats["ratio"])
+        first_ratio_dev = all_reduce(first_ratio_dev, "max")
         row = {
             "objective/kl": mean_kl, "objective/kl_k3": kl_k3.sum(1).mean(),
             "objective/entropy": (entropy * response_mask).sum(1).mean(),
@@ -864,29 +1051,27 @@ if __name__ == "__main__":
             "val/ratio_var": ratios.var() if ratios.numel() > 1 else 0.0,  # one valid token: no variance to measure
             "val/num_eos_tokens": has_eos.sum(),
             "val/response_length": response_mask.sum(1).mean(), "charts/lr": scheduler.get_last_lr()[0],
-            "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * args.rollout_batch_size,
+            "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * args.rollout_batch_size * world_size,
             "time/generate": t_generate, "time/rollout_forward": t_rollout, "time/update": t_update,
         }
+        row = dict(zip(row, all_reduce(torch.tensor([float(v) for v in row.values()], device=device), "mean").tolist()))
         metrics.log(iteration + 1, row)
         if not all(torch.isfinite(torch.as_tensor(v, dtype=torch.float)) for v in row.values()):
             raise SystemExit(f"non-finite metric at iteration {iteration + 1}: {row}")
         progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}",
                              len=f"{row['val/response_length']:.1f}", clip=f"{row['policy/clipfrac_avg']:.2f}")
         if (iteration + 1) % args.save_every == 0 and iteration + 1 < args.num_iterations:
-            save_model(ckpt_dir, None, args, ("", policy), *value_folder)
-            save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "iteration": iteration + 1, "kl_coef": kl_coef, "run_name": args.run_name} |
-                       ({"value_head": value_net.state_dict()} if isinstance(value_net, ValueHead) else {}))
+            save_model(ckpt_dir, None, args, ("", policy), value_saved_as)
+            save_state(ckpt_dir, {"scheduler": scheduler.state_dict(), "iteration": iteration + 1, "kl_coef": kl_coef,
+                                  "run_name": args.run_name}, policy_w, optimizer)
     progress.close()
 
     # 11. save first, so that nothing after it can cost the trained policy: it loads with AutoModelForCausalLM, the
-    #     value model beside it; then the final evaluation
-    save_model(args.output_dir, tokenizer, args, ("", policy), *value_folder)
-    if isinstance(value_net, ValueHead):
-        from safetensors.torch import save_file
-
-        save_file(value_net.state_dict(), os.path.join(args.output_dir, "value_head.safetensors"))
+    #     value model beside it (value_model/, or value_head.safetensors); then the final evaluation
+    save_model(args.output_dir, tokenizer, args, ("", policy), value_saved_as)
     print(f"saved to {args.output_dir}")
     evaluate(args.num_iterations, final=True)
     metrics.close()
     print(f"logs in runs/{args.run_name}")
+    if world_size > 1:
+        dist.destroy_process_group()

@@ -15,6 +15,7 @@ Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this depart
    sequences), and the sequences are packed into rows without padding (`pack`, below).
 """
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -22,13 +23,21 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -57,9 +66,15 @@ class Args:
     save_steps: int = 200
     """write a resumable checkpoint every this many optimizer steps"""
     device: str = "auto"
-    """'cpu', 'cuda', or 'auto' (cuda if available)"""
+    """'cpu', 'cuda', 'cuda:N', or 'auto' (cuda if available); under torchrun each process takes cuda:LOCAL_RANK"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: 'ddp' keeps a full copy of the model per process; 'fsdp' (FSDP2) shards parameters, gradients
+    and optimizer state across them, for models that do not fit one device"""
     bf16: bool = False
-    """bfloat16 mixed precision: fp32 weights and optimizer state, bf16 compute (autocast)"""
+    """bfloat16 mixed precision: fp32 weights and optimizer state, bf16 compute (autocast; FSDP2's
+    MixedPrecisionPolicy under --strategy fsdp), gradients reduced in fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward instead of storing them (non-reentrant): less memory, ~30% more compute"""
 
     # model & data
     model_name_or_path: str = "models/sft"
@@ -90,7 +105,7 @@ class Args:
     max_steps: int = -1
     """optimizer steps; -1 means num_epochs over the data"""
     per_device_train_batch_size: int = 8
-    """comparison groups per micro-batch (per process): a group is one pair, or all pairs of one ranking; every
+    """comparison groups per micro-batch, per process: a group is one pair, or all pairs of one ranking; every
     distinct response in the micro-batch goes through one forward pass"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
@@ -128,7 +143,8 @@ class Args:
 
     # filled in at runtime
     batch_size: int = 0
-    """comparison groups per optimizer step (per_device_train_batch_size * gradient_accumulation_steps)"""
+    """comparison groups per optimizer step, all processes (per_device_train_batch_size * gradient_accumulation_steps
+    * processes)"""
     run_name: str = ""
     """runs/{run_name} holds the logs"""
 
@@ -210,9 +226,10 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def disable_dropout(model) -> None:
-    """Dropout off, so every forward pass of the same input gives the same numbers (copied in reward_model.py and
-    ppo_rlhf.py). Three places hold a rate: the config, nn.Dropout modules, and floats that modules copy from the
-    config when built (Llama's and Qwen2's `self.attention_dropout`, applied in train mode whatever the config says)."""
+    """Dropout off, so every forward pass of the same input gives the same numbers (copied in reward_model.py,
+    ppo_rlhf.py and dpo.py). Three places hold a rate: the config, nn.Dropout modules, and floats that modules copy
+    from the config when built (Llama's and Qwen2's `self.attention_dropout`, applied in train mode whatever the
+    config says)."""
     for key, value in model.config.to_dict().items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(model.config, key, 0.0)
@@ -225,8 +242,8 @@ def disable_dropout(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing, the same in sft.py, reward_model.py and ppo_rlhf.py: copied rather than shared, so that a stage script
-# and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py and dpo.py: copied rather than shared, so that a stage
+# script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,11 +323,21 @@ def load_function(spec: str):
 
 def save_model(out_dir: str, tokenizer, args, *models) -> None:
     """Hugging Face folders written to `out_dir.tmp` and then swapped in, so a crash keeps the old folder. `models` are
-    (subfolder, model) pairs, "" for the top; `args` goes to args.json beside them."""
+    (name, model) pairs: a subfolder ("" for the top) for a Hugging Face model, a file name for a plain module (its
+    weights as safetensors); `args` goes to args.json beside them. Under torchrun every process hands over its shards
+    and rank 0 writes."""
+    states = [full_state_dict(model) for _, model in models]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 is writing
+        return
     tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub, model in models:
-        model.save_pretrained(os.path.join(tmp, sub))
+    os.makedirs(tmp)
+    for (name, model), state in zip(models, states):
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(os.path.join(tmp, name), state_dict=state)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, name))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "args.json"), "w") as f:
@@ -320,25 +347,44 @@ def save_model(out_dir: str, tokenizer, args, *models) -> None:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def save_state(ckpt_dir: str, state: dict) -> None:
-    """Training state beside a checkpoint, written atomically, with every random generator the run draws from (CPU,
-    each CUDA device, Python's), so that a resumed run samples what the uninterrupted one would have."""
+def save_state(ckpt_dir: str, state: dict, parallel, optimizer) -> None:
+    """Training state beside a checkpoint's weights: the optimizer's through torch.distributed.checkpoint (under FSDP2
+    each process writes its own shard), each process's random generators (CPU, every CUDA device, Python's) so that a
+    resumed run samples what the uninterrupted one would have, and `state` (step, scheduler...), written last and
+    atomically by rank 0: its presence marks a complete checkpoint."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dcp.save({"optimizer": get_optimizer_state_dict(parallel, optimizer)}, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(state | {"rng": rng}, os.path.join(ckpt_dir, "training_state.pt.tmp"))
-    os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
+    torch.save(rng, os.path.join(ckpt_dir, f"rng_{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        torch.save(state, os.path.join(ckpt_dir, "training_state.pt.tmp"))
+        os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
 
 
-def load_state(ckpt_dir: str) -> dict:
-    """The saved training state (tensors and plain types only), with the random generators restored."""
-    state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
+def load_state(ckpt_dir: str, parallel, optimizer) -> dict:
+    """The saved training state (tensors and plain types only), with the optimizer and random generators restored.
+    The checkpoint must come from as many processes as this run has: each one's share of the data depends on it."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    written_by = len([f for f in os.listdir(ckpt_dir) if f.startswith("rng_")])
+    if written_by != world_size:
+        raise SystemExit(f"error: {ckpt_dir} was written by {written_by} process(es), this run has {world_size}: resume "
+                         "with as many, or start again with --no-resume")
+    target = {"optimizer": get_optimizer_state_dict(parallel, optimizer)}
+    dcp.load(target, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
+    set_optimizer_state_dict(parallel, optimizer, target["optimizer"])
+    rng = torch.load(os.path.join(ckpt_dir, f"rng_{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
 
 
 class Metrics:
@@ -346,6 +392,9 @@ class Metrics:
     Weights & Biases with --track."""
 
     def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+        self.on = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 logs for all processes
+        if not self.on:
+            return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
         self.tb = self.wandb = None
@@ -361,6 +410,8 @@ class Metrics:
             self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
 
     def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
+        if not self.on:
+            return
         row = {k: float(v) for k, v in (scalars or {}).items()} | texts
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
         self.jsonl.flush()
@@ -371,6 +422,8 @@ class Metrics:
             self.wandb.log(row, step=step)
 
     def close(self) -> None:
+        if not self.on:
+            return
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
@@ -378,22 +431,129 @@ class Metrics:
             self.wandb.finish()
 
 
+# torch.distributed, launched by torchrun: without it these are single-process no-ops and every number is as before
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) each process joins the
+    process group (NCCL on GPUs, gloo on CPU) on its own device, cuda:LOCAL_RANK; only rank 0 prints (the others'
+    stdout goes to os.devnull; errors still reach stderr). Without torchrun: one process, no group."""
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world_size > 1 else device)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), world_size, device
+
+
+class Parallel(torch.nn.Module):
+    """Models whose computation runs as this module's forward: `parallel(fn, *args)` returns fn(*models, *args). DDP
+    syncs gradients and FSDP2 gathers parameters only around the forward of the module they wrap, and the stages call
+    parts of a model (a backbone, then a head at chosen positions), so every pass goes through here."""
+
+    def __init__(self, *models):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*self.models, *args, **kwargs)
+
+
+def distribute(models: list, strategy: str, bf16: bool, trainable: bool = True) -> torch.nn.Module:
+    """`models` -> their `Parallel`, under torchrun replicated or sharded across the processes. 'ddp': a full copy per
+    process, gradients averaged in backward (frozen models are left as they are: nothing to sync). 'fsdp' (FSDP2):
+    parameters, gradients and optimizer state sharded, one unit per decoder layer plus the root (embeddings, final
+    norm, heads), each gathered just for its forward and backward; with --bf16 the gathered copies are bf16 and the
+    fp32 shards, Adam state and gradient reduction stay fp32 (MixedPrecisionPolicy)."""
+    parallel = Parallel(*models)
+    if not dist.is_initialized() or (strategy == "ddp" and not trainable):
+        return parallel
+    if strategy == "ddp":
+        return DistributedDataParallel(parallel, forward_sync_buffers=False)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for model in models:
+        for module in model.modules():  # a model's decoder layer classes are the ones it must not split
+            if type(module).__name__ in (getattr(model, "_no_split_modules", None) or []):
+                fully_shard(module, mp_policy=policy)
+    return fully_shard(parallel, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def gathered(parallel):
+    """Yields the `Parallel` to generate with. Under FSDP2 its parameters are all-gathered once for the whole decode
+    loop and freed after it (a full copy per process meanwhile): processes stop decoding at different steps, so the
+    usual all-gather per forward would leave some waiting on the others. Under DDP, the replica without its hooks."""
+    if isinstance(parallel, DistributedDataParallel):
+        yield parallel.module
+        return
+    units = [m for m in parallel.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        if unit is not parallel:  # the root stays gathered between forwards anyway
+            unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield parallel
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not parallel:
+                unit.set_reshard_after_forward(True, recurse=False)
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The sum (or 'mean', 'max') of a tensor over the processes; itself without torchrun."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x / dist.get_world_size() if op == "mean" else x
+
+
+def sync_gradients(parallel, sync: bool) -> None:
+    """Gradient accumulation: reduce gradients across processes in the last micro-batch's backward only."""
+    if isinstance(parallel, DistributedDataParallel):
+        parallel.require_backward_grad_sync = sync
+    elif isinstance(parallel, FSDPModule):
+        parallel.set_requires_gradient_sync(sync)
+
+
+def full_state_dict(model) -> dict:
+    """A model's whole state dict on the CPU: gathered from its shards under FSDP2 (every process must call)."""
+    if not dist.is_initialized():
+        return model.state_dict()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return state  # empty: rank 0 holds the gathered copy
+    first_name = {}  # tied parameters (an LM head that is the input embedding) come back as copies: tie them again
+    for name, param in model.named_parameters(remove_duplicate=False):
+        state[name] = state[first_name.setdefault(id(param), name)]
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    # --bf16: fp32 weights and AdamW state, bf16 compute under autocast; the frozen SFT policy that samples for the
-    # normalisation is held in bf16
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    # --bf16: fp32 weights and AdamW state, bf16 compute under autocast (FSDP2 instead gathers bf16 copies of the fp32
+    # shards); the frozen SFT policy that samples for the normalisation is held in bf16
+    fsdp = world_size > 1 and args.strategy == "fsdp"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
     if args.model_name_or_path == "models/sft" and not os.path.isdir("models/sft"):
         raise SystemExit("error: models/sft does not exist: run `python sft.py` first, or point --model-name-or-path "
                          "at an SFT model")
     embedded = args.dataset == f"{TASK_DATA}/preference_train.jsonl"  # the embedded task's own data
-    if embedded and not os.path.exists(args.dataset):
+    if rank == 0 and embedded and not os.path.exists(args.dataset):
         load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
+    if world_size > 1:
+        dist.barrier()  # the files are written
     if args.eval_dataset == "auto":
         args.eval_dataset = f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none"
     if args.eval_reward_fn == "auto":
@@ -417,7 +577,10 @@ if __name__ == "__main__":
         print("warning: this model lets packed sequences attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
     if not resuming:
-        init_score_head(model)
+        init_score_head(model)  # the same draws in every process: all seeded alike
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model_w = distribute([model], args.strategy, args.bf16)  # every pass runs as model_w(fn, ...) = fn(model, ...)
 
     # 2. data: bad lines stop the run with file, line and field (or are counted and skipped)
     bad_lines = [] if args.skip_bad_pairs else None
@@ -435,51 +598,59 @@ if __name__ == "__main__":
           f"{skipped} skipped), " + (f"{len(evals)} held out" if evals else "no held-out set (--eval-dataset FILE)"))
     if not groups:
         raise SystemExit(f"{args.dataset}: no pair left to train on")
-    if len(groups) < args.per_device_train_batch_size:
+    if len(groups) < world_size:
+        raise SystemExit(f"{args.dataset}: {len(groups)} comparison groups cannot be shared by {world_size} processes")
+    if len(groups) < args.per_device_train_batch_size * world_size:
         print(f"only {len(groups)} comparison groups: --per-device-train-batch-size {args.per_device_train_batch_size} "
-              f"-> {len(groups)}")
-        args.per_device_train_batch_size = len(groups)
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    batches_per_epoch = len(groups) // args.per_device_train_batch_size
+              f"-> {len(groups) // world_size}")
+        args.per_device_train_batch_size = len(groups) // world_size
+    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    print(f"global batch: {args.per_device_train_batch_size} comparison groups x {args.gradient_accumulation_steps} "
+          f"micro-batches x {world_size} process(es) = {args.batch_size} per optimizer step")
+    batches_per_epoch = len(groups) // (args.per_device_train_batch_size * world_size)  # global micro-batches
     num_steps = args.max_steps if args.max_steps > 0 else max(
         1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
     warmup_steps = int(args.warmup_ratio * num_steps)
 
     def micro_batch(i: int):
-        """The i-th micro-batch: epoch e is a permutation seeded by (seed, e), so a resumed run replays it."""
+        """This process's share of the i-th global micro-batch: epoch e is a permutation seeded by (seed, e), the same
+        in every process, so the processes split each batch between them and a resumed run replays it."""
         epoch, j = divmod(i, batches_per_epoch)
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        idx = order[j * args.per_device_train_batch_size: (j + 1) * args.per_device_train_batch_size]
+        first = (j * world_size + rank) * args.per_device_train_batch_size
+        idx = order[first: first + args.per_device_train_batch_size]
         batch, chosen, rejected = collate([train[k] for g in idx for k in groups[g]], tokenizer.pad_token_id,
                                           args.padding_free)
         return {k: t.to(device) for k, t in batch.items()}, chosen.to(device), rejected.to(device)
 
     # 3. optimizer: AdamW, linear warm-up then linear decay to 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(model_w.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup_steps + 1) if s < warmup_steps
                                                   else max(0.0, 1 - (s - warmup_steps) / max(1, num_steps - warmup_steps)))
     start_step = 0
     if resuming:
-        state = load_state(ckpt_dir)  # also restores the random generators
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_state(ckpt_dir, model_w, optimizer)  # also restores the optimizer and the random generators
         scheduler.load_state_dict(state["scheduler"])
         start_step, args.run_name = state["step"], state["run_name"]
         print(f"resuming {ckpt_dir} at step {start_step}")
+    elif world_size > 1:
+        torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
     metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
 
     @torch.no_grad()
     def score_pairs(pairs, batch: int = 64):
-        """Held-out pairs -> (chosen_rewards, rejected_rewards), each (N,)."""
-        model.eval()
+        """Held-out pairs -> (chosen_rewards, rejected_rewards), each (N,). Every process scores all of them (FSDP2
+        needs all processes in each forward), so each has the whole evaluation."""
+        model_w.eval()
         chosen, rejected = [], []
         for k in range(0, len(pairs), batch):
             inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, args.padding_free)
             with autocast():
-                scores = reward_scores(model, **{name: t.to(device) for name, t in inputs.items()}).cpu()
+                scores = model_w(reward_scores, **{name: t.to(device) for name, t in inputs.items()}).cpu()
             chosen.append(scores[chosen_rows])
             rejected.append(scores[rejected_rows])
-        model.train()
+        model_w.train()
         return torch.cat(chosen), torch.cat(rejected)
 
     def evaluate(step: int):
@@ -494,24 +665,29 @@ if __name__ == "__main__":
     # 4. training loop
     if start_step == 0 and evals:
         evaluate(0)
-    model.train()
-    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="reward model")
+    model_w.train()
+    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="reward model",
+                    disable=rank != 0 or None)  # None: on in a terminal, off in a log file
     step_end = time.perf_counter()
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
-        num_pairs = sum(len(chosen_rows) for _, chosen_rows, _ in micro)  # pairs in the whole accumulated batch
+        # pairs in the whole accumulated batch of every process
+        num_pairs = all_reduce(torch.tensor(sum(len(chosen_rows) for _, chosen_rows, _ in micro), device=device))
         stats = torch.zeros(3, device=device)  # loss, accuracy, margin; kept on device, no sync per micro-batch
-        for batch, chosen_rows, rejected_rows in micro:
+        for m, (batch, chosen_rows, rejected_rows) in enumerate(micro):
+            sync_gradients(model_w, m == len(micro) - 1)
             with autocast():
-                scores = reward_scores(model, **batch)  # (N,): every distinct response, one pass
+                scores = model_w(reward_scores, **batch)  # (N,): every distinct response, one pass
             chosen_rewards, rejected_rewards = scores[chosen_rows], scores[rejected_rows]  # (P,) each, P pairs
             # Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected); maximise its log-likelihood,
             # summed over pairs and divided by the pairs of the whole batch, so accumulation equals one big batch
             loss = -F.logsigmoid(chosen_rewards - rejected_rewards - args.margin).sum() / num_pairs
-            loss.backward()
+            (loss * world_size).backward()  # DDP and FSDP2 average gradients over processes: this makes it their sum
             stats += torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().sum() / num_pairs,
                                   (chosen_rewards - rejected_rewards).sum().detach() / num_pairs])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        stats = all_reduce(stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model_w.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -524,14 +700,15 @@ if __name__ == "__main__":
             evaluate(step + 1)
         if (step + 1) % args.save_steps == 0 and step + 1 < num_steps:
             save_model(ckpt_dir, tokenizer, args, ("", model))
-            save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "step": step + 1, "run_name": args.run_name})
+            save_state(ckpt_dir, {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": args.run_name},
+                       model_w, optimizer)
     progress.close()
 
     # 5. normalise: shift scores so the mean over the SFT policy's own samples (or the dataset's responses) is 0.
     #    The samples are drawn as stage 3 draws its rollouts (`common.sample`, same temperature, length and prompt
-    #    length by default), so PPO's first rollouts score about 0.
-    model.eval()
+    #    length by default), so PPO's first rollouts score about 0. Under torchrun each process draws and scores its
+    #    share, and the offset is the mean over all of them.
+    model_w.eval()
     rng = random.Random(args.seed)
     end_id = end_token_id(tokenizer)
     if args.normalize_on == "sft_samples":
@@ -539,16 +716,19 @@ if __name__ == "__main__":
                                                       dtype=torch.bfloat16 if args.bf16 else torch.float32)
         policy = policy.to(device).eval()
         setup_tokenizer(tokenizer, policy)
+        policy = distribute([policy], args.strategy, args.bf16, trainable=False)
         prompts = {repr(r["prompt"]): r["prompt"] for r in train_records}  # distinct prompts, in file order
         prompts = [encode_prompt(tokenizer, p, args.normalize_max_prompt_length)[0] for p in prompts.values()]
         prompts = [p for p in prompts if p is not None]
         rng.shuffle(prompts)
         prompts = prompts[: args.num_normalize_samples]
+        prompts = prompts[rank: len(prompts) // world_size * world_size: world_size]  # this process's share, all equal
         sequences = []
         for k in range(0, len(prompts), 64):
             queries, query_mask = pad(prompts[k: k + 64], tokenizer.pad_token_id, side="left")
-            out = sample(policy, queries.to(device), query_mask.to(device), args.normalize_response_length,
-                         args.normalize_temperature, end_id, tokenizer.pad_token_id)
+            with gathered(policy) as generator:
+                out = generator(sample, queries.to(device), query_mask.to(device), args.normalize_response_length,
+                                args.normalize_temperature, end_id, tokenizer.pad_token_id)
             for p, r in zip(prompts[k: k + 64], out[:, queries.shape[1]:].tolist()):
                 n = r.index(end_id) + 1 if end_id in r else len(r)
                 sequences.append(list(p) + r[:n])  # a response ends at (and includes) its first end token
@@ -557,15 +737,19 @@ if __name__ == "__main__":
         sequences = [list(p) + (c if rng.random() < 0.5 else r) for p, c, r in train]
         rng.shuffle(sequences)
         sequences = sequences[: args.num_normalize_samples]
+        sequences = sequences[rank: len(sequences) // world_size * world_size: world_size]
     else:
         sequences = []
     if sequences:
         with torch.no_grad(), autocast():
-            raw = torch.cat([reward_scores(model, *[t.to(device) for t in pad(sequences[k: k + 64], tokenizer.pad_token_id)])
+            raw = torch.cat([model_w(reward_scores, *[t.to(device) for t in pad(sequences[k: k + 64], tokenizer.pad_token_id)])
                              for k in range(0, len(sequences), 64)])
-        model.config.reward_offset = model.config.reward_offset + raw.mean().item()
-        print(f"normalised on {len(sequences)} {args.normalize_on}: offset {model.config.reward_offset:.4f} "
-              f"(score std {raw.std().item():.4f})")
+        count = all_reduce(torch.tensor(len(raw), device=device))
+        mean = all_reduce(raw.sum()) / count  # over every process's samples
+        std = (all_reduce(((raw - mean) ** 2).sum()) / (count - 1).clamp(min=1)).sqrt()
+        model.config.reward_offset = model.config.reward_offset + mean.item()
+        print(f"normalised on {count.item()} {args.normalize_on}: offset {model.config.reward_offset:.4f} "
+              f"(score std {std.item():.4f})")
 
     # 6. save before any analysis (atomically; replacing the output folder also removes the checkpoint inside it):
     #    nothing that follows may cost the trained model
@@ -610,3 +794,5 @@ if __name__ == "__main__":
         print("  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     metrics.close()
     print(f"logs in runs/{args.run_name}")
+    if world_size > 1:
+        dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
     python sft.py                                                       # embedded reviews task, tiny model, CPU
     python sft.py --model-name-or-path models/smollm2 --dataset chat.jsonl --learning-rate 1e-5 --max-steps 100
+    torchrun --nproc-per-node 8 sft.py --model-name-or-path ... --strategy fsdp --bf16    # one model on 8 GPUs
 
 Minimises the negative log-likelihood of the completion tokens given the prompt (Ouyang et al. 2022, sec. 3.5;
 Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
@@ -13,6 +14,7 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
    restarting with each example so attention stays inside it. Same loss as padding, about 30% less compute here.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -20,13 +22,21 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,9 +64,15 @@ class Args:
     save_steps: int = 200
     """write a resumable checkpoint every this many optimizer steps"""
     device: str = "auto"
-    """'cpu', 'cuda', or 'auto' (cuda if available)"""
+    """'cpu', 'cuda', 'cuda:N', or 'auto' (cuda if available); under torchrun each process takes cuda:LOCAL_RANK"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: 'ddp' keeps a full copy of the model per process; 'fsdp' (FSDP2) shards parameters, gradients
+    and optimizer state across them, for models that do not fit one device"""
     bf16: bool = False
-    """bfloat16 mixed precision: fp32 weights and optimizer state, bf16 compute (autocast)"""
+    """bfloat16 mixed precision: fp32 weights and optimizer state, bf16 compute (autocast; FSDP2's
+    MixedPrecisionPolicy under --strategy fsdp), gradients reduced in fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward instead of storing them (non-reentrant): less memory, ~30% more compute"""
 
     # model & data
     model_name_or_path: str = TINY_MODEL
@@ -87,7 +103,7 @@ class Args:
     max_steps: int = -1
     """optimizer steps; -1 means num_epochs over the data"""
     per_device_train_batch_size: int = 32
-    """examples per micro-batch (per process)"""
+    """examples per micro-batch, per process"""
     padding_free: bool = True
     """pack each micro-batch's examples into rows without padding (checked at start; falls back to padding for a
     model that lets packed examples attend to each other)"""
@@ -114,7 +130,8 @@ class Args:
 
     # filled in at runtime
     batch_size: int = 0
-    """examples per optimizer step (per_device_train_batch_size * gradient_accumulation_steps)"""
+    """examples per optimizer step, all processes (per_device_train_batch_size * gradient_accumulation_steps *
+    processes)"""
     run_name: str = ""
     """runs/{run_name} holds the logs"""
 
@@ -181,8 +198,8 @@ def sample_texts(model, tokenizer, prompts, max_new_tokens: int, device, tempera
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing, the same in sft.py, reward_model.py and ppo_rlhf.py: copied rather than shared, so that a stage script
-# and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py and dpo.py: copied rather than shared, so that a stage
+# script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,11 +279,21 @@ def load_function(spec: str):
 
 def save_model(out_dir: str, tokenizer, args, *models) -> None:
     """Hugging Face folders written to `out_dir.tmp` and then swapped in, so a crash keeps the old folder. `models` are
-    (subfolder, model) pairs, "" for the top; `args` goes to args.json beside them."""
+    (name, model) pairs: a subfolder ("" for the top) for a Hugging Face model, a file name for a plain module (its
+    weights as safetensors); `args` goes to args.json beside them. Under torchrun every process hands over its shards
+    and rank 0 writes."""
+    states = [full_state_dict(model) for _, model in models]
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 is writing
+        return
     tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub, model in models:
-        model.save_pretrained(os.path.join(tmp, sub))
+    os.makedirs(tmp)
+    for (name, model), state in zip(models, states):
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(os.path.join(tmp, name), state_dict=state)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, name))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "args.json"), "w") as f:
@@ -276,25 +303,44 @@ def save_model(out_dir: str, tokenizer, args, *models) -> None:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def save_state(ckpt_dir: str, state: dict) -> None:
-    """Training state beside a checkpoint, written atomically, with every random generator the run draws from (CPU,
-    each CUDA device, Python's), so that a resumed run samples what the uninterrupted one would have."""
+def save_state(ckpt_dir: str, state: dict, parallel, optimizer) -> None:
+    """Training state beside a checkpoint's weights: the optimizer's through torch.distributed.checkpoint (under FSDP2
+    each process writes its own shard), each process's random generators (CPU, every CUDA device, Python's) so that a
+    resumed run samples what the uninterrupted one would have, and `state` (step, scheduler...), written last and
+    atomically by rank 0: its presence marks a complete checkpoint."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dcp.save({"optimizer": get_optimizer_state_dict(parallel, optimizer)}, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(state | {"rng": rng}, os.path.join(ckpt_dir, "training_state.pt.tmp"))
-    os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
+    torch.save(rng, os.path.join(ckpt_dir, f"rng_{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        torch.save(state, os.path.join(ckpt_dir, "training_state.pt.tmp"))
+        os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
 
 
-def load_state(ckpt_dir: str) -> dict:
-    """The saved training state (tensors and plain types only), with the random generators restored."""
-    state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
+def load_state(ckpt_dir: str, parallel, optimizer) -> dict:
+    """The saved training state (tensors and plain types only), with the optimizer and random generators restored.
+    The checkpoint must come from as many processes as this run has: each one's share of the data depends on it."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    written_by = len([f for f in os.listdir(ckpt_dir) if f.startswith("rng_")])
+    if written_by != world_size:
+        raise SystemExit(f"error: {ckpt_dir} was written by {written_by} process(es), this run has {world_size}: resume "
+                         "with as many, or start again with --no-resume")
+    target = {"optimizer": get_optimizer_state_dict(parallel, optimizer)}
+    dcp.load(target, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
+    set_optimizer_state_dict(parallel, optimizer, target["optimizer"])
+    rng = torch.load(os.path.join(ckpt_dir, f"rng_{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
 
 
 class Metrics:
@@ -302,6 +348,9 @@ class Metrics:
     Weights & Biases with --track."""
 
     def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+        self.on = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 logs for all processes
+        if not self.on:
+            return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
         self.tb = self.wandb = None
@@ -317,6 +366,8 @@ class Metrics:
             self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
 
     def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
+        if not self.on:
+            return
         row = {k: float(v) for k, v in (scalars or {}).items()} | texts
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
         self.jsonl.flush()
@@ -327,6 +378,8 @@ class Metrics:
             self.wandb.log(row, step=step)
 
     def close(self) -> None:
+        if not self.on:
+            return
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
@@ -334,20 +387,127 @@ class Metrics:
             self.wandb.finish()
 
 
+# torch.distributed, launched by torchrun: without it these are single-process no-ops and every number is as before
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) each process joins the
+    process group (NCCL on GPUs, gloo on CPU) on its own device, cuda:LOCAL_RANK; only rank 0 prints (the others'
+    stdout goes to os.devnull; errors still reach stderr). Without torchrun: one process, no group."""
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world_size > 1 else device)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), world_size, device
+
+
+class Parallel(torch.nn.Module):
+    """Models whose computation runs as this module's forward: `parallel(fn, *args)` returns fn(*models, *args). DDP
+    syncs gradients and FSDP2 gathers parameters only around the forward of the module they wrap, and the stages call
+    parts of a model (a backbone, then a head at chosen positions), so every pass goes through here."""
+
+    def __init__(self, *models):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*self.models, *args, **kwargs)
+
+
+def distribute(models: list, strategy: str, bf16: bool, trainable: bool = True) -> torch.nn.Module:
+    """`models` -> their `Parallel`, under torchrun replicated or sharded across the processes. 'ddp': a full copy per
+    process, gradients averaged in backward (frozen models are left as they are: nothing to sync). 'fsdp' (FSDP2):
+    parameters, gradients and optimizer state sharded, one unit per decoder layer plus the root (embeddings, final
+    norm, heads), each gathered just for its forward and backward; with --bf16 the gathered copies are bf16 and the
+    fp32 shards, Adam state and gradient reduction stay fp32 (MixedPrecisionPolicy)."""
+    parallel = Parallel(*models)
+    if not dist.is_initialized() or (strategy == "ddp" and not trainable):
+        return parallel
+    if strategy == "ddp":
+        return DistributedDataParallel(parallel, forward_sync_buffers=False)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for model in models:
+        for module in model.modules():  # a model's decoder layer classes are the ones it must not split
+            if type(module).__name__ in (getattr(model, "_no_split_modules", None) or []):
+                fully_shard(module, mp_policy=policy)
+    return fully_shard(parallel, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def gathered(parallel):
+    """Yields the `Parallel` to generate with. Under FSDP2 its parameters are all-gathered once for the whole decode
+    loop and freed after it (a full copy per process meanwhile): processes stop decoding at different steps, so the
+    usual all-gather per forward would leave some waiting on the others. Under DDP, the replica without its hooks."""
+    if isinstance(parallel, DistributedDataParallel):
+        yield parallel.module
+        return
+    units = [m for m in parallel.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        if unit is not parallel:  # the root stays gathered between forwards anyway
+            unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield parallel
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not parallel:
+                unit.set_reshard_after_forward(True, recurse=False)
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The sum (or 'mean', 'max') of a tensor over the processes; itself without torchrun."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x / dist.get_world_size() if op == "mean" else x
+
+
+def sync_gradients(parallel, sync: bool) -> None:
+    """Gradient accumulation: reduce gradients across processes in the last micro-batch's backward only."""
+    if isinstance(parallel, DistributedDataParallel):
+        parallel.require_backward_grad_sync = sync
+    elif isinstance(parallel, FSDPModule):
+        parallel.set_requires_gradient_sync(sync)
+
+
+def full_state_dict(model) -> dict:
+    """A model's whole state dict on the CPU: gathered from its shards under FSDP2 (every process must call)."""
+    if not dist.is_initialized():
+        return model.state_dict()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return state  # empty: rank 0 holds the gathered copy
+    first_name = {}  # tied parameters (an LM head that is the input embedding) come back as copies: tie them again
+    for name, param in model.named_parameters(remove_duplicate=False):
+        state[name] = state[first_name.setdefault(id(param), name)]
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     # --bf16: the weights and AdamW's state stay fp32 (bf16 cannot hold the small updates of lr ~1e-5), the forward
-    # and backward run in bf16 under autocast
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    # and backward run in bf16 under autocast (FSDP2 instead gathers bf16 copies of the fp32 shards)
+    fsdp = world_size > 1 and args.strategy == "fsdp"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
     embedded = args.dataset == f"{TASK_DATA}/sft_train.jsonl"  # the embedded task's own data
-    if (embedded and not os.path.exists(args.dataset)) or (args.model_name_or_path == TINY_MODEL and
-                                                            not os.path.isdir(TINY_MODEL)):
+    if rank == 0 and ((embedded and not os.path.exists(args.dataset)) or (args.model_name_or_path == TINY_MODEL and
+                                                                         not os.path.isdir(TINY_MODEL))):
         load_function("reviews_task.py:ensure_tiny_model")()  # writes the task's files too; deterministic
+    if world_size > 1:
+        dist.barrier()  # the files are written
     if args.eval_dataset == "auto":
         args.eval_dataset = f"{TASK_DATA}/sft_eval.jsonl" if embedded else "none"
     if args.eval_reward_fn == "auto":
@@ -369,6 +529,9 @@ if __name__ == "__main__":
     if args.padding_free and not packing_works(model):
         print("warning: this model lets packed examples attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model_w = distribute([model], args.strategy, args.bf16)  # every training pass runs as model_w(fn, ...) = fn(model, ...)
 
     # 2. data: tokenize once; prompt and completion separately, the end token appended
     try:
@@ -382,25 +545,32 @@ if __name__ == "__main__":
           + (f"{len(evals)} held out" if eval_records else "no held-out set (--eval-dataset FILE to add one)"))
     if not train:
         raise SystemExit(f"{args.dataset}: no example left to train on")
-    if len(train) < args.per_device_train_batch_size:
-        print(f"only {len(train)} examples: --per-device-train-batch-size {args.per_device_train_batch_size} -> {len(train)}")
-        args.per_device_train_batch_size = len(train)
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    batches_per_epoch = len(train) // args.per_device_train_batch_size
+    if len(train) < world_size:
+        raise SystemExit(f"{args.dataset}: {len(train)} examples cannot be shared by {world_size} processes")
+    if len(train) < args.per_device_train_batch_size * world_size:
+        print(f"only {len(train)} examples: --per-device-train-batch-size {args.per_device_train_batch_size} -> "
+              f"{len(train) // world_size}")
+        args.per_device_train_batch_size = len(train) // world_size
+    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    print(f"global batch: {args.per_device_train_batch_size} examples x {args.gradient_accumulation_steps} micro-batches "
+          f"x {world_size} process(es) = {args.batch_size} per optimizer step")
+    batches_per_epoch = len(train) // (args.per_device_train_batch_size * world_size)  # global micro-batches
     num_steps = args.max_steps if args.max_steps > 0 else max(
         1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
     warmup_steps = int(args.warmup_ratio * num_steps)
 
     def micro_batch(i: int):
-        """The i-th micro-batch of the run: epoch e is a permutation seeded by (seed, e), so a resumed run replays it."""
+        """This process's share of the run's i-th global micro-batch: epoch e is a permutation seeded by (seed, e), the
+        same in every process, so the processes split each batch between them and a resumed run replays it."""
         epoch, j = divmod(i, batches_per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        chosen = order[j * args.per_device_train_batch_size: (j + 1) * args.per_device_train_batch_size]
+        first = (j * world_size + rank) * args.per_device_train_batch_size
+        chosen = order[first: first + args.per_device_train_batch_size]
         batch = collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt, args.padding_free)
         return {name: t.to(device) for name, t in batch.items()}
 
     # 3. optimizer and schedule: linear warm-up, then cosine or linear decay to 0 (or constant)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(model_w.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
 
     def lr_lambda(step: int) -> float:
@@ -413,53 +583,62 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     start_step = 0
     if resuming:
-        state = load_state(ckpt_dir)  # also restores the random generators
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_state(ckpt_dir, model_w, optimizer)  # also restores the optimizer and the random generators
         scheduler.load_state_dict(state["scheduler"])
         start_step, args.run_name = state["step"], state["run_name"]
         print(f"resuming {ckpt_dir} at step {start_step}")
+    elif world_size > 1:
+        torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
     metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
     # prompts to sample from: held-out ones, or training ones when there is no held-out set
     sample_prompts = [r["prompt"] for r in (eval_records or train_records)]
 
     @torch.no_grad()
     def evaluate(step: int) -> None:
-        model.eval()
+        """Held-out loss and a few samples; every process runs it (FSDP2 needs all of them in each forward)."""
+        model_w.eval()
         if evals:
             nll, n = 0.0, 0
             for k in range(0, len(evals), args.per_device_train_batch_size):
                 batch = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
                                 args.train_on_prompt, args.padding_free)
                 with autocast():
-                    nll += token_nll_sum(model, {name: t.to(device) for name, t in batch.items()}).item()
+                    nll += model_w(token_nll_sum, {name: t.to(device) for name, t in batch.items()}).item()
                 n += (batch["labels"][:, 1:] != -100).sum().item()
             metrics.log(step, {"eval/sft/loss": nll / n})
             tqdm.write(f"step {step}: eval loss {nll / n:.4f}")
         prompts = sample_prompts[: args.num_samples]
-        with autocast():
-            texts, _ = sample_texts(model, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
+        with autocast(), gathered(model_w) as generator:
+            texts, _ = generator(sample_texts, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
         shown = [tokenizer.decode(encode_prompt(tokenizer, p, 10**6)[0]) for p in prompts]  # as the model sees it
         table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(shown, texts))
         metrics.log(step, samples=table)
         tqdm.write(table)
-        model.train()
+        model_w.train()
 
     # 4. training loop
     if start_step == 0:
         evaluate(0)
-    model.train()
-    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft")
+    model_w.train()
+    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft",
+                    disable=rank != 0 or None)  # None: on in a terminal, off in a log file
     step_end = time.perf_counter()
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
-        num_tokens = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro)  # completion tokens in the batch
-        loss = 0.0
-        for batch in micro:
+        # completion tokens in the whole batch, all processes
+        num_tokens = all_reduce(sum((batch["labels"][:, 1:] != -100).sum() for batch in micro))
+        loss = torch.zeros((), device=device)
+        for m, batch in enumerate(micro):
+            sync_gradients(model_w, m == len(micro) - 1)
             with autocast():
-                mb_loss = token_nll_sum(model, batch) / num_tokens
-            mb_loss.backward()
-            loss += mb_loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                mb_loss = model_w(token_nll_sum, batch) / num_tokens
+            # DDP and FSDP2 average gradients over the processes; times world_size, they sum them, which with the
+            # global token count above gives the gradient of one batch of every process's examples
+            (mb_loss * world_size).backward()
+            loss += mb_loss.detach()
+        loss = all_reduce(loss).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model_w.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -471,8 +650,8 @@ if __name__ == "__main__":
             evaluate(step + 1)
         if (step + 1) % args.save_steps == 0 and step + 1 < num_steps:
             save_model(ckpt_dir, tokenizer, args, ("", model))
-            save_state(ckpt_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "step": step + 1, "run_name": args.run_name})
+            save_state(ckpt_dir, {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": args.run_name},
+                       model_w, optimizer)
 
     # 5. save first (atomically; replacing the output folder also removes the resumable checkpoint inside it), so
     #    nothing that follows can cost the trained model
@@ -480,12 +659,13 @@ if __name__ == "__main__":
     print(f"saved to {args.output_dir}")
 
     # 6. final check: sample prompts at temperature 1; does each completion end (end token) within the budget?
-    model.eval()
+    #    Every process samples the same prompts with its own random draws; the figures are their means.
+    model_w.eval()
     prompts = sample_prompts[: args.num_eval_generations]
     texts, ended = [], []
     for k in range(0, len(prompts), 64):
-        with autocast():
-            t, e = sample_texts(model, tokenizer, prompts[k: k + 64], args.max_completion_length, device)
+        with autocast(), gathered(model_w) as generator:
+            t, e = generator(sample_texts, tokenizer, prompts[k: k + 64], args.max_completion_length, device)
         texts, ended = texts + t, ended + e
     final = {"eval/sft/eos_rate": sum(ended) / len(ended)} if prompts else {}  # --num-eval-generations 0 skips it
     if args.eval_reward_fn and prompts:
@@ -493,7 +673,11 @@ if __name__ == "__main__":
         gold = torch.tensor([judge(p, t) for p, t in zip(prompts, texts)])
         final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),
                   "eval/sft/gold_negative_frac": (gold < -0.3).float().mean()}
+    final = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), "mean")
+             for k, v in final.items()}
     metrics.log(num_steps, final)
     print(("" if eval_records else "on training prompts: ") + "  ".join(f"{k} {v:.3f}" for k, v in final.items()))
     metrics.close()
     print(f"logs in runs/{args.run_name}")
+    if world_size > 1:
+        dist.destroy_process_group()

@@ -58,6 +58,19 @@ def run_script(script, *args, cwd, check=True):
     return proc
 
 
+def run_torchrun(script, *args, cwd, nproc=2, check=True, popen=False):
+    """Run a stage script under torchrun on the CPU (gloo), `nproc` processes on one machine, as a user would."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               os.path.join(REPO, script), *map(str, args)]
+    env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    if popen:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 def read_metrics(cwd, key):
     """[(step, value)] for one metric from the single run under cwd/runs/."""
     (run,) = os.listdir(os.path.join(cwd, "runs"))
