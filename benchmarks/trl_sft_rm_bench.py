@@ -1,5 +1,5 @@
-"""TRL 1.16's SFTTrainer or RewardTrainer on the benchmark's model and data, timed per optimizer step. Run by
-bench_sft_rm.py in TRL's own venv:
+"""TRL 1.16's SFTTrainer, RewardTrainer or DPOTrainer on the benchmark's model and data, timed per optimizer step.
+Run by bench_sft_rm.py (SFT, reward model) and bench_dpo.py (DPO) in TRL's own venv:
 
     python -m venv /tmp/trl116 && /tmp/trl116/bin/pip install torch==2.13.0 && /tmp/trl116/bin/pip install trl==1.16.0
     /tmp/trl116/bin/python benchmarks/trl_sft_rm_bench.py --stage sft --model benchmarks/.models/policy \
@@ -22,13 +22,14 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--stage", choices=["sft", "reward"], required=True)
+parser.add_argument("--stage", choices=["sft", "reward", "dpo"], required=True)
 parser.add_argument("--model", required=True)
 parser.add_argument("--data", required=True)
 parser.add_argument("--steps", type=int, default=25)
 parser.add_argument("--batch", type=int, default=32)
 parser.add_argument("--out", required=True)
 parser.add_argument("--padding-free", action="store_true", help="SFT only: padding_free=True (the batch as one row)")
+parser.add_argument("--precompute-ref", action="store_true", help="DPO only: precompute_ref_log_probs=True")
 parser.add_argument("--trl-defaults", action="store_true",
                     help="keep TRL's defaults bf16=True (autocast) and gradient_checkpointing=True")
 args = parser.parse_args()
@@ -59,6 +60,13 @@ if args.stage == "sft":
 
     trainer = SFTTrainer(model=args.model, args=SFTConfig(learning_rate=2e-3, padding_free=args.padding_free, **common),
                          train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                                          for r in rows]), callbacks=[timer])
+elif args.stage == "dpo":  # the reference is the policy's own starting point, as in dpo.py
+    from trl import DPOConfig, DPOTrainer
+
+    trainer = DPOTrainer(model=args.model, args=DPOConfig(learning_rate=1e-4, beta=0.1,
+                                                          precompute_ref_log_probs=args.precompute_ref, **common),
+                         train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
                                                           for r in rows]), callbacks=[timer])
 else:
     from trl import RewardConfig, RewardTrainer

@@ -144,6 +144,36 @@ if __name__ == "__main__":
     else:
         print("no reward-model runs: skipping rm_accuracy.png")
 
+    # 4b. PPO against DPO from the same SFT model and labels: final gold score against final KL to the SFT policy
+    ppo_runs = {kl: load(args.runs, f"ppo_kl{kl}") for kl in ("0", "0.05", "0.2", "0.5")}
+    dpo_runs = {beta: load(args.runs, f"dpo_beta{beta}") for beta in ("0.03", "0.1", "0.3", "1.0")}
+    if any(ppo_runs.values()) and any(dpo_runs.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for method, runs, kl_key, label, color in (("PPO", ppo_runs, "eval/kl", "kl_coef", "C0"),
+                                                   ("DPO", dpo_runs, "eval/kl", "beta", "C1")):
+            points = [(series(rows, kl_key)[1][-1], series(rows, "eval/gold_score")[1][-1], name)
+                      for name, rows in runs.items() if rows]
+            axes[0].plot([p[0] for p in points], [p[1] for p in points], "o-", color=color, label=method)
+            for kl, gold, name in points:  # PPO's labels above its points, DPO's below (but beta 0.1's, by 0.03's)
+                above = method == "PPO" or name == "0.1"
+                axes[0].annotate(f"{label} {name}", (kl, gold), textcoords="offset points", fontsize=7, color=color,
+                                 xytext=(4, 6) if above else (4, -11))
+            for i, (name, rows) in enumerate((name, rows) for name, rows in runs.items() if rows):
+                steps, gold = series(rows, "eval/gold_score")
+                axes[1].plot([s / steps[-1] for s in steps], gold, "o-", color=color, alpha=0.35 + 0.2 * i,
+                             label=f"{method} {label} {name}")
+        sft_gold = series(next(rows for rows in dpo_runs.values() if rows), "eval/sft_gold_score")[1]
+        if sft_gold:
+            axes[0].axhline(sft_gold[-1], color="gray", ls="--", label="SFT policy")
+        axes[0].set(title="held-out prompts, end of training", xlabel="KL to the SFT policy (nats per response)",
+                    ylabel="gold score")
+        axes[0].legend()
+        axes[1].set(title="gold score during training", xlabel="share of the run (PPO iterations, DPO steps)")
+        axes[1].legend(fontsize=6, ncol=2)
+        save(fig, "ppo_dpo_frontier.png")
+    else:
+        print("ppo_kl* or dpo_beta* runs missing: skipping ppo_dpo_frontier.png")
+
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")
     if sft:

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+import dpo
 import ppo_rlhf
 import reward_model
 import sft
@@ -48,6 +49,14 @@ def test_reward_model_copied_alone(sft_dir, tmp_path):
     assert AutoModelForSequenceClassification.from_pretrained(folder / "out").config.num_labels == 1
 
 
+def test_dpo_copied_alone(sft_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"The {w} was", "chosen": " great.", "rejected": " bad."}
+                                                  for w in ("pasta", "soup", "plot", "view", "bed", "tea")])
+    folder = run_copy("dpo.py", tmp_path, "--model-name-or-path", sft_dir, "--dataset", data, "--output-dir", "out",
+                      "--max-steps", "2", "--num-eval-prompts", "2")
+    AutoModelForCausalLM.from_pretrained(folder / "out")
+
+
 @pytest.mark.parametrize("value_model", ["separate", "shared"])
 def test_ppo_copied_alone(sft_dir, tmp_path, value_model):
     AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1).save_pretrained(tmp_path / "rm")
@@ -63,9 +72,10 @@ def test_ppo_copied_alone(sft_dir, tmp_path, value_model):
 
 
 @pytest.mark.parametrize("name", ["pad", "pack", "packing_works", "load_function", "save_model", "save_state",
-                                  "load_state", "Metrics", "disable_dropout"])
+                                  "load_state", "Metrics", "disable_dropout", "init_distributed", "Parallel",
+                                  "distribute", "gathered", "all_reduce", "sync_gradients", "full_state_dict"])
 def test_copied_helpers_stay_identical(name):
     """The plumbing each script carries for itself is one text in all of them, so a fix reaches every copy."""
-    sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf)
+    sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf, dpo)
                if hasattr(module, name)}
     assert len(sources) == 1

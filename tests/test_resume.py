@@ -23,6 +23,11 @@ def stage_args(script, task_dir, model_dir, sft_dir, out, variant=""):
                 task_dir / "preference_eval.jsonl", "--output-dir", out, "--per-device-train-batch-size", "16",
                 "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--num-normalize-samples", "64",
                 "--eval-reward-fn", ""], "train/rm/loss"
+    if script == "dpo.py":
+        return ["--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl", "--eval-dataset",
+                task_dir / "preference_eval.jsonl", "--eval-prompts", task_dir / "prompts_eval.jsonl", "--output-dir", out,
+                "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--num-eval-prompts", "4",
+                "--response-length", "8", "--eval-reward-fn", ""], "train/dpo/loss"
     return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--eval-dataset",
             task_dir / "prompts_eval.jsonl", "--output-dir", out, "--rollout-batch-size", "8", "--response-length",
             "8", "--num-iterations", "9", "--save-every", "3", "--eval-every", "2", "--num-eval-prompts", "4",
@@ -31,7 +36,7 @@ def stage_args(script, task_dir, model_dir, sft_dir, out, variant=""):
 
 
 @pytest.mark.parametrize("script, variant", [("sft.py", ""), ("reward_model.py", ""), ("ppo_rlhf.py", "separate"),
-                                             ("ppo_rlhf.py", "shared")])
+                                             ("ppo_rlhf.py", "shared"), ("dpo.py", "")])
 def test_interrupted_run_resumes_where_it_stopped(script, variant, task_dir, model_dir, sft_dir, tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "x").mkdir()
@@ -61,3 +66,5 @@ def test_interrupted_run_resumes_where_it_stopped(script, variant, task_dir, mod
         assert offsets[0] == pytest.approx(offsets[1], abs=1e-6), offsets
     if script == "ppo_rlhf.py":
         assert read_metrics(tmp_path / "ref", "eval/scores")[-1] == read_metrics(tmp_path / "x", "eval/scores")[-1]
+    if script == "dpo.py":  # the final evaluation samples the policy
+        assert read_metrics(tmp_path / "ref", "eval/kl")[-1] == read_metrics(tmp_path / "x", "eval/kl")[-1]
