@@ -202,15 +202,18 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     return responses.masked_fill(~response_mask, pad_id), response_mask, has_eos
 
 
-def logprobs_and_entropy(logits: torch.Tensor, responses: torch.Tensor, temperature: float):
+def logprobs_and_entropy(logits: torch.Tensor, responses: torch.Tensor, temperature: float, entropy_grad: bool = True):
     """(B, T, V) logits that predict `responses` (B, T) -> their log-probs (B, T) and the entropy (B, T).
 
-    Divided by the sampling temperature, so these are the log-probs of the distribution actually sampled from.
+    Divided by the sampling temperature, so these are the log-probs of the distribution actually sampled from. The
+    entropy is differentiable only with `entropy_grad` (the entropy bonus is on): otherwise autograd would keep a
+    (B, T, V) softmax for a backward whose result the loss multiplies by 0.
     """
     logits = logits.float() / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)  # (B, T)
     logprobs = torch.gather(logits, 2, responses.unsqueeze(-1)).squeeze(-1) - logsumexp
-    entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logprobs, entropy
 
 
@@ -356,13 +359,14 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden).squeeze(-1).float()
 
 
-def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperature: float, with_values: bool = True):
+def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperature: float, with_values: bool = True,
+            entropy_grad: bool = True):
     """One pass over a `layout` of query+responses -> logprobs, entropy and values of the (B, T) `responses`.
     `value_net` is a separate value model (a sequence classifier), a ValueHead on the policy, or None."""
     inputs, (rows, cols), _ = batch_layout
     shared = isinstance(value_net, ValueHead)
     out = policy(**inputs, use_cache=False, output_hidden_states=shared and with_values)
-    logprobs, entropy = logprobs_and_entropy(out.logits[rows, cols], responses, temperature)
+    logprobs, entropy = logprobs_and_entropy(out.logits[rows, cols], responses, temperature, entropy_grad)
     values = None
     if with_values and shared:
         values = value_net(out.hidden_states[-1][rows, cols])
@@ -1000,8 +1004,9 @@ if __name__ == "__main__":
                     mb_mask = response_mask[mb]
                     batch_layout = layout(query_responses[mb], attention_mask[mb], batch.context_length, args.padding_free)
                     with autocast():
-                        new_logprobs, new_entropy, new_values = policy_w(forward, batch_layout, responses[mb],
-                                                                         args.temperature)
+                        new_logprobs, new_entropy, new_values = policy_w(
+                            forward, batch_layout, responses[mb], args.temperature,
+                            entropy_grad=args.ent_coef != 0)  # no entropy backward unless the bonus is on
                     pg_loss, ratio, clipfrac = policy_loss(new_logprobs, logprobs[mb], advantages[mb], mb_mask,
                                                            args.cliprange, args.dual_clip)
                     vf_loss, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mb_mask,

@@ -274,3 +274,21 @@ def test_pipeline_chains_and_saves(task_dir, sft_dir, tmp_path):
     value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ppo" / "value_model")
     assert policy.config.vocab_size == value.config.vocab_size
     assert not (tmp_path / "ppo" / "checkpoint").exists()
+
+
+def test_entropy_has_no_backward_unless_the_bonus_is_on(model_dir):
+    """With entropy_grad off (ent_coef 0) the entropy is a plain number: the same values, no autograd graph, and the
+    policy-loss gradient is what it was with the graph kept (where the loss multiplied it by 0)."""
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    queries, qmask = pad([[1, 40, 41], [1, 43]], 0, side="left")
+    responses, rmask = torch.tensor([[60, 61, 2], [62, 2, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    lay = layout(torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1), queries.shape[1], True)
+    out = {}
+    for entropy_grad in (True, False):
+        lp, ent, _ = forward(policy, None, lay, responses, 0.7, with_values=False, entropy_grad=entropy_grad)
+        loss = -masked_mean(lp, rmask.float()) - 0.0 * masked_mean(ent, rmask.float())
+        grads = torch.autograd.grad(loss, list(policy.parameters()))
+        out[entropy_grad] = (ent, torch.cat([g.flatten() for g in grads]))
+    assert out[True][0].requires_grad and not out[False][0].requires_grad
+    assert torch.equal(out[True][0].detach(), out[False][0]) and torch.equal(out[True][1], out[False][1])
+
