@@ -95,7 +95,7 @@ class Args:
     training file, none with yours; 'none' to skip"""
     eval_prompts: str = "auto"
     """held-out prompts to sample for the gold score, KL and length; 'auto': the embedded task's held-out prompts
-    with its own data, else the prompts of --eval-dataset (or of the training file if there is none)"""
+    with its own data, else the prompts of the held-out pairs (or of the training pairs if there are none)"""
     skip_bad_pairs: bool = False
     """count and skip bad lines (missing field, chosen == rejected, empty text) instead of stopping with an error"""
     max_prompt_length: int = 64
@@ -221,7 +221,7 @@ def collate(pairs, pad_id: int, padding_free: bool):
     for k, ((row, col), seq, p) in enumerate(zip(starts.tolist(), seqs, prompt_lengths)):
         first, end = col + max(1, p), col + len(seq)  # a first token has no prediction inside its own sequence
         labels[row, first:end], sequence[row, first:end] = input_ids[row, first:end], k
-    return batch | {"labels": labels, "sequence": sequence, "num_sequences": torch.tensor(len(seqs))}, chosen, rejected
+    return batch | {"labels": labels, "sequence": sequence, "num_sequences": len(seqs)}, chosen, rejected
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
@@ -231,7 +231,7 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
                    position_ids=batch.get("position_ids"), use_cache=False).logits  # (rows, T, V)
     token_logprobs = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                       ignore_index=-100, reduction="none")  # 0 where not labelled
-    return torch.zeros(int(batch["num_sequences"]), device=logits.device).index_add(0, batch["sequence"][:, 1:].flatten(),
+    return torch.zeros(batch["num_sequences"], device=logits.device).index_add(0, batch["sequence"][:, 1:].flatten(),
                                                                       token_logprobs)
 
 
@@ -593,9 +593,8 @@ if __name__ == "__main__":
         dist.barrier()  # the files are written
     if args.eval_dataset == "auto":
         args.eval_dataset = f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none"
-    if args.eval_prompts == "auto":
-        args.eval_prompts = f"{TASK_DATA}/prompts_eval.jsonl" if embedded else (
-            args.eval_dataset if args.eval_dataset != "none" else args.dataset)
+    if args.eval_prompts == "auto" and embedded:
+        args.eval_prompts = f"{TASK_DATA}/prompts_eval.jsonl"
     if args.eval_reward_fn == "auto":
         args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
 
@@ -629,20 +628,22 @@ if __name__ == "__main__":
     try:
         train_records = read_jsonl(args.dataset, "preference", bad_lines)
         eval_records = read_jsonl(args.eval_dataset, "preference", bad_lines) if args.eval_dataset != "none" else []
-        prompt_records = read_jsonl(args.eval_prompts, "prompt") if args.eval_prompts != "none" else []
+        prompt_records = read_jsonl(args.eval_prompts, "prompt") if args.eval_prompts not in ("auto", "none") else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if bad_lines:
         print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
     train, cut, skipped = encode_pairs(train_records, tokenizer, args)
     evals = encode_pairs(eval_records, tokenizer, args)[0]
+    if args.eval_prompts == "auto":  # the prompts of the pairs, as read_jsonl found them (any preference format)
+        prompt_records = eval_records or train_records
     groups = group_pairs(train, args.max_group_pairs)
     eval_prompts = {repr(r["prompt"]): r["prompt"] for r in prompt_records}  # distinct prompts, in file order
     eval_prompts = [(p, ids) for p in eval_prompts.values()
                     if (ids := encode_prompt(tokenizer, p, args.max_prompt_length)[0]) is not None][: args.num_eval_prompts]
     print(f"{len(train)} training pairs in {len(groups)} comparison groups ({cut} prompts cut, {skipped} skipped), "
           f"{len(evals)} held-out pairs, {len(eval_prompts)} prompts to sample"
-          + ("" if args.eval_prompts != args.dataset else " (from the training file)"))
+          + (" (from the training pairs)" if args.eval_prompts == "auto" and not eval_records else ""))
     if len(groups) < world_size:
         raise SystemExit(f"{args.dataset}: {len(groups)} comparison groups cannot be shared by {world_size} processes")
     if len(groups) < args.per_device_train_batch_size * world_size:
@@ -666,7 +667,8 @@ if __name__ == "__main__":
         first = (j * world_size + rank) * args.per_device_train_batch_size
         pair_ids = [k for g in order[first: first + args.per_device_train_batch_size] for k in groups[g]]
         batch, chosen, rejected = collate([train[k] for k in pair_ids], tokenizer.pad_token_id, args.padding_free)
-        return {k: t.to(device) for k, t in batch.items()}, chosen.to(device), rejected.to(device), pair_ids
+        batch = {k: t.to(device) if torch.is_tensor(t) else t for k, t in batch.items()}
+        return batch, chosen.to(device), rejected.to(device), pair_ids
 
     @torch.no_grad()
     def pair_logprobs(model_w, pairs, batch: int = 64):
@@ -675,7 +677,7 @@ if __name__ == "__main__":
         for k in range(0, len(pairs), batch):
             inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, args.padding_free)
             with autocast():
-                logps = model_w(sequence_logprobs, {name: t.to(device) for name, t in inputs.items()})
+                logps = model_w(sequence_logprobs, {k: t.to(device) if torch.is_tensor(t) else t for k, t in inputs.items()})
             out.append(torch.stack([logps[chosen_rows.to(device)], logps[rejected_rows.to(device)]], dim=1))
         return torch.cat(out) if out else torch.zeros(0, 2, device=device)
 

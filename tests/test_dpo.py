@@ -46,7 +46,7 @@ def test_only_response_tokens_count_end_token_included(model_dir, padding_free):
     pairs = [(prompt_a, great + [end], bad + [end]), (prompt_a, great + [end], fine + [end]),
              (prompt_b, fine + [end], bad + [end])]
     batch, chosen, rejected = collate(pairs, 0, padding_free)
-    assert int(batch["num_sequences"]) == 5  # prompt_a + great is forwarded once for both of its pairs
+    assert batch["num_sequences"] == 5  # prompt_a + great is forwarded once for both of its pairs
     with torch.no_grad():
         logps = sequence_logprobs(model, batch)
 

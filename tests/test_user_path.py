@@ -94,3 +94,22 @@ def test_a_missing_upstream_stage_is_named(script, missing, command, tmp_path):
     proc = run_script(script, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{missing} does not exist: run `{command}` first" in proc.stderr
+
+
+def test_dpo_on_a_users_chat_model_and_conversational_pairs(chat_model_dir, tmp_path):
+    """dpo.py with only --model-name-or-path and --dataset: TRL's conversational pairs, one of them written as whole
+    chosen/rejected conversations with no prompt field. Its evaluation samples the pairs' own prompts; nothing of the
+    embedded task is used."""
+    dishes = ["the pasta", "the soup", "the steak", "the coffee", "the pizza"]
+    data = write_jsonl(tmp_path / "prefs.jsonl",
+                       [{"prompt": [SYSTEM, user(f"{d} was")], "chosen": [assistant(" lovely.")],
+                         "rejected": [assistant(" awful.")]} for d in dishes]
+                       + [{"chosen": [user("the tea was"), assistant(" warm.")],
+                           "rejected": [user("the tea was"), assistant(" cold.")]}])
+    proc = run_script("dpo.py", "--model-name-or-path", chat_model_dir, "--dataset", data, "--output-dir",
+                      tmp_path / "dpo", cwd=tmp_path)
+    assert "learning rate 5e-07 (a pretrained model" in proc.stdout
+    assert "6 prompts to sample (from the training pairs)" in proc.stdout
+    assert read_metrics(tmp_path, "eval/gold_score") == []  # no judge on the user's data
+    assert len(read_metrics(tmp_path, "eval/kl")) == 2  # sampled at the start and at the end
+    AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")
