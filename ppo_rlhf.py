@@ -2,6 +2,7 @@
 
     python ppo_rlhf.py                                  # after sft.py and reward_model.py; embedded task, CPU
     python ppo_rlhf.py --kl-coef 0.2 --reward-fn my_rewards.py:score     # an algorithmic reward instead of the RM
+    python ppo_rlhf.py --reward-model-path rm1 rm2 rm3 --ensemble-k 1      # an ensemble of reward models: mean - std
     torchrun --nproc-per-node 8 ppo_rlhf.py --sft-model-path ... --strategy fsdp --bf16     # 8 GPUs, models sharded
 
 Four models: the policy and a frozen reference (both from the SFT model), a frozen reward model, and a value
@@ -24,6 +25,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -82,18 +84,29 @@ class Args:
     # models & data
     sft_model_path: str = "models/sft"
     """the SFT model: the policy's start and the frozen reference"""
-    reward_model_path: str = "models/reward_model"
+    init_policy_path: str = ""
+    """start the policy from this model instead of the SFT model, which stays the KL reference (iterative RLHF's
+    later rounds continue from the last policy); '' = the SFT model"""
+    reward_model_path: tuple[str, ...] = ("auto",)
     """the frozen reward model: from reward_model.py, or any sequence classifier (its own tokenizer and labels are
-    handled: see --reward-label-index)"""
-    reward_fn: str = ""
-    """'file.py:function' (prompt, response) -> float: an algorithmic reward used instead of the reward model"""
+    handled: see --reward-label-index); several paths form an ensemble (--ensemble-k); 'auto': models/reward_model,
+    or none when --reward-fn is given alone; 'none': no reward model"""
+    ensemble_k: float = 0.0
+    """with several reward models the score is mean - ensemble_k * std over the members, per response (Coste et al.
+    2023: a conservative estimate, penalising where the members disagree); 0 = their mean"""
+    reward_fn: tuple[str, ...] = ()
+    """'file.py:function' (prompt, response) -> float terms added to the reward model's score (a hybrid reward), each
+    times its --reward-fn-weights entry; with no reward model they are the whole score"""
+    reward_fn_weights: tuple[float, ...] = ()
+    """one weight per --reward-fn term (default 1 each)"""
     reward_label_index: int | None = None
     """for a reward model with several outputs (a sentiment classifier's labels), the one that is the reward, e.g. the
     'positive' logit; required then"""
     reward_transform: Literal["none", "logsigmoid"] = "none"
     """applied to the reward model's output: 'logsigmoid' turns a classifier's logit into log P(label), at most 0"""
     value_model: Literal["separate", "shared"] = "separate"
-    """'separate': a model initialised from the reward model (the SFT model with --reward-fn); 'shared': a policy head"""
+    """'separate': a model initialised from the (first) reward model (the SFT model without one); 'shared': a policy
+    head"""
     eval_reward_fn: str = "auto"
     """a judge (prompt, response) -> float used only for evaluation; 'auto': the embedded task's gold judge
     (reviews_task.py:gold_score) on its own prompts, none on yours; '' to skip"""
@@ -375,6 +388,14 @@ def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperatur
         values = value_net.score(hidden[rows, cols]).squeeze(-1).float()
         values = values - getattr(value_net.config, "reward_offset", 0.0)
     return logprobs, entropy, values  # each (B, T)
+
+
+def stutters(text: str) -> bool:
+    """Whether a response repeats a pair of consecutive words ("great and great and"): the degenerate text a reward
+    model can come to overrate; the share of such responses is logged as eval/stutter_rate."""
+    words = re.findall(r"[\w']+", text.lower())
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) < len(pairs)
 
 
 def disable_dropout(model) -> None:
@@ -702,9 +723,16 @@ if __name__ == "__main__":
     # held in bf16
     fsdp = world_size > 1 and args.strategy == "fsdp"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
+    if args.reward_model_path in [("auto",), ("none",)]:
+        args.reward_model_path = () if args.reward_fn or args.reward_model_path == ("none",) else ("models/reward_model",)
+    if not args.reward_model_path and not args.reward_fn:
+        raise SystemExit("error: no reward: give --reward-model-path, --reward-fn, or both")
+    if not args.reward_fn_weights:
+        args.reward_fn_weights = (1.0,) * len(args.reward_fn)
+    if len(args.reward_fn_weights) != len(args.reward_fn):
+        raise SystemExit(f"error: {len(args.reward_fn_weights)} --reward-fn-weights for {len(args.reward_fn)} --reward-fn")
     for path, default, command in [(args.sft_model_path, "models/sft", "python sft.py"),
-                                   ("" if args.reward_fn else args.reward_model_path, "models/reward_model",
-                                    "python reward_model.py")]:
+                                   *[(p, "models/reward_model", "python reward_model.py") for p in args.reward_model_path]]:
         if path == default and not os.path.isdir(path):
             raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
     embedded = args.dataset == f"{TASK_DATA}/prompts_train.jsonl"  # the embedded task's own prompts
@@ -717,25 +745,25 @@ if __name__ == "__main__":
     if args.eval_reward_fn == "auto":
         args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
 
-    # 1. four models: policy, frozen reference, frozen reward model (or a reward function), value network
+    # 1. four models: policy, frozen reference, frozen reward model(s) (and/or reward functions), value network
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
     trained = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     frozen = dict(dtype=torch.bfloat16 if args.bf16 else torch.float32, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.sft_model_path, **trained).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.init_policy_path or args.sft_model_path,
+                                                  **trained).to(device)
     ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device)
     setup_tokenizer(tokenizer, policy)
     setup_tokenizer(tokenizer, ref_policy)
-    reward_model = reward_fn = reward_tokenizer = None
-    same_tokenizer = reusable_reward_model = False
-    if args.reward_fn:
-        reward_fn = load_function(args.reward_fn)
-    else:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path, **frozen).to(device)
+    reward_fns = [(f"score_{spec.rpartition(':')[2]}_{i}" if len(args.reward_fn) > 1 else
+                   f"score_{spec.rpartition(':')[2]}", load_function(spec), weight)
+                  for i, (spec, weight) in enumerate(zip(args.reward_fn, args.reward_fn_weights))]  # (name, fn, weight)
+    reward_members = []  # (model, its tokenizer, whether it shares the policy's tokenizer) per reward model
+    for path in args.reward_model_path:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(path, **frozen).to(device)
         try:
-            reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path,
-                                                             trust_remote_code=args.trust_remote_code)
+            reward_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError):  # a folder saved without its tokenizer
             print("reward model: no tokenizer in its folder, so the policy's is assumed")
             reward_tokenizer = tokenizer
@@ -743,21 +771,24 @@ if __name__ == "__main__":
             reward_tokenizer.pad_token = reward_tokenizer.eos_token or reward_tokenizer.unk_token
         num_labels = reward_model.config.num_labels
         if num_labels > 1 and args.reward_label_index is None:
-            raise SystemExit(f"error: {args.reward_model_path} has {num_labels} outputs ({reward_model.config.id2label}): "
+            raise SystemExit(f"error: {path} has {num_labels} outputs ({reward_model.config.id2label}): "
                              "choose the reward with --reward-label-index")
         if args.reward_label_index is not None and not 0 <= args.reward_label_index < num_labels:
-            raise SystemExit(f"error: --reward-label-index {args.reward_label_index}, but {args.reward_model_path} has "
+            raise SystemExit(f"error: --reward-label-index {args.reward_label_index}, but {path} has "
                              f"{num_labels} output(s)")
         # the same tokenizer (same vocabulary and ids, once the policy's pad rule is applied): score the policy's ids
         if hasattr(reward_model, "score"):
             setup_tokenizer(reward_tokenizer, reward_model)
         same_tokenizer = hasattr(reward_model, "score") and reward_tokenizer.get_vocab() == tokenizer.get_vocab()
-        reusable_reward_model = same_tokenizer and num_labels == 1 and (
-            reward_model.config.get_text_config().hidden_size == policy.config.get_text_config().hidden_size)
-        print("reward model: the policy's tokenizer; its token ids are scored directly" if same_tokenizer else
-              "reward model: its own tokenizer (another vocabulary): responses are decoded and re-tokenized, "
+        if not reward_members:  # the value model may start from the first reward model
+            reusable_reward_model = same_tokenizer and num_labels == 1 and (
+                reward_model.config.get_text_config().hidden_size == policy.config.get_text_config().hidden_size)
+        reward_members.append((reward_model, reward_tokenizer, same_tokenizer))
+        print("reward model: " + ("the policy's tokenizer; its token ids are scored directly" if same_tokenizer
+              else "its own tokenizer (another vocabulary): responses are decoded and re-tokenized, "
               + ("in its chat template" if reward_tokenizer.chat_template is not None else "as plain text"))
-        rm_args_file = os.path.join(args.reward_model_path, "args.json")  # written by reward_model.py
+              + (f" ({path})" if len(args.reward_model_path) > 1 else ""))
+        rm_args_file = os.path.join(path, "args.json")  # written by reward_model.py
         rm_args = json.load(open(rm_args_file)) if os.path.exists(rm_args_file) else {}
         normalised_on = [rm_args.get(k) for k in ("normalize_temperature", "normalize_response_length",
                                                   "normalize_max_prompt_length")]
@@ -766,10 +797,12 @@ if __name__ == "__main__":
             print(f"warning: the reward model was normalised on samples at temperature, response length, prompt length "
                   f"{normalised_on}; this run samples at {[args.temperature, args.response_length, args.max_prompt_length]}"
                   ", so its first rollouts will not score about 0 (rerun reward_model.py with matching --normalize-*)")
+    if len(reward_members) > 1:
+        print(f"reward: an ensemble of {len(reward_members)} reward models, mean - {args.ensemble_k:g} * std")
     if args.value_model == "separate":
         value_from = os.path.join(ckpt_dir, "value_model") if resuming else (
-            args.reward_model_path if reusable_reward_model else args.sft_model_path)
-        if not resuming and reward_model is not None and not reusable_reward_model:
+            args.reward_model_path[0] if reward_members and reusable_reward_model else args.sft_model_path)
+        if not resuming and reward_members and not reusable_reward_model:
             print("value model: from the SFT model, not the reward model (another tokenizer, width or label layout)")
         value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
         value_net.train()
@@ -777,14 +810,14 @@ if __name__ == "__main__":
         value_net = ValueHead(policy.config.get_text_config().hidden_size).to(device)
         if resuming:
             value_net.load_state_dict(load_file(os.path.join(ckpt_dir, "value_head.safetensors")))
-    hf_models = [m for m in (policy, ref_policy, reward_model, value_net) if isinstance(m, torch.nn.Module) and
+    reward_models = [m for m, _, _ in reward_members]
+    hf_models = [m for m in (policy, ref_policy, *reward_models, value_net) if isinstance(m, torch.nn.Module) and
                  hasattr(m, "config")]  # the Hugging Face models among the four
     for model in hf_models:
         disable_dropout(model)  # PPO needs identical log-probs in rollout and update (N+ details, #2)
-    for model in (ref_policy, reward_model):
-        if model is not None:
-            model.eval().requires_grad_(False)
-    packed = [m for m in hf_models if m is not ref_policy and (m is not reward_model or same_tokenizer)]
+    for model in (ref_policy, *reward_models):
+        model.eval().requires_grad_(False)
+    packed = [m for m in hf_models if m is not ref_policy and all(m is not r or same for r, _, same in reward_members)]
     if args.padding_free and not all(packing_works(m) for m in packed):
         print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
@@ -801,7 +834,7 @@ if __name__ == "__main__":
     # under torchrun the frozen two are sharded too with --strategy fsdp, and replicated with ddp
     policy_w = distribute([policy, value_net], args.strategy, args.bf16)
     ref_w = distribute([ref_policy], args.strategy, args.bf16, trainable=False)
-    reward_w = distribute([reward_model], args.strategy, args.bf16, trainable=False) if reward_model is not None else None
+    reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
     policy_w.train()
 
     # 2. prompts, left-padded per batch for generation
@@ -887,22 +920,35 @@ if __name__ == "__main__":
                        context_length, responses, response_mask, has_eos)
 
     @torch.no_grad()
-    def get_scores(batch_layout, responses, response_mask, prompts_text):
-        """(B,) sequence scores: the reward model at the last real token (the EOS) of the policy's ids, or of its own
-        tokens (another tokenizer), or a reward function on text."""
-        if reward_fn is not None or not same_tokenizer:  # these read text
-            texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
-        if reward_fn is not None:
-            return torch.tensor([float(reward_fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
-        with autocast():
-            if same_tokenizer:
-                inputs, _, last = batch_layout
-                outputs = reward_w(reward_scores, **inputs, last=last)
-            else:  # the reward model's own tokens
-                outputs = reward_w(score_texts, reward_tokenizer, prompts_text, texts)
-        if outputs.dim() == 2:  # several labels: the chosen one is the reward
-            outputs = outputs[:, args.reward_label_index]
-        return F.logsigmoid(outputs) if args.reward_transform == "logsigmoid" else outputs
+    def get_scores(batch_layout, responses, response_mask, prompts_text) -> tuple[torch.Tensor, dict]:
+        """(B,) sequence scores and their parts. A reward model reads the last real token (the EOS) of the policy's
+        ids, or of its own tokens (another tokenizer); an ensemble's score is mean - ensemble_k * std over its members
+        (`score_rm`, `rm_std`); each --reward-fn term (`score_{name}`, unweighted) reads text and adds weight * term."""
+        texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
+        parts, members = {}, []
+        for reward_w, reward_tokenizer, same_tokenizer in reward_ws:
+            with autocast():
+                if same_tokenizer:
+                    inputs, _, last = batch_layout
+                    outputs = reward_w(reward_scores, **inputs, last=last)
+                else:  # the reward model's own tokens
+                    outputs = reward_w(score_texts, reward_tokenizer, prompts_text, texts)
+            if outputs.dim() == 2:  # several labels: the chosen one is the reward
+                outputs = outputs[:, args.reward_label_index]
+            members.append(F.logsigmoid(outputs) if args.reward_transform == "logsigmoid" else outputs)
+        scores = torch.zeros(len(texts), device=device)
+        if members:
+            members = torch.stack(members)  # (M, B)
+            if len(members) == 1:
+                scores = parts["score_rm"] = members[0]
+            else:  # the sample standard deviation over members: how much they disagree on each response
+                parts["rm_std"] = members.std(dim=0)
+                parts.update({f"score_rm_{i}": m for i, m in enumerate(members)})
+                scores = parts["score_rm"] = members.mean(dim=0) - args.ensemble_k * parts["rm_std"]
+        for name, fn, weight in reward_fns:
+            parts[name] = torch.tensor([float(fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
+            scores = scores + weight * parts[name]
+        return scores, parts
 
     @torch.no_grad()
     def evaluate(iteration: int, final: bool = False):
@@ -916,12 +962,15 @@ if __name__ == "__main__":
         with autocast():
             logprobs = policy_w(forward, batch_layout, batch.responses, args.temperature, with_values=False)[0]
             ref_logprobs = ref_w(forward, None, batch_layout, batch.responses, args.temperature, with_values=False)[0]
-        scores = get_scores(batch_layout, batch.responses, batch.response_mask, texts)
+        scores, parts = get_scores(batch_layout, batch.responses, batch.response_mask, texts)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * batch.response_mask).sum(1).mean(),
                "eval/response_length": batch.response_mask.sum(1).float().mean(),
                "eval/eos_rate": batch.has_eos.float().mean()}
+        if len(parts) > 1:  # a hybrid reward or an ensemble: each part
+            out.update({f"eval/{k}": v.mean() for k, v in parts.items()})
         decoded = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
         out["eval/distinct_responses"] = len(set(decoded)) / len(decoded)  # falls when the policy collapses to a template
+        out["eval/stutter_rate"] = sum(map(stutters, decoded)) / len(decoded)  # a word pair repeated: degenerate text
         if args.eval_reward_fn:
             judge = load_function(args.eval_reward_fn)
             gold = torch.tensor([judge(p, t) for p, t in zip(texts, decoded)])
@@ -958,7 +1007,7 @@ if __name__ == "__main__":
         # 5. log-probs of the sampled tokens under policy and reference, values, and scores, in micro-batches
         #    of the training size so that the first PPO minibatch reproduces these numbers exactly
         with torch.no_grad():
-            chunks = []
+            chunks, part_chunks = [], []
             for k in range(0, args.rollout_batch_size, args.micro_batch_size):
                 chunk = slice(k, k + args.micro_batch_size)
                 batch_layout = layout(query_responses[chunk], attention_mask[chunk], batch.context_length, args.padding_free)
@@ -966,10 +1015,12 @@ if __name__ == "__main__":
                     mb_logprobs, mb_entropy, mb_values = policy_w(forward, batch_layout, responses[chunk], args.temperature)
                     mb_ref_logprobs = ref_w(forward, None, batch_layout, responses[chunk], args.temperature,
                                             with_values=False)[0]
-                mb_scores = get_scores(batch_layout, responses[chunk], batch.response_mask[chunk],
-                                       [train_records[i]["prompt"] for i in idx[chunk]])
+                mb_scores, mb_parts = get_scores(batch_layout, responses[chunk], batch.response_mask[chunk],
+                                                 [train_records[i]["prompt"] for i in idx[chunk]])
                 chunks.append((mb_logprobs, mb_entropy, mb_values, mb_ref_logprobs, mb_scores))
+                part_chunks.append(mb_parts)
             logprobs, entropy, values, ref_logprobs, scores = (torch.cat(c) for c in zip(*chunks))  # (B, T) .. (B,)
+            score_parts = {name: torch.cat([p[name] for p in part_chunks]) for name in part_chunks[0]}  # each (B,)
             raw_scores = scores.clone()
             if iteration == 0:  # reward_model.py normalised its scores to mean 0 on the SFT policy's samples
                 print(f"first rollout: mean score {all_reduce(raw_scores.mean(), 'mean').item():.3f} (about 0 when the "
@@ -1059,6 +1110,8 @@ if __name__ == "__main__":
             "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * args.rollout_batch_size * world_size,
             "time/generate": t_generate, "time/rollout_forward": t_rollout, "time/update": t_update,
         }
+        if len(score_parts) > 1:  # a hybrid reward or an ensemble: each part, and the members' disagreement
+            row.update({f"objective/{k}": v.mean() for k, v in score_parts.items()})
         row = dict(zip(row, all_reduce(torch.tensor([float(v) for v in row.values()], device=device), "mean").tolist()))
         metrics.log(iteration + 1, row)
         if not all(torch.isfinite(torch.as_tensor(v, dtype=torch.float)) for v in row.values()):

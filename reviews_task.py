@@ -16,6 +16,7 @@ It mirrors the classic RLHF demo ("make the model write positive reviews", Ziegl
 The stages call `ensure_data` / `ensure_tiny_model` for their defaults, so nobody has to run this by hand.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -155,6 +156,17 @@ def annotator_ranking(golds: list[float], rng: random.Random, tau: float = TAU) 
     """
     noisy = [g / tau - math.log(-math.log(max(rng.random(), 1e-300))) for g in golds]
     return sorted(range(len(golds)), key=lambda i: -noisy[i])
+
+
+def annotate(prompt: str, a: str, b: str) -> str:
+    """The simulated annotator for `label.py --annotator reviews_task.py:annotate`: "A", "B" or "Tie", drawn with the
+    same Bradley-Terry noise and tie margin that labelled the task's own files. Its randomness is seeded by the texts,
+    so the same question always gets the same answer, in any order and after any restart."""
+    ga, gb = gold_score(prompt, a), gold_score(prompt, b)
+    if abs(ga - gb) < TIE_MARGIN:
+        return "Tie"
+    seed = int.from_bytes(hashlib.sha256(json.dumps([prompt, a, b]).encode()).digest()[:8], "big")
+    return "A" if random.Random(seed).random() < 1.0 / (1.0 + math.exp(-(ga - gb) / TAU)) else "B"
 
 
 @dataclass

@@ -49,3 +49,11 @@ def review_quality(prompt: str, response: str) -> float:
 def count_token_the(prompt: str, response: str) -> float:
     """How often the word 'the' appears: a toy reward the tests use to check that PPO raises a reward."""
     return float(_words(response).count("the"))
+
+
+def repetition_penalty(prompt: str, response: str) -> float:
+    """Minus the share of words that repeat an earlier word of the response (0 for none, toward -1 for a word salad):
+    a rule to add to a learned reward (`--reward-model-path ... --reward-fn reward_functions.py:repetition_penalty`)
+    against the "outstanding and outstanding" phrasings a reward model can overrate."""
+    words = _words(response)
+    return -(1.0 - len(set(words)) / len(words)) if words else 0.0

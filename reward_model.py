@@ -78,11 +78,16 @@ class Args:
 
     # model & data
     model_name_or_path: str = "models/sft"
-    """the SFT model the reward model starts from (a local folder or a Hub name)"""
+    """the SFT model the reward model starts from (a local folder or a Hub name); it also samples the normalisation
+    set"""
+    continue_from: str = ""
+    """a reward model (from this script) to keep training, head and all, instead of a fresh head on the SFT model:
+    iterative RLHF's later rounds; '' = start fresh"""
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
-    dataset: str = f"{TASK_DATA}/preference_train.jsonl"
-    """JSONL of prompt/chosen/rejected, or chosen/rejected conversations"""
+    dataset: tuple[str, ...] = (f"{TASK_DATA}/preference_train.jsonl",)
+    """JSONL of prompt/chosen/rejected, or chosen/rejected conversations; several files are read as one (the labels of
+    all rounds so far, say)"""
     eval_dataset: str = "auto"
     """held-out preferences in the same format; 'auto': the embedded task's held-out file with its training file,
     none with yours; 'none' to skip"""
@@ -549,8 +554,8 @@ if __name__ == "__main__":
     if args.model_name_or_path == "models/sft" and not os.path.isdir("models/sft"):
         raise SystemExit("error: models/sft does not exist: run `python sft.py` first, or point --model-name-or-path "
                          "at an SFT model")
-    embedded = args.dataset == f"{TASK_DATA}/preference_train.jsonl"  # the embedded task's own data
-    if rank == 0 and embedded and not os.path.exists(args.dataset):
+    embedded = args.dataset[0] == f"{TASK_DATA}/preference_train.jsonl"  # the embedded task's own data (and more)
+    if rank == 0 and embedded and not os.path.exists(args.dataset[0]):
         load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
     if world_size > 1:
         dist.barrier()  # the files are written
@@ -559,10 +564,10 @@ if __name__ == "__main__":
     if args.eval_reward_fn == "auto":
         args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
 
-    # 1. the SFT model with a fresh scalar head (or an interrupted run's checkpoint)
+    # 1. the SFT model with a fresh scalar head (or a reward model to continue, or an interrupted run's checkpoint)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
-    load_from = ckpt_dir if resuming else args.model_name_or_path
+    load_from = ckpt_dir if resuming else args.continue_from or args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         load_from, num_labels=1, dtype=torch.float32, trust_remote_code=args.trust_remote_code).to(device)
@@ -576,7 +581,7 @@ if __name__ == "__main__":
     if args.padding_free and not packing_works(model):
         print("warning: this model lets packed sequences attend to each other; padding instead (--no-padding-free)")
         args.padding_free = False
-    if not resuming:
+    if not resuming and not args.continue_from:
         init_score_head(model)  # the same draws in every process: all seeded alike
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -585,7 +590,7 @@ if __name__ == "__main__":
     # 2. data: bad lines stop the run with file, line and field (or are counted and skipped)
     bad_lines = [] if args.skip_bad_pairs else None
     try:
-        train_records = read_jsonl(args.dataset, "preference", bad_lines)
+        train_records = [r for path in args.dataset for r in read_jsonl(path, "preference", bad_lines)]
         eval_records = read_jsonl(args.eval_dataset, "preference", bad_lines) if args.eval_dataset != "none" else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
@@ -597,9 +602,10 @@ if __name__ == "__main__":
     print(f"{len(train)} training pairs in {len(groups)} comparison groups ({cut} prompts cut from the left, "
           f"{skipped} skipped), " + (f"{len(evals)} held out" if evals else "no held-out set (--eval-dataset FILE)"))
     if not groups:
-        raise SystemExit(f"{args.dataset}: no pair left to train on")
+        raise SystemExit(f"{', '.join(args.dataset)}: no pair left to train on")
     if len(groups) < world_size:
-        raise SystemExit(f"{args.dataset}: {len(groups)} comparison groups cannot be shared by {world_size} processes")
+        raise SystemExit(f"{', '.join(args.dataset)}: {len(groups)} comparison groups cannot be shared by {world_size} "
+                         "processes")
     if len(groups) < args.per_device_train_batch_size * world_size:
         print(f"only {len(groups)} comparison groups: --per-device-train-batch-size {args.per_device_train_batch_size} "
               f"-> {len(groups) // world_size}")

@@ -174,6 +174,65 @@ if __name__ == "__main__":
     else:
         print("ppo_kl* or dpo_beta* runs missing: skipping ppo_dpo_frontier.png")
 
+    # 4c. iterative RLHF (iterate.py): rounds of PPO chained end to end against one PPO run of the same length
+    def chained(prefix: str, first: str | None = None, rounds: int = 4, per_round: int = 50):
+        """The evaluation rows of rounds 0..3 (those run) of an iterate.py run, steps shifted to total PPO iterations
+        (`first`: the run of a round 0 copied from another loop)."""
+        out = []
+        for r in range(rounds):
+            rows = load(args.runs, f"{prefix}_ppo{r}") or (load(args.runs, first) if r == 0 and first else None)
+            if rows is None:  # the rounds run so far
+                return out or None
+            out += [row | {"step": row["step"] + r * per_round} for row in rows if r == 0 or row["step"] > 0]
+        return out
+    curves = [("one run, kl 0", load(args.runs, "hf_single_kl0"), "--", "C3"),
+              ("rounds of 50, kl 0, pairs of policy samples", chained("iterative_kl0"), "o-", "C3"),
+              ("rounds of 50, kl 0, policy vs SFT pairs", chained("iterative_kl0_vs_sft", "iterative_kl0_ppo0"), "s-",
+               "C4"),
+              ("one run, kl 0.05", load(args.runs, "hf_single_kl0.05"), "--", "C0"),
+              ("rounds of 50, kl 0.05, pairs of policy samples", chained("iterative_kl0.05"), "o-", "C0")]
+    for label, rows, _, _ in curves:
+        if not rows:
+            print(f"iterative_rlhf.png: no runs for '{label}', left out")
+    curves = [c for c in curves if c[1]]
+    if len(curves) >= 2:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        for label, rows, style, color in curves:
+            for ax, key in zip(axes, ["eval/gold_score", "eval/kl", "eval/distinct_responses"]):
+                ax.plot(*series(rows, key), style, color=color, ms=3, label=label)
+        for ax in axes:
+            for x in (50, 100, 150):
+                ax.axvline(x, color="gray", lw=0.5, ls=":")
+        axes[0].set(title="gold score (held out)", xlabel="PPO iterations (new round at the dotted lines)")
+        axes[1].set(title="KL to the SFT policy (nats)", xlabel="PPO iterations")
+        axes[2].set(title="share of distinct responses", xlabel="PPO iterations")
+        axes[0].legend(fontsize=6)
+        save(fig, "iterative_rlhf.png")
+    else:
+        print("hf_single_kl* or iterative_kl*_ppo* runs missing: skipping iterative_rlhf.png")
+
+    # 4d. rewards that resist hacking, without a KL penalty: one reward model, an ensemble, a hybrid with a rule
+    robust = {"one reward model": load(args.runs, "hf_single_kl0"),
+              "ensemble of 3, mean": load(args.runs, "hf_ensemble_k0_kl0"),
+              "ensemble of 3, mean - std": load(args.runs, "hf_ensemble_k1_kl0"),
+              "reward model + 3 x repetition rule": load(args.runs, "hf_hybrid_kl0")}
+    colors = dict(zip(robust, ["C3", "C1", "C2", "C0"]))
+    robust = {label: rows for label, rows in robust.items() if rows}
+    if "one reward model" in robust and len(robust) >= 2:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+        for label, rows in robust.items():
+            color = colors[label]
+            axes[0].plot(*series(rows, "eval/gold_score"), "o-", ms=3, color=color, label=label)
+            axes[1].plot(*series(rows, "eval/kl"), "o-", ms=3, color=color, label=label)
+            axes[2].plot(*series(rows, "eval/stutter_rate"), "o-", ms=3, color=color, label=label)
+        axes[0].set(title="gold score (held out), kl_coef 0", xlabel="PPO iteration")
+        axes[1].set(title="KL to the SFT policy (nats)", xlabel="PPO iteration")
+        axes[2].set(title="share of responses with a repeated word pair", xlabel="PPO iteration")
+        axes[0].legend(fontsize=7)
+        save(fig, "robust_rewards.png")
+    else:
+        print("hf_single_kl0, hf_ensemble_* or hf_hybrid_kl0 runs missing: skipping robust_rewards.png")
+
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")
     if sft:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The experiments of docs/experiments.md, on the embedded task, after the default chain has made models/sft and
-# models/reward_model (python sft.py && python reward_model.py). About 35 minutes on 2 CPU cores. Then
+# The experiments of docs/experiments.md (sections 1-4) and docs/human_feedback.md (5-6), on the embedded task, after
+# the default chain has made models/sft and models/reward_model (python sft.py && python reward_model.py). About 35
+# minutes on 2 CPU cores for sections 1-4, 80 more for 5-6. Then
 #   python docs/make_figures.py        # runs/*/metrics.jsonl -> docs/figures/*.png
 set -euo pipefail
 # 1. kl_coef sweep, 60 iterations each (0.05 is the default)
@@ -19,3 +20,22 @@ done
 for beta in 0.03 0.1 0.3 1.0; do
   python dpo.py --beta $beta --exp-name dpo_beta$beta --output-dir models/dpo_beta$beta
 done
+# 5. iterative RLHF (docs/human_feedback.md): one 200-iteration PPO run against 4 rounds of 50 (label the policy's
+#    samples with the simulated annotator, continue the reward model on all labels, PPO from the last policy)
+for kl in 0 0.05; do
+  python ppo_rlhf.py --kl-coef $kl --num-iterations 200 --eval-every 20 --exp-name hf_single_kl$kl --output-dir models/hf_single_kl$kl
+  python iterate.py --kl-coef $kl --out-dir models/iterative_kl$kl --ppo-args="--eval-every 10"
+done
+mkdir -p models/iterative_kl0_vs_sft && cp -r models/iterative_kl0/round_0 models/iterative_kl0_vs_sft/   # same round 0
+python iterate.py --kl-coef 0 --label-against sft --out-dir models/iterative_kl0_vs_sft --ppo-args="--eval-every 10"
+# 6. rewards that resist hacking, 200 iterations without a KL penalty: an ensemble of 3 reward models (seeds 1-3;
+#    mean, and mean - std) and a hybrid (the reward model plus 3 x a repetition rule)
+for seed in 2 3; do
+  python reward_model.py --seed $seed --output-dir models/reward_model_s$seed --exp-name rm_seed$seed
+done
+for k in 0 1; do
+  python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-every 20 --reward-model-path models/reward_model \
+    models/reward_model_s2 models/reward_model_s3 --ensemble-k $k --exp-name hf_ensemble_k${k}_kl0 --output-dir models/hf_ensemble_k${k}_kl0
+done
+python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-every 20 --reward-model-path models/reward_model \
+  --reward-fn reward_functions.py:repetition_penalty --reward-fn-weights 3 --exp-name hf_hybrid_kl0 --output-dir models/hf_hybrid_kl0

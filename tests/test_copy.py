@@ -2,6 +2,7 @@
 user's (no reviews_task.py beside them, no VADER importable) and save a model that loads."""
 
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from conftest import REPO, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import dpo
+import label
 import ppo_rlhf
 import reward_model
 import sft
@@ -71,11 +73,21 @@ def test_ppo_copied_alone(sft_dir, tmp_path, value_model):
         assert (folder / "out" / "value_head.safetensors").exists()
 
 
+def test_label_copied_alone(sft_dir, tmp_path):
+    """label.py and common.py: sample pairs from the user's model and label them with the user's function."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was"} for w in ("pasta", "soup", "plot")])
+    (tmp_path / "judge.py").write_text("def pick(prompt, a, b):\n    return 'A' if len(a) >= len(b) else 'B'\n")
+    folder = run_copy("label.py", tmp_path, "--policy-path", sft_dir, "--prompts", prompts, "--output",
+                      "out/labels.jsonl", "--annotator", f"{tmp_path / 'judge.py'}:pick", "--response-length", "6")
+    with open(folder / "out" / "labels.jsonl") as f:
+        assert all(len(r["chosen"]) >= len(r["rejected"]) for r in map(json.loads, f))
+
+
 @pytest.mark.parametrize("name", ["pad", "pack", "packing_works", "load_function", "save_model", "save_state",
                                   "load_state", "Metrics", "disable_dropout", "init_distributed", "Parallel",
                                   "distribute", "gathered", "all_reduce", "sync_gradients", "full_state_dict"])
 def test_copied_helpers_stay_identical(name):
     """The plumbing each script carries for itself is one text in all of them, so a fix reaches every copy."""
-    sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf, dpo)
+    sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf, dpo, label)
                if hasattr(module, name)}
     assert len(sources) == 1

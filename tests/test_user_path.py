@@ -83,6 +83,22 @@ def test_a_users_chat_model_and_files_run_the_whole_chain(chat_model_dir, tmp_pa
     AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "ppo")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "models" / "ppo" / "value_model")
 
+    # the next round: label the PPO policy against the SFT policy on the conversational prompts, then continue the
+    # reward model on the first labels and the new ones; responses come back as assistant turns (TRL's format)
+    write_jsonl(tmp_path / "judge.py", ["def pick(prompt, a, b):", "    return 'A' if len(a) >= len(b) else 'B'"])
+    run_script("label.py", "--policy-path", tmp_path / "models" / "ppo", "--policy-b-path", tmp_path / "models" / "sft",
+               "--prompts", tmp_path / "prompts.jsonl", "--output", tmp_path / "labels.jsonl", "--annotator",
+               f"{tmp_path / 'judge.py'}:pick", cwd=tmp_path)
+    with open(tmp_path / "labels.jsonl") as f:
+        labels = [json.loads(line) for line in f]
+    assert labels and all(r["chosen"][0]["role"] == "assistant" and isinstance(r["prompt"], list) for r in labels)
+    assert all("<|im_end|>" not in r["chosen"][0]["content"] + r["rejected"][0]["content"] for r in labels)
+    (tmp_path / "rm2").mkdir()
+    rm2 = run_script("reward_model.py", "--model-name-or-path", tmp_path / "models" / "sft", "--continue-from",
+                     tmp_path / "models" / "rm", "--dataset", tmp_path / "prefs.jsonl", tmp_path / "labels.jsonl",
+                     "--output-dir", tmp_path / "models" / "rm2", cwd=tmp_path / "rm2")
+    assert f"{6 + len(labels)} training pairs" in rm2.stdout
+
 
 @pytest.mark.parametrize("script, missing, command", [("reward_model.py", "models/sft", "python sft.py"),
                                                       ("ppo_rlhf.py", "models/sft", "python sft.py"),
