@@ -227,8 +227,7 @@ if __name__ == "__main__":
                     raise SystemExit(f"error: {args.pairs}, line {r['line']}: field '{field}' must be a non-empty string")
             items.append({"prompt": r["prompt"], "response_a": row["response_a"], "response_b": row["response_b"],
                           "model_a": row.get("model_a", ""), "model_b": row.get("model_b", "")})
-        items = items[: args.num_prompts] if args.num_prompts < len(items) else items
-        items = [it for it in items if key(it["prompt"]) not in done["prompts"]]
+        items = [it for it in items[: args.num_prompts] if key(it["prompt"]) not in done["prompts"]]
     else:
         if args.prompts == f"{TASK_DATA}/prompts_train.jsonl" and not os.path.exists(args.prompts):
             load_function("reviews_task.py:ensure_data")()

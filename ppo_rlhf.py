@@ -924,7 +924,9 @@ if __name__ == "__main__":
         """(B,) sequence scores and their parts. A reward model reads the last real token (the EOS) of the policy's
         ids, or of its own tokens (another tokenizer); an ensemble's score is mean - ensemble_k * std over its members
         (`score_rm`, `rm_std`); each --reward-fn term (`score_{name}`, unweighted) reads text and adds weight * term."""
-        texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
+        texts = None  # decoded only for what reads text: a reward function, or a reward model of another tokenizer
+        if reward_fns or not all(same for _, _, same in reward_ws):
+            texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
         parts, members = {}, []
         for reward_w, reward_tokenizer, same_tokenizer in reward_ws:
             with autocast():
@@ -936,7 +938,7 @@ if __name__ == "__main__":
             if outputs.dim() == 2:  # several labels: the chosen one is the reward
                 outputs = outputs[:, args.reward_label_index]
             members.append(F.logsigmoid(outputs) if args.reward_transform == "logsigmoid" else outputs)
-        scores = torch.zeros(len(texts), device=device)
+        scores = torch.zeros(len(responses), device=device)
         if members:
             members = torch.stack(members)  # (M, B)
             if len(members) == 1:
