@@ -378,8 +378,16 @@ def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperatur
     `value_net` is a separate value model (a sequence classifier), a ValueHead on the policy, or None."""
     inputs, (rows, cols), _ = batch_layout
     shared = isinstance(value_net, ValueHead)
-    out = policy(**inputs, use_cache=False, output_hidden_states=shared and with_values)
-    logprobs, entropy = logprobs_and_entropy(out.logits[rows, cols], responses, temperature, entropy_grad)
+    # The LM head only where a response token is predicted: its input, the (R, L, H) last hidden states, is gathered
+    # to (B, T, H) first, so the (vocabulary x hidden) matmul and the log-softmax skip the query positions (about a
+    # sixth of SmolLM2's update). A hook rather than calling the head ourselves: whatever a model does to its logits
+    # after the head (Gemma 2's soft-capping, Cohere's scale) still happens in its own forward.
+    hook = policy.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][rows, cols],))
+    try:
+        out = policy(**inputs, use_cache=False, output_hidden_states=shared and with_values)
+    finally:
+        hook.remove()
+    logprobs, entropy = logprobs_and_entropy(out.logits, responses, temperature, entropy_grad)  # out.logits (B, T, V)
     values = None
     if with_values and shared:
         values = value_net(out.hidden_states[-1][rows, cols])

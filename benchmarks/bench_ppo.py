@@ -236,9 +236,12 @@ if __name__ == "__main__":
         print(f"{name:<12}{row['total']:>9.3f}{row['generate']:>10.3f}{row['rollout_forward']:>11.3f}"
               f"{row['update']:>9.3f}{tokens / row['generate']:>11.0f}{row.get('peak_rss_mb', 0):>13.0f}"
               f"{bound['total'] / row['total']:>13.2f}{floor['total'] / row['total']:>12.2f}")
-    for name in ("ours", "ours (best)"):
+    for name, key in (("ours", "ours"), ("ours (best)", "best")):
         if "trl" in table and name in table:
-            print(f"{name} vs TRL: {table['trl']['total'] / table[name]['total']:.2f}x iteration throughput")
+            paired = [summarise([trl])["total"] / summarise([ours])["total"]  # run i of each side, run back to back
+                      for ours, trl in zip(results[key], results["trl"])]
+            print(f"{name} vs TRL: {table['trl']['total'] / table[name]['total']:.2f}x iteration throughput "
+                  f"(run by run: {', '.join(f'{r:.2f}x' for r in paired)})")
     os.makedirs("benchmarks/results", exist_ok=True)
     json.dump({"args": vars(args), "table": table, "raw": results, "floor_runs": floors},
               open(f"benchmarks/results/ppo_{args.label}.json", "w"), indent=1)

@@ -292,3 +292,44 @@ def test_entropy_has_no_backward_unless_the_bonus_is_on(model_dir):
     assert out[True][0].requires_grad and not out[False][0].requires_grad
     assert torch.equal(out[True][0].detach(), out[False][0]) and torch.equal(out[True][1], out[False][1])
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_head_at_response_positions_matches_full_logits(model_dir, arch):
+    """`forward` applies the LM head only where response tokens are predicted. Against the slow reference (the full
+    (R, L, V) logits, then gathered) on packed and padded layouts: the same log-probs, entropies, values and gradient
+    to 1e-5. Gemma 2 soft-caps its logits after the head: the cap must still apply (a call of the head alone skips it)."""
+    from transformers import Gemma2Config
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    else:
+        policy = AutoModelForCausalLM.from_config(Gemma2Config(
+            vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, final_logit_softcapping=2.0, attn_implementation="eager"))
+    value_net = ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(value_net.linear.weight)
+    queries, qmask = pad([[1, 40, 41, 42], [1, 43], [1, 44, 45]], 0, side="left")
+    responses = torch.tensor([[60, 61, 2, 0], [62, 63, 64, 65], [2, 0, 0, 0]])
+    rmask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    qr, mask = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1)
+    params = list(policy.parameters()) + list(value_net.parameters())
+    for padding_free in (False, True):
+        lay = layout(qr, mask, queries.shape[1], padding_free)
+        inputs, (rows, cols), _ = lay
+        out = policy(**inputs, use_cache=False, output_hidden_states=True)  # the reference: every position's logits
+        logits = out.logits[rows, cols].float() / 0.7
+        ref_lp = torch.log_softmax(logits, -1).gather(2, responses.unsqueeze(-1)).squeeze(-1)
+        ref_ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+        ref_v = value_net(out.hidden_states[-1][rows, cols])
+        if arch == "gemma2":
+            assert out.logits.abs().max() < 2.0  # the cap is in force in the reference
+        lp, ent, v = forward(policy, value_net, lay, responses, 0.7, entropy_grad=True)
+        for a, b in ((lp, ref_lp), (ent, ref_ent), (v, ref_v)):
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        grad = torch.autograd.grad(masked_mean(lp + ent + v, rmask.float()), params)
+        ref_grad = torch.autograd.grad(masked_mean(ref_lp + ref_ent + ref_v, rmask.float()), params)
+        for g, rg in zip(grad, ref_grad):
+            assert torch.allclose(g, rg, atol=1e-5), (g - rg).abs().max()
+        assert len(policy.get_output_embeddings()._forward_pre_hooks) == 0  # the hook is gone after the pass

@@ -1,0 +1,100 @@
+"""One PPO update micro-batch (forward, backward, fused AdamW) on a real model, timed and profiled per op.
+
+    python benchmarks/profile_ppo_step.py --policy /tmp/smollm2_check/sft --value /tmp/smollm2_check/rm \
+        --prompts /tmp/smollm2_check/chat_prompts.jsonl
+
+What the update of ppo_rlhf.py does per micro-batch, in four variants, alternated step by step:
+- `full head`: the LM head over every position of the packed rows, then the response positions gathered (the
+  script before the head was moved; kept here only as the baseline).
+- `response head`: `ppo_rlhf.forward` as it is, the head applied only where a response token is predicted.
+- each with the separate value model (the default) and without it (what the value model's backbone costs).
+Prints the median step time of each and, with --profile, the top ops of one step of each head variant.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import encode_prompt  # noqa: E402
+from ppo_rlhf import disable_dropout, forward, layout, logprobs_and_entropy, masked_mean, pad  # noqa: E402
+
+
+@dataclass
+class Args:
+    policy: str
+    value: str
+    """a sequence classifier folder (the reward model, which initialises the value model)"""
+    prompts: str
+    micro_batch_size: int = 4
+    response_length: int = 24
+    steps: int = 5
+    """timed steps per variant (after one warm-up step each)"""
+    profile: bool = False
+
+
+def full_head_forward(policy, value_net, batch_layout, responses, temperature):
+    """The pre-change forward: logits at every position, then gathered."""
+    inputs, (rows, cols), _ = batch_layout
+    logits = policy(**inputs, use_cache=False).logits[rows, cols]
+    logprobs, entropy = logprobs_and_entropy(logits, responses, temperature, entropy_grad=False)
+    values = None
+    if value_net is not None:
+        hidden = getattr(value_net, value_net.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
+        values = value_net.score(hidden[rows, cols]).squeeze(-1).float()
+    return logprobs, entropy, values
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    policy = AutoModelForCausalLM.from_pretrained(args.policy)
+    value = AutoModelForSequenceClassification.from_pretrained(args.value, num_labels=1)
+    for m in (policy, value):
+        disable_dropout(m)
+    prompts = [encode_prompt(tokenizer, json.loads(line)["prompt"], 256)[0] for line in open(args.prompts)]
+    queries, query_mask = pad(prompts[: args.micro_batch_size], tokenizer.pad_token_id, side="left")
+    responses = torch.randint(100, policy.config.vocab_size, (args.micro_batch_size, args.response_length))
+    mask = torch.ones_like(responses)
+    batch_layout = layout(torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1), queries.shape[1], True)
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-7, fused=True)
+
+    def step(fn, with_value):
+        logprobs, _, values = (fn(policy, value if with_value else None, batch_layout, responses, 0.7)
+                               if fn is full_head_forward else
+                               fn(policy, value, batch_layout, responses, 0.7, with_values=with_value, entropy_grad=False))
+        loss = -masked_mean(logprobs, mask.float()) + (masked_mean(values ** 2, mask.float()) if with_value else 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    variants = {"full head, policy + value": (full_head_forward, True), "response head, policy + value": (forward, True),
+                "full head, policy only": (full_head_forward, False), "response head, policy only": (forward, False)}
+    times = {name: [] for name in variants}
+    for name, (fn, with_value) in variants.items():
+        step(fn, with_value)  # warm-up
+    for _ in range(args.steps):  # alternated, so drift hits every variant alike
+        for name, (fn, with_value) in variants.items():
+            t0 = time.perf_counter()
+            step(fn, with_value)
+            times[name].append(time.perf_counter() - t0)
+    tokens = int(batch_layout[0]["input_ids"].numel())
+    print(f"{args.policy}: {args.micro_batch_size} sequences, {tokens} packed tokens, {responses.numel()} response "
+          f"tokens; median of {args.steps} steps (forward, backward, fused AdamW)")
+    for name, ts in times.items():
+        print(f"  {name:<32} {statistics.median(ts):.3f} s   ({', '.join(f'{t:.3f}' for t in ts)})")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in ("full head, policy + value", "response head, policy + value"):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(*variants[name])
+            print(f"\n{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
