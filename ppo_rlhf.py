@@ -378,10 +378,8 @@ def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperatur
     `value_net` is a separate value model (a sequence classifier), a ValueHead on the policy, or None."""
     inputs, (rows, cols), _ = batch_layout
     shared = isinstance(value_net, ValueHead)
-    # The LM head only where a response token is predicted: its input, the (R, L, H) last hidden states, is gathered
-    # to (B, T, H) first, so the (vocabulary x hidden) matmul and the log-softmax skip the query positions (about a
-    # sixth of SmolLM2's update). A hook rather than calling the head ourselves: whatever a model does to its logits
-    # after the head (Gemma 2's soft-capping, Cohere's scale) still happens in its own forward.
+    # The LM head only where a response token is predicted: its (R, L, H) input is gathered to (B, T, H) first. A hook,
+    # not a call of the head, so what a model does to logits after it (Gemma 2's soft-capping) still happens.
     hook = policy.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][rows, cols],))
     try:
         out = policy(**inputs, use_cache=False, output_hidden_states=shared and with_values)
