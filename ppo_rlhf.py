@@ -20,6 +20,7 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
 """
 
 import contextlib
+import ctypes
 import importlib
 import importlib.util
 import json
@@ -182,7 +183,7 @@ class Args:
     eval_every: int = 20
     """evaluate on held-out prompts every this many iterations (and at the end)"""
     num_eval_prompts: int = 128
-    """held-out prompts per evaluation"""
+    """held-out prompts per evaluation (0: no evaluation)"""
     num_sample_rows: int = 4
     """sample responses printed and logged per evaluation"""
 
@@ -610,6 +611,20 @@ class Metrics:
             self.wandb.finish()
 
 
+def keep_freed_memory():
+    """CPU runs: stop glibc from unmapping every freed block over its mmap threshold (embedding gradients, large
+    activations), which the next step page-faults back in: up to half of a SmolLM2 update (benchmarks/README.md).
+    Freed memory stays in the process for reuse. Only on glibc; a MALLOC_MMAP_MAX_ set in the environment wins."""
+    if sys.platform != "linux" or "MALLOC_MMAP_MAX_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl)
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: every block comes from the heap, none gets an mmap of its own
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GB free at the heap's top rather than give it back
+
+
 # torch.distributed, launched by torchrun: without it these are single-process no-ops and every number is as before
 
 
@@ -721,6 +736,8 @@ if __name__ == "__main__":
         raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
                          "loss), or 0 to turn dual clipping off")
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
+    if device.type == "cpu":
+        keep_freed_memory()
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -963,6 +980,8 @@ if __name__ == "__main__":
         """Held-out prompts: reward, gold score, KL to the reference and length; at the end also the gold win rate
         of the policy against the SFT policy on the same prompts. Every process samples them (its own draws); the
         figures are the means over processes, the table rank 0's."""
+        if not eval_prompts:  # --num-eval-prompts 0
+            return {}
         policy_w.eval()
         texts = [r["prompt"] for r in eval_records]
         batch = rollout(policy_w, eval_prompts)

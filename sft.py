@@ -15,6 +15,7 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
 """
 
 import contextlib
+import ctypes
 import importlib
 import importlib.util
 import json
@@ -387,6 +388,20 @@ class Metrics:
             self.wandb.finish()
 
 
+def keep_freed_memory():
+    """CPU runs: stop glibc from unmapping every freed block over its mmap threshold (embedding gradients, large
+    activations), which the next step page-faults back in: up to half of a SmolLM2 update (benchmarks/README.md).
+    Freed memory stays in the process for reuse. Only on glibc; a MALLOC_MMAP_MAX_ set in the environment wins."""
+    if sys.platform != "linux" or "MALLOC_MMAP_MAX_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl)
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: every block comes from the heap, none gets an mmap of its own
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GB free at the heap's top rather than give it back
+
+
 # torch.distributed, launched by torchrun: without it these are single-process no-ops and every number is as before
 
 
@@ -495,6 +510,8 @@ def full_state_dict(model) -> dict:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
+    if device.type == "cpu":
+        keep_freed_memory()
     args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     torch.manual_seed(args.seed)

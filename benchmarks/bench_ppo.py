@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import reviews_task  # noqa: E402
 from common import encode_prompt  # noqa: E402
-from sft import pad  # noqa: E402
+from sft import keep_freed_memory, pad  # noqa: E402
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Args:
     models: str = "benchmarks/.models"
     """where the benchmark's random-init models are written"""
     ours_extra: str = ""
+    """extra flags for ppo_rlhf.py, e.g. --ours-extra='--value-model shared' for the 'best configuration' row"""
     best_extra: str = ""
     """flags for a third side, interleaved with the others: ours in its best configuration, e.g.
     --best-extra='--value-model shared'"""
@@ -53,7 +54,9 @@ class Args:
     """prompt-only JSONL (rendered through the chat template on both sides when the model has one)"""
     floor: bool = True
     """also time the plain-PyTorch loop and the compute bound (tiny model only)"""
-    """extra flags for ppo_rlhf.py, e.g. --ours-extra='--value-model shared' for the 'best configuration' row"""
+    trl_env: str = ""
+    """environment variables for TRL's process, e.g. --trl-env='MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647'
+    gives it the allocator setting our scripts make on CPU (keep_freed_memory)"""
     label: str = "cpu_fp32"
     """name of the results file: benchmarks/results/ppo_{label}.json"""
 
@@ -112,7 +115,8 @@ def run_trl(args: Args) -> dict:
                                os.path.abspath(args.models), "--iterations", str(args.iterations), "--batch",
                                str(args.batch), "--response-length", str(args.response_length), "--out", f.name,
                                "--prompts", os.path.abspath(args.prompts)],
-                              cwd=REPO, capture_output=True, text=True)
+                              cwd=REPO, capture_output=True, text=True,
+                              env=os.environ | dict(pair.split("=", 1) for pair in args.trl_env.split()))
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         return json.load(open(f.name))
@@ -212,6 +216,7 @@ if __name__ == "__main__":
         print(f"run {i + 1}/{args.runs} done", flush=True)
     table = {}
     if args.floor:
+        keep_freed_memory()  # the allocator setting our scripts use on CPU, so that the floor stays a floor
         plain_pytorch_floor(args)  # warm-up
         floors = [plain_pytorch_floor(args) for _ in range(args.runs)]
         floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}

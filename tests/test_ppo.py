@@ -209,12 +209,13 @@ def test_missing_eos_penalty_through_the_script(task_dir, sft_dir, tmp_path):
 
 
 def test_one_valid_token_keeps_metrics_finite(task_dir, sft_dir, tmp_path):
-    """One episode of one token: the ratio's variance is undefined and must not stop the run."""
+    """One episode of one token: the ratio's variance is undefined and must not stop the run. No evaluation."""
     run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "1",
                                         "--rollout-batch-size", "1", "--num-mini-batches", "1", "--num-ppo-epochs", "1",
                                         "--response-length", "1", "--reward-fn", "reward_functions.py:positivity",
-                                        "--value-model", "shared", "--eval-reward-fn", ""), cwd=tmp_path)
+                                        "--value-model", "shared", "--num-eval-prompts", "0"), cwd=tmp_path)
     assert read_metrics(tmp_path, "val/ratio_var") == [(1, 0.0)]
+    assert read_metrics(tmp_path, "eval/scores") == []
 
 
 def test_dual_clip_must_exceed_one(task_dir, sft_dir, tmp_path):

@@ -1,10 +1,13 @@
 """Stage 1: the label mask, learning, saving, determinism, resuming, and clear errors."""
 
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import CHATML, read_metrics, run_script, write_jsonl
+from conftest import CHATML, REPO, read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import read_jsonl
@@ -136,3 +139,34 @@ def test_bad_dataset_gives_a_clear_error(tmp_path, model_dir):
     assert proc.returncode != 0
     assert f"{data}, line 2: missing field 'completion'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+def test_keep_freed_memory_keeps_large_blocks_off_mmap():
+    """keep_freed_memory (every stage calls it on CPU): a 64 MB tensor comes from the heap, where its pages stay
+    mapped after it is freed, not from an mmap of its own; a MALLOC_MMAP_MAX_ in the environment is left in charge.
+    In a fresh process: the setting is per process and stays for its life."""
+    code = """
+import ctypes, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from sft import keep_freed_memory
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mmapped_by_a_64mb_tensor():
+    before = libc.mallinfo2().hblkhd
+    x = torch.empty(16 * 2**20)
+    return libc.mallinfo2().hblkhd - before
+os.environ["MALLOC_MMAP_MAX_"] = "65536"  # the user's own setting: nothing changes
+keep_freed_memory()
+print(mmapped_by_a_64mb_tensor())
+del os.environ["MALLOC_MMAP_MAX_"]
+keep_freed_memory()
+print(mmapped_by_a_64mb_tensor())
+"""
+    proc = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, check=True)
+    left_alone, kept = map(int, proc.stdout.split())
+    assert left_alone >= 64 * 2**20  # glibc's default: a block this large gets its own mmap
+    assert kept == 0
