@@ -141,7 +141,9 @@ def test_bad_dataset_gives_a_clear_error(tmp_path, model_dir):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or
+                    tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 33),
+                    reason="a glibc setting, read back with mallinfo2 (glibc 2.33)")
 def test_keep_freed_memory_keeps_large_blocks_off_mmap():
     """keep_freed_memory (every stage calls it on CPU): a 64 MB tensor comes from the heap, where its pages stay
     mapped after it is freed, not from an mmap of its own; a MALLOC_MMAP_MAX_ in the environment is left in charge.
