@@ -216,7 +216,7 @@ if __name__ == "__main__":
         print(f"run {i + 1}/{args.runs} done", flush=True)
     table = {}
     if args.floor:
-        keep_freed_memory()  # the allocator setting our scripts use on CPU, so that the floor stays a floor
+        keep_freed_memory(torch.device("cpu"))  # our scripts' allocator setting on CPU: the floor stays a floor
         plain_pytorch_floor(args)  # warm-up
         floors = [plain_pytorch_floor(args) for _ in range(args.runs)]
         floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
