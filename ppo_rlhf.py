@@ -1066,7 +1066,8 @@ if __name__ == "__main__":
         # 8. PPO update: num_ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch. Under
         #    torchrun each process updates on its own episodes and DDP/FSDP2 average the gradients
         policy_w.train()
-        stats = {k: [] for k in ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy"]}
+        stats = {k: [] for k in ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy",
+                                 "grad_norm"]}
         for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(args.rollout_batch_size, device=device) if epoch > 0 else torch.arange(
                 args.rollout_batch_size, device=device)  # epoch 0 in rollout order: the first step must give ratio 1
@@ -1098,7 +1099,8 @@ if __name__ == "__main__":
                         stats["vf_clipfrac"].append(vf_clipfrac)
                         stats["ratio"].append(ratio[mb_mask.bool()])
                         stats["entropy"].append(entropy_bonus.detach())
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # the norm before clipping
+                stats["grad_norm"].append(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1124,6 +1126,7 @@ if __name__ == "__main__":
             "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
             "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
             "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
+            "loss/grad_norm_avg": torch.stack(stats["grad_norm"]).mean(),
             "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(), "val/ratio": ratios.mean(),
             "val/first_ratio_max_dev": first_ratio_dev,
             "val/ratio_var": ratios.var() if ratios.numel() > 1 else 0.0,  # one valid token: no variance to measure

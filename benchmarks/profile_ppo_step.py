@@ -8,7 +8,9 @@ What the update of ppo_rlhf.py does per micro-batch, in four variants, alternate
   script before the head was moved; kept here only as the baseline).
 - `response head`: `ppo_rlhf.forward` as it is, the head applied only where a response token is predicted.
 - each with the separate value model (the default) and without it (what the value model's backbone costs).
-Prints the median step time of each and, with --profile, the top ops of one step of each head variant.
+Prints the median step time of each, split into forward+backward, gradient clipping and the AdamW step; with
+--profile, the top ops of one step of each head variant; with --norms, what a cheaper gradient norm would save;
+with --generation, the top ops of sampling.
 """
 
 import json
@@ -23,8 +25,8 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import encode_prompt  # noqa: E402
-from ppo_rlhf import disable_dropout, forward, layout, logprobs_and_entropy, masked_mean, pad  # noqa: E402
+from common import encode_prompt, sample  # noqa: E402
+from ppo_rlhf import disable_dropout, forward, keep_freed_memory, layout, logprobs_and_entropy, masked_mean, pad  # noqa: E402
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Args:
     steps: int = 5
     """timed steps per variant (after one warm-up step each)"""
     profile: bool = False
+    norms: bool = False
+    """also time the gradient norm of one step as clip_grad_norm_ computes it against a dot product per tensor"""
+    generation: bool = False
+    """also profile the rollout's sampling (common.sample) of --response-length tokens for the micro-batch's prompts"""
 
 
 def full_head_forward(policy, value_net, batch_layout, responses, temperature):
@@ -54,6 +60,7 @@ def full_head_forward(policy, value_net, batch_layout, responses, temperature):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    keep_freed_memory(torch.device("cpu"))  # as every stage does on CPU (MALLOC_MMAP_MAX_=65536 leaves glibc's defaults)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     policy = AutoModelForCausalLM.from_pretrained(args.policy)
@@ -67,14 +74,21 @@ if __name__ == "__main__":
     batch_layout = layout(torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1), queries.shape[1], True)
     optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-7, fused=True)
 
-    def step(fn, with_value):
+    params = list(policy.parameters()) + list(value.parameters())
+
+    def step(fn, with_value):  # -> seconds of forward+backward, of gradient clipping, of the AdamW step
+        t0 = time.perf_counter()
         logprobs, _, values = (fn(policy, value if with_value else None, batch_layout, responses, 0.7)
                                if fn is full_head_forward else
                                fn(policy, value, batch_layout, responses, 0.7, with_values=with_value, entropy_grad=False))
         loss = -masked_mean(logprobs, mask.float()) + (masked_mean(values ** 2, mask.float()) if with_value else 0)
         loss.backward()
+        t1 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as ppo_rlhf.py: the norm is over every parameter with a gradient
+        t2 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     variants = {"full head, policy + value": (full_head_forward, True), "response head, policy + value": (forward, True),
                 "full head, policy only": (full_head_forward, False), "response head, policy only": (forward, False)}
@@ -83,14 +97,14 @@ if __name__ == "__main__":
         step(fn, with_value)  # warm-up
     for _ in range(args.steps):  # alternated, so drift hits every variant alike
         for name, (fn, with_value) in variants.items():
-            t0 = time.perf_counter()
-            step(fn, with_value)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(step(fn, with_value))
     tokens = int(batch_layout[0]["input_ids"].numel())
     print(f"{args.policy}: {args.micro_batch_size} sequences, {tokens} packed tokens, {responses.numel()} response "
-          f"tokens; median of {args.steps} steps (forward, backward, fused AdamW)")
+          f"tokens; median of {args.steps} steps (forward+backward, clip, fused AdamW), seconds")
     for name, ts in times.items():
-        print(f"  {name:<32} {statistics.median(ts):.3f} s   ({', '.join(f'{t:.3f}' for t in ts)})")
+        parts = [statistics.median(t[i] for t in ts) for i in range(3)]
+        print(f"  {name:<32} {statistics.median(sum(t) for t in ts):.3f}   (" + ", ".join(f"{p:.3f}" for p in parts)
+              + f")   steps: {', '.join(f'{sum(t):.3f}' for t in ts)}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -98,3 +112,25 @@ if __name__ == "__main__":
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(*variants[name])
             print(f"\n{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    if args.norms:  # the gradients of one policy + value step, kept
+        logprobs, _, values = forward(policy, value, batch_layout, responses, 0.7, entropy_grad=False)
+        (-masked_mean(logprobs, mask.float()) + masked_mean(values ** 2, mask.float())).backward()
+        grads = [p.grad for p in params]
+        norms = {"clip_grad_norm_ (vector_norm per tensor)": lambda: torch.nn.utils.get_total_norm(grads),
+                 "dot product per tensor": lambda: torch.stack([g.view(-1).dot(g.view(-1)) for g in grads]).sum().sqrt(),
+                 "in float64": lambda: torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt()}
+        for name, norm in norms.items():
+            seconds = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                value_of_norm = norm().item()
+                seconds.append(time.perf_counter() - t0)
+            print(f"  {name:<42} {statistics.median(seconds) * 1e3:6.1f} ms   norm {value_of_norm:.6f}")
+    if args.generation:  # no end token, so that every response runs the full length
+        from torch.profiler import ProfilerActivity, profile
+
+        policy.eval()
+        sample(policy, queries, query_mask, args.response_length, 0.7, -1, tokenizer.pad_token_id)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sample(policy, queries, query_mask, args.response_length, 0.7, -1, tokenizer.pad_token_id)
+        print("\nsampling:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))

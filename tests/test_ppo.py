@@ -209,12 +209,16 @@ def test_missing_eos_penalty_through_the_script(task_dir, sft_dir, tmp_path):
 
 
 def test_one_valid_token_keeps_metrics_finite(task_dir, sft_dir, tmp_path):
-    """One episode of one token: the ratio's variance is undefined and must not stop the run. No evaluation."""
+    """One episode of one token: the ratio's variance is undefined and must not stop the run. No evaluation. The
+    gradient norm is logged as it was before clipping (here far above --max-grad-norm)."""
     run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "1",
                                         "--rollout-batch-size", "1", "--num-mini-batches", "1", "--num-ppo-epochs", "1",
                                         "--response-length", "1", "--reward-fn", "reward_functions.py:positivity",
-                                        "--value-model", "shared", "--num-eval-prompts", "0"), cwd=tmp_path)
+                                        "--value-model", "shared", "--num-eval-prompts", "0",
+                                        "--max-grad-norm", "1e-6"), cwd=tmp_path)
     assert read_metrics(tmp_path, "val/ratio_var") == [(1, 0.0)]
+    (_, grad_norm), = read_metrics(tmp_path, "loss/grad_norm_avg")
+    assert 1e-3 < grad_norm < float("inf")
     assert read_metrics(tmp_path, "eval/scores") == []
 
 
