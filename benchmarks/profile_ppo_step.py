@@ -10,7 +10,7 @@ What the update of ppo_rlhf.py does per micro-batch, in four variants, alternate
 - each with the separate value model (the default) and without it (what the value model's backbone costs).
 Prints the median step time of each, split into forward+backward, gradient clipping and the AdamW step; with
 --profile, the top ops of one step of each head variant; with --norms, what a cheaper gradient norm would save;
-with --generation, the top ops of sampling.
+with --generation, the top ops of sampling, and sampling's time with a KV cache that does not concatenate.
 """
 
 import json
@@ -43,7 +43,8 @@ class Args:
     norms: bool = False
     """also time the gradient norm of one step as clip_grad_norm_ computes it against a dot product per tensor"""
     generation: bool = False
-    """also profile the rollout's sampling (common.sample) of --response-length tokens for the micro-batch's prompts"""
+    """also time and profile the rollout's sampling (common.sample) of --response-length tokens for the
+    micro-batch's prompts, and time it with a KV cache that writes into a doubling buffer"""
 
 
 def full_head_forward(policy, value_net, batch_layout, responses, temperature):
@@ -128,9 +129,55 @@ if __name__ == "__main__":
             print(f"  {name:<42} {statistics.median(seconds) * 1e3:6.1f} ms   norm {value_of_norm:.6f}")
     if args.generation:  # no end token, so that every response runs the full length
         from torch.profiler import ProfilerActivity, profile
+        from transformers import DynamicCache, GenerationConfig
+        from transformers.cache_utils import DynamicLayer
+
+        class DoublingLayer(DynamicLayer):
+            """A KV cache layer that writes each token into a buffer which doubles when full, where DynamicLayer
+            concatenates (a copy of the whole cache per token)."""
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                    self.room = None
+                length, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+                if self.room is None or end > self.room[0].shape[-2]:
+                    room = [x.new_empty(*x.shape[:-2], 2 * end, x.shape[-1]) for x in (key_states, value_states)]
+                    for new, old in zip(room, (self.keys, self.values)):
+                        new[..., :length, :] = old if length else 0
+                    self.room = room
+                for buffer, x in zip(self.room, (key_states, value_states)):
+                    buffer[..., length:end, :] = x
+                self.keys, self.values = (buffer[..., :end, :] for buffer in self.room)
+                return self.keys, self.values
+
+        def generate(doubling: bool):  # what common.sample asks of generate(), with one cache or the other
+            cache = DynamicCache(config=policy.config)
+            if doubling:
+                cache.layers = [DoublingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+            torch.manual_seed(0)
+            with torch.no_grad():
+                return policy.generate(input_ids=queries, attention_mask=query_mask, past_key_values=cache,
+                                       generation_config=GenerationConfig(
+                                           do_sample=True, temperature=0.7, top_k=0, top_p=1.0, eos_token_id=-1,
+                                           max_new_tokens=args.response_length, pad_token_id=tokenizer.pad_token_id,
+                                           return_dict_in_generate=True, output_logits=True))
 
         policy.eval()
-        sample(policy, queries, query_mask, args.response_length, 0.7, -1, tokenizer.pad_token_id)  # warm-up
+        policy.generation_config = GenerationConfig()
+        concatenated, doubled = generate(False), generate(True)
+        print(f"\nsampling {tuple(queries.shape)} queries, {args.response_length} tokens: the doubling cache gives the "
+              f"same tokens: {torch.equal(concatenated.sequences, doubled.sequences)}, largest logit difference "
+              f"{max((a - b).abs().max().item() for a, b in zip(concatenated.logits, doubled.logits))}")
+        times = {False: [], True: []}
+        for _ in range(args.steps):
+            for doubling in times:
+                t0 = time.perf_counter()
+                generate(doubling)
+                times[doubling].append(time.perf_counter() - t0)
+        for doubling, ts in times.items():
+            print(f"  {'doubling cache' if doubling else 'DynamicCache (concatenates)':<28} "
+                  f"{statistics.median(ts):.3f} s   ({', '.join(f'{t:.3f}' for t in ts)})")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             sample(policy, queries, query_mask, args.response_length, 0.7, -1, tokenizer.pad_token_id)
-        print("\nsampling:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+        print("common.sample:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
