@@ -4,6 +4,7 @@ user's (no reviews_task.py beside them, no VADER importable) and save a model th
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,3 +92,13 @@ def test_copied_helpers_stay_identical(name):
     sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf, dpo, label)
                if hasattr(module, name)}
     assert len(sources) == 1
+
+
+def test_readme_file_map_counts_lines_right():
+    """The README's file map tells a reader how long each script is; the counts follow the files."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        counted = dict(re.findall(r"^\| `([\w.]+\.py)` \| (\d+) \|", f.read(), flags=re.M))
+    assert {"common.py", "sft.py", "reward_model.py", "ppo_rlhf.py", "dpo.py"} <= set(counted)
+    for name, lines in counted.items():
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            assert sum(1 for _ in f) == int(lines), name
