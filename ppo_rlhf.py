@@ -1066,8 +1066,7 @@ if __name__ == "__main__":
         # 8. PPO update: num_ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch. Under
         #    torchrun each process updates on its own episodes and DDP/FSDP2 average the gradients
         policy_w.train()
-        stats = {k: [] for k in ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy",
-                                 "grad_norm"]}
+        stats = {k: [] for k in ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy", "grad_norm"]}
         for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(args.rollout_batch_size, device=device) if epoch > 0 else torch.arange(
                 args.rollout_batch_size, device=device)  # epoch 0 in rollout order: the first step must give ratio 1
