@@ -15,17 +15,28 @@ class DataError(ValueError):
 FIELDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _text(value, where: str, field: str):
-    """A field is a non-empty string or a non-empty list of {"role", "content"} messages."""
+    """A field is a non-empty string or a non-empty list of {"role", "content"} messages with non-blank text."""
     if isinstance(value, str):
         if value.strip():
             return value
         raise DataError(f"{where}: field '{field}' is an empty string")
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
-        return value
-    raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{role, content}} messages, "
-                    f"got {type(value).__name__}")
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{role, content}} messages, "
+                        f"got {'null' if value is None else type(value).__name__}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{field}', message {i} must be a {{role, content}} object")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: field '{field}', message {i}: role {m.get('role')!r} is not one of {ROLES}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            got = m.get("content")
+            raise DataError(f"{where}: field '{field}', message {i}: content must be a non-empty string, got "
+                            + ("blank text" if isinstance(got, str) else "null" if got is None else type(got).__name__))
+    return value
 
 
 def _split(messages: list, where: str, field: str) -> tuple[list, list]:
@@ -44,16 +55,25 @@ def read_jsonl(path: str, kind: str, errors: list | None = None) -> list[dict]:
     is a DataError naming file, line and field; with an `errors` list, bad lines go there and are skipped."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is skipped
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, not a JSONL file")
+    records, offset = [], 0
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise DataError(f"{path}: gzip-compressed; decompress it first (gunzip)")
+        f.seek(0)
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: a byte-order mark is skipped
+                if line.strip():
                     records.append(_parse(line, kind, f"{path}, line {lineno}") | {"line": lineno})
-                except DataError as e:
-                    if errors is None:
-                        raise
-                    errors.append(str(e))
+            except (DataError, UnicodeDecodeError) as e:
+                if isinstance(e, UnicodeDecodeError):
+                    e = DataError(f"{path}, line {lineno}: not UTF-8 text (byte {offset + e.start} of the file)")
+                if errors is None:
+                    raise e from None
+                errors.append(str(e))
+            offset += len(raw)
     if not records:
         raise DataError(f"{path}: the file has no records" + (f" ({len(errors)} bad lines skipped)" if errors else ""))
     return records
@@ -76,6 +96,9 @@ def _parse(line: str, kind: str, where: str) -> dict:
         rejected = _text(row.get("rejected"), where, "rejected")
         if rejected[: len(row["prompt"])] != row["prompt"]:
             raise DataError(f"{where}: conversations 'chosen' and 'rejected' must share the same prompt turns")
+        if len(rejected) != len(row["prompt"]) + 1:
+            raise DataError(f"{where}: conversation 'rejected' must be the prompt turns and one assistant turn, got "
+                            f"{len(rejected) - len(row['prompt'])} turns after the prompt")
         row["rejected"] = _split(rejected, where, "rejected")[1]
     for field in FIELDS[kind]:
         if field not in row:
@@ -129,7 +152,10 @@ def encode_prompt(tokenizer, prompt, max_length: int) -> tuple[list[int] | None,
     def encode(messages):  # rendered chat text holds its special tokens already: only plain text gets a BOS added
         if tokenizer.chat_template is None:
             return tokenizer(prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt))["input_ids"]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError: e.g. a template without a system role
+            raise DataError(f"the model's chat template refuses a conversation ({e}): {str(messages)[:200]}") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     ids = encode(chat)

@@ -86,10 +86,12 @@ def load_function(spec: str):
 
 
 def show(value) -> str:
-    """A prompt or response for the terminal: text as it is, a conversation as its turns."""
+    """A prompt or response for the terminal: text as it is, a conversation as its turns. Control characters (escape
+    sequences, carriage returns, backspaces) are shown escaped, never sent raw: a raw one could rewrite what the
+    labeller sees, so that the text on screen is not the text recorded."""
     if isinstance(value, str):
-        return value
-    return "\n".join(f"  [{m['role']}] {m['content']}" for m in value)
+        return "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in value)
+    return "\n".join(f"  [{show(m['role'])}] {show(m['content'])}" for m in value)
 
 
 def key(prompt) -> str:

@@ -16,15 +16,20 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
 
 import contextlib
 import ctypes
+import errno
 import importlib
 import importlib.util
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -182,11 +188,12 @@ def token_nll_sum(model, batch: dict):
 
 
 @torch.no_grad()
-def sample_texts(model, tokenizer, prompts, max_new_tokens: int, device, temperature: float = 1.0):
-    """Sample completions for prompt strings/conversations (left-padded; pure sampling, `common.sample`).
+def sample_texts(model, tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, device, temperature: float = 1.0):
+    """Sample completions for prompt strings/conversations, cut as in training (left-padded; pure sampling,
+    `common.sample`).
     Returns (texts, ended): ended[i] says whether completion i stopped with the end token within the budget."""
     end_id = end_token_id(tokenizer)
-    ids = [encode_prompt(tokenizer, p, 10**6)[0] for p in prompts]
+    ids = [encode_prompt(tokenizer, p, max_prompt_length)[0] for p in prompts]
     input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, side="left")
     out = sample(model, input_ids.to(device), attention_mask.to(device), max_new_tokens, temperature, end_id,
                  tokenizer.pad_token_id)
@@ -196,6 +203,208 @@ def sample_texts(model, tokenizer, prompts, max_new_tokens: int, device, tempera
         texts.append(tokenizer.decode(r[:n], skip_special_tokens=True))
         ended.append(n < len(r))
     return texts, ended
+
+
+def main(args: Args) -> None:
+    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
+    keep_freed_memory(device)  # CPU only
+    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    # --bf16: the weights and AdamW's state stay fp32 (bf16 cannot hold the small updates of lr ~1e-5), the forward
+    # and backward run in bf16 under autocast (FSDP2 instead gathers bf16 copies of the fp32 shards)
+    fsdp = world_size > 1 and args.strategy == "fsdp"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
+    embedded = args.dataset == f"{TASK_DATA}/sft_train.jsonl"  # the embedded task's own data
+    if rank == 0 and ((embedded and not os.path.exists(args.dataset)) or (args.model_name_or_path == TINY_MODEL and
+                                                                         not os.path.isdir(TINY_MODEL))):
+        load_function("reviews_task.py:ensure_tiny_model")()  # writes the task's files too; deterministic
+    claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
+    if world_size > 1:
+        dist.barrier()  # the files are written
+    if args.eval_dataset == "auto":
+        args.eval_dataset = f"{TASK_DATA}/sft_eval.jsonl" if embedded else "none"
+    if args.eval_reward_fn == "auto":
+        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
+
+    # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+    load_from = ckpt_dir if resuming else args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(load_from, trust_remote_code=args.trust_remote_code,
+                                                 dtype=torch.float32).to(device)
+    setup_tokenizer(tokenizer, model)
+    check_room(args.output_dir, model)
+    if args.learning_rate is None:
+        tiny = getattr(model.config, "embedded_tiny_model", False)
+        args.learning_rate = 2e-3 if tiny else 1e-5
+        why = "the embedded tiny model, learning from scratch" if tiny else "a pretrained model"
+        print(f"learning rate {args.learning_rate:g} ({why}; --learning-rate to change)")
+    if args.padding_free and not packing_works(model):
+        print("warning: this model lets packed examples attend to each other; padding instead (--no-padding-free)")
+        args.padding_free = False
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model_w = distribute([model], args.strategy, args.bf16)  # every training pass runs as model_w(fn, ...) = fn(model, ...)
+
+    # 2. data: tokenize once; prompt and completion separately, the end token appended
+    try:
+        train_records = read_jsonl(args.dataset, "sft")
+        eval_records = read_jsonl(args.eval_dataset, "sft") if args.eval_dataset != "none" else []
+    except DataError as e:  # a clear message naming file, line and field, not a traceback
+        raise SystemExit(f"error: {e}")
+    train, cut, skipped = encode(train_records, tokenizer, args)
+    evals = encode(eval_records, tokenizer, args)[0]
+    print(f"{len(train)} training examples ({cut} prompts cut from the left, {skipped} skipped), "
+          + (f"{len(evals)} held out" if eval_records else "no held-out set (--eval-dataset FILE to add one)"))
+    if not train:
+        raise SystemExit(f"{args.dataset}: no example left to train on")
+    if len(train) < world_size:
+        raise SystemExit(f"{args.dataset}: {len(train)} examples cannot be shared by {world_size} processes")
+    if len(train) < args.per_device_train_batch_size * world_size:
+        print(f"only {len(train)} examples: --per-device-train-batch-size {args.per_device_train_batch_size} -> "
+              f"{len(train) // world_size}")
+        args.per_device_train_batch_size = len(train) // world_size
+    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    print(f"global batch: {args.per_device_train_batch_size} examples x {args.gradient_accumulation_steps} micro-batches "
+          f"x {world_size} process(es) = {args.batch_size} per optimizer step")
+    batches_per_epoch = len(train) // (args.per_device_train_batch_size * world_size)  # global micro-batches
+    num_steps = args.max_steps if args.max_steps > 0 else max(
+        1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
+    warmup_steps = int(args.warmup_ratio * num_steps)
+
+    def micro_batch(i: int):
+        """This process's share of the run's i-th global micro-batch: epoch e is a permutation seeded by (seed, e), the
+        same in every process, so the processes split each batch between them and a resumed run replays it."""
+        epoch, j = divmod(i, batches_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
+        first = (j * world_size + rank) * args.per_device_train_batch_size
+        chosen = order[first: first + args.per_device_train_batch_size]
+        batch = collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt, args.padding_free)
+        return {name: t.to(device) for name, t in batch.items()}
+
+    # 3. optimizer and schedule: linear warm-up, then cosine or linear decay to 0 (or constant)
+    optimizer = torch.optim.AdamW(model_w.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress,
+                "constant": 1.0}[args.lr_scheduler]
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    start_step = 0
+    if resuming:
+        state = load_state(ckpt_dir, model_w, optimizer)  # also restores the optimizer and the random generators
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, args.run_name = state["step"], state["run_name"]
+        print(f"resuming {ckpt_dir} at step {start_step}")
+    elif world_size > 1:
+        torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
+    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project, state if resuming else None)
+    # prompts to sample from: held-out ones, or training ones when there is no held-out set
+    sample_prompts = [r["prompt"] for r in (eval_records or train_records)[: max(args.num_samples, args.num_eval_generations)]
+                      if encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0] is not None]
+
+    @torch.no_grad()
+    def evaluate(step: int) -> None:
+        """Held-out loss and a few samples; every process runs it (FSDP2 needs all of them in each forward)."""
+        model_w.eval()
+        if evals:
+            nll, n = 0.0, 0
+            for k in range(0, len(evals), args.per_device_train_batch_size):
+                batch = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
+                                args.train_on_prompt, args.padding_free)
+                with autocast():
+                    nll += model_w(token_nll_sum, {name: t.to(device) for name, t in batch.items()}).item()
+                n += (batch["labels"][:, 1:] != -100).sum().item()
+            metrics.log(step, {"eval/sft/loss": nll / n})
+            tqdm.write(f"step {step}: eval loss {nll / n:.4f}")
+        prompts = sample_prompts[: args.num_samples]
+        with autocast(), gathered(model_w) as generator:
+            texts, _ = generator(sample_texts, tokenizer, prompts, args.max_prompt_length, args.max_completion_length,
+                                 device) if prompts else ([], [])
+        shown = [tokenizer.decode(encode_prompt(tokenizer, p, args.max_prompt_length)[0]) for p in prompts]  # as seen
+        table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(shown, texts))
+        metrics.log(step, samples=table)
+        tqdm.write(table)
+        model_w.train()
+
+    # 4. training loop
+    if start_step == 0:
+        evaluate(0)
+    model_w.train()
+    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft",
+                    disable=rank != 0 or None)  # None: on in a terminal, off in a log file
+    step_end = time.perf_counter()
+    signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the step, then exit
+    for step in progress:
+        micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
+        # completion tokens in the whole batch, all processes
+        num_tokens = all_reduce(sum((batch["labels"][:, 1:] != -100).sum() for batch in micro))
+        loss = torch.zeros((), device=device)
+        for m, batch in enumerate(micro):
+            sync_gradients(model_w, m == len(micro) - 1)
+            with autocast():
+                mb_loss = model_w(token_nll_sum, batch) / num_tokens
+            # DDP and FSDP2 average gradients over the processes; times world_size, they sum them, which with the
+            # global token count above gives the gradient of one batch of every process's examples
+            (mb_loss * world_size).backward()
+            loss += mb_loss.detach()
+        loss = all_reduce(loss).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model_w.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        stop_if_not_finite(step + 1, args.output_dir, loss=loss, grad_norm=grad_norm.item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
+        progress.set_postfix(loss=f"{loss:.3f}")
+        metrics.log(step + 1, {"train/sft/loss": loss, "train/sft/grad_norm": grad_norm.item(), "time/step": step_seconds,
+                               "charts/lr": scheduler.get_last_lr()[0], "train/sft/tokens": num_tokens.item()})
+        if (step + 1) % args.eval_steps == 0 or step + 1 == num_steps:
+            evaluate(step + 1)
+        stop = signals.requested(device) and step + 1 < num_steps
+        if ((step + 1) % args.save_steps == 0 and step + 1 < num_steps) or stop:
+            state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": args.run_name,
+                     "log_bytes": metrics.position()}
+            save_model(ckpt_dir, tokenizer, args, ("", model), training=(state, model_w, optimizer))
+        if stop:
+            signals.stop(ckpt_dir, step + 1)
+    signals.restore()
+
+    # 5. save first (atomically; replacing the output folder also removes the resumable checkpoint inside it), so
+    #    nothing that follows can cost the trained model
+    save_model(args.output_dir, tokenizer, args, ("", model))
+    print(f"saved to {args.output_dir}")
+
+    # 6. final check: sample prompts at temperature 1; does each completion end (end token) within the budget?
+    #    Every process samples the same prompts with its own random draws; the figures are their means.
+    model_w.eval()
+    prompts = sample_prompts[: args.num_eval_generations]
+    texts, ended = [], []
+    for k in range(0, len(prompts), 64):
+        with autocast(), gathered(model_w) as generator:
+            t, e = generator(sample_texts, tokenizer, prompts[k: k + 64], args.max_prompt_length,
+                             args.max_completion_length, device)
+        texts, ended = texts + t, ended + e
+    final = {"eval/sft/eos_rate": sum(ended) / len(ended)} if prompts else {}  # --num-eval-generations 0 skips it
+    if args.eval_reward_fn and prompts:
+        judge = load_function(args.eval_reward_fn)
+        gold = torch.tensor([judge(p, t) for p, t in zip(prompts, texts)])
+        final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),
+                  "eval/sft/gold_negative_frac": (gold < -0.3).float().mean()}
+    final = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), "mean")
+             for k, v in final.items()}
+    metrics.log(num_steps, final)
+    print(("" if eval_records else "on training prompts: ") + "  ".join(f"{k} {v:.3f}" for k, v in final.items()))
+    metrics.close()
+    print(f"logs in runs/{args.run_name}")
+    if world_size > 1:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,87 +487,274 @@ def load_function(spec: str):
     return getattr(module, name)
 
 
-def save_model(out_dir: str, tokenizer, args, *models) -> None:
-    """Hugging Face folders written to `out_dir.tmp` and then swapped in, so a crash keeps the old folder. `models` are
-    (name, model) pairs: a subfolder ("" for the top) for a Hugging Face model, a file name for a plain module (its
-    weights as safetensors); `args` goes to args.json beside them. Under torchrun every process hands over its shards
-    and rank 0 writes."""
-    states = [full_state_dict(model) for _, model in models]
+def claim_output_dir(out_dir: str, resume: bool) -> None:
+    """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock
+    `out_dir` against a second run (a `.lock` file beside it, held with flock until this process ends, so a killed
+    run's lock is free again), and check that a save can be written beside it. Under torchrun, rank 0 does it."""
     if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()  # rank 0 is writing
         return
-    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for (name, model), state in zip(models, states):
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(os.path.join(tmp, name), state_dict=state)
-        else:
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, name))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, default=str)
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    out_dir = out_dir.rstrip("/")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if getattr(claim_output_dir, "held", None) is not None:  # a previous main() in this process
+            claim_output_dir.held.close()
+        lock = open(out_dir + ".lock", "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
+    with contextlib.suppress(ImportError):  # fcntl: not on Windows
+        import fcntl
+
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it to end, or "
+                             "choose another --output-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+               f"{' '.join(sys.argv)[:200]}\n")
+    lock.flush()
+    claim_output_dir.held = lock  # held open, so locked, while the process lives
+    for folder in (out_dir, os.path.join(out_dir, "checkpoint")):
+        tmp, old = folder + ".tmp", folder + ".old"
+        if not os.path.exists(folder) and os.path.exists(old):  # killed between the two renames of a save
+            if os.path.exists(os.path.join(tmp, "args.json")):  # written last: the new save is whole
+                os.replace(tmp, folder)
+                print(f"{folder}: a save was interrupted after it was written; it is now in place")
+            else:
+                os.replace(old, folder)
+                print(f"{folder}: a save was interrupted; the previous one is back in place")
+        for leftover in (tmp, old):
+            if os.path.exists(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+                print(f"removed {leftover}, left by an interrupted save")
+    if resume and os.path.isdir(os.path.join(out_dir, "checkpoint")) and not all(
+            os.path.exists(os.path.join(out_dir, "checkpoint", f)) for f in ("args.json", "training_state.pt")):
+        raise SystemExit(f"error: {out_dir}/checkpoint is incomplete (a run of an older version was killed while "
+                         "writing it): remove it, or pass --no-resume, to start over")
+    try:
+        with open(os.path.join(parent, f".write_test_{os.getpid()}"), "wb") as f:
+            f.write(b"\0" * 4096)
+        os.remove(f.name)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
 
 
-def save_state(ckpt_dir: str, state: dict, parallel, optimizer) -> None:
-    """Training state beside a checkpoint's weights: the optimizer's through torch.distributed.checkpoint (under FSDP2
-    each process writes its own shard), each process's random generators (CPU, every CUDA device, Python's) so that a
-    resumed run samples what the uninterrupted one would have, and `state` (step, scheduler...), written last and
-    atomically by rank 0: its presence marks a complete checkpoint."""
+def check_room(out_dir: str, *models) -> None:
+    """Stop before training when the disk cannot hold the models' save (fp32 weights as saved); warn when it cannot
+    also hold a checkpoint (the weights and AdamW's two moments)."""
+    need = sum(p.numel() * 4 for model in models for p in model.parameters())
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out_dir.rstrip("/")))).free
+    if free < need:
+        raise SystemExit(f"error: {free / 2**20:.0f} MiB free beside {out_dir}, and the save needs about "
+                         f"{need / 2**20:.0f} MiB: free some space or choose another --output-dir")
+    if free < 4 * need:
+        print(f"warning: {free / 2**20:.0f} MiB free beside {out_dir}; a checkpoint with the model needs about "
+              f"{4 * need / 2**20:.0f} MiB")
+
+
+def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = None) -> None:
+    """Hugging Face folders written whole into `out_dir.tmp`, then swapped in for `out_dir` in one step, so that a kill
+    at any moment leaves the previous folder or the new one, complete. `models` are (name, model) pairs: a subfolder
+    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors). `training` = (state,
+    parallel, optimizer) makes it a resumable checkpoint: the optimizer through torch.distributed.checkpoint (under
+    FSDP2 each process writes its own shard), each process's random generators (so that a resumed run samples what the
+    uninterrupted one would have) and `state` (step, scheduler...). args.json is written last: it marks a whole save.
+    Non-finite weights are never written. Under torchrun every process hands over its shards and rank 0 writes."""
+    states = [full_state_dict(model) for _, model in models]
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dcp.save({"optimizer": get_optimizer_state_dict(parallel, optimizer)}, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(rng, os.path.join(ckpt_dir, f"rng_{rank}.pt"))
+    bad = [k for state in states for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    device = next(models[0][1].parameters()).device
+    if all_reduce(torch.tensor(float(len(bad)), device=device)).item():  # rank 0 holds the gathered weights
+        raise SystemExit(f"error: not saving {out_dir}: non-finite weights ({', '.join(bad[:3])}...), training diverged "
+                         "(a lower --learning-rate?); what was saved before is as it was")
+    out_dir = out_dir.rstrip("/")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for (name, model), state in zip(models, states):
+                if hasattr(model, "save_pretrained"):
+                    model.save_pretrained(os.path.join(tmp, name), state_dict=state)
+                else:
+                    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, name))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        if training is not None:
+            state, parallel, optimizer = training
+            if dist.is_initialized():
+                dist.barrier()  # the folder exists
+            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save({"optimizer": get_optimizer_state_dict(parallel, optimizer)},
+                         checkpoint_id=os.path.join(tmp, "optimizer"))
+            torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                       os.path.join(tmp, f"rng_{rank}.pt"))
+            if dist.is_initialized():
+                dist.barrier()  # every process has written its part
+            if rank == 0:
+                torch.save(state, os.path.join(tmp, "training_state.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+    except (Exception, dcp.CheckpointException) as e:  # a full disk: an OSError, or a library's error after one
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(out_dir))).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        causes = [e, *(cause for cause, _ in getattr(e, "failures", {}).values())]
+        if all(getattr(c, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) for c in causes) and free > 2**20:
+            raise
+        raise SystemExit(f"error: the disk is full: saving {out_dir} failed with {free} bytes free; the partial save "
+                         f"is removed and what was saved before is as it was") from None
+    if rank == 0:
+        exchanged = False
+        if os.path.exists(out_dir):  # Linux: renameat2(RENAME_EXCHANGE) swaps the two folders in one step
+            with contextlib.suppress(OSError, AttributeError):  # elsewhere: two renames, claim_output_dir mends a kill
+                exchanged = ctypes.CDLL(None, use_errno=True).renameat2(-100, tmp.encode(), -100, out_dir.encode(), 2) == 0
+            if not exchanged:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out_dir, old)
+        if exchanged:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous folder, now
+        else:
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        torch.save(state, os.path.join(ckpt_dir, "training_state.pt.tmp"))
-        os.replace(os.path.join(ckpt_dir, "training_state.pt.tmp"), os.path.join(ckpt_dir, "training_state.pt"))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's .metadata is a plain pickle: only the classes it is made of may be loaded."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in {("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                              ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem",
+                                                                       "_StorageInfo")} or (
+                module == "torch.distributed.checkpoint.metadata" and name.isidentifier()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"'{module}.{name}' is not part of a checkpoint")
+
+
+class _CheckedLoadPlanner(DefaultLoadPlanner):
+    """torch.distributed.checkpoint's planner reads non-tensor entries with torch.load(weights_only=False): each is
+    read with weights_only=True first, so anything but tensors and plain types is refused."""
+
+    def load_bytes(self, read_item, value) -> None:
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def load_state(ckpt_dir: str, parallel, optimizer) -> dict:
     """The saved training state (tensors and plain types only), with the optimizer and random generators restored.
-    The checkpoint must come from as many processes as this run has: each one's share of the data depends on it."""
+    No file of the checkpoint is unpickled beyond tensors, plain types and checkpoint metadata. The checkpoint must
+    come from as many processes as this run has: each one's share of the data depends on it."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     written_by = len([f for f in os.listdir(ckpt_dir) if f.startswith("rng_")])
     if written_by != world_size:
         raise SystemExit(f"error: {ckpt_dir} was written by {written_by} process(es), this run has {world_size}: resume "
                          "with as many, or start again with --no-resume")
-    target = {"optimizer": get_optimizer_state_dict(parallel, optimizer)}
-    dcp.load(target, checkpoint_id=os.path.join(ckpt_dir, "optimizer"))
-    set_optimizer_state_dict(parallel, optimizer, target["optimizer"])
-    rng = torch.load(os.path.join(ckpt_dir, f"rng_{rank}.pt"), weights_only=True)
+    try:
+        with open(os.path.join(ckpt_dir, "optimizer", ".metadata"), "rb") as f:
+            _RestrictedUnpickler(f).load()
+        target = {"optimizer": get_optimizer_state_dict(parallel, optimizer)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(target, checkpoint_id=os.path.join(ckpt_dir, "optimizer"), planner=_CheckedLoadPlanner())
+        set_optimizer_state_dict(parallel, optimizer, target["optimizer"])
+        rng = torch.load(os.path.join(ckpt_dir, f"rng_{rank}.pt"), weights_only=True)
+        state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+    except (Exception, dcp.CheckpointException) as e:  # the latter wraps what the planner raised
+        if not isinstance(e, pickle.UnpicklingError) and "UnpicklingError" not in str(e):
+            raise
+        raise SystemExit(f"error: {ckpt_dir} holds more than tensors and plain types: refused, unread (remove it to "
+                         "start over)") from None
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
+    return state
+
+
+class StopSignals:
+    """SIGTERM (a preemption's notice) and Ctrl-C ask the loop to stop at the end of the current step with a checkpoint;
+    a second Ctrl-C stops at once. `requested()` gives every process the same answer."""
+
+    def __init__(self):
+        self.signal = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame) -> None:
+        if self.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signal:
+            print(f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint (Ctrl-C again "
+                  "to stop at once)", file=sys.stderr, flush=True)
+        self.signal = self.signal or signum
+
+    def requested(self, device) -> bool:
+        return all_reduce(torch.tensor(float(self.signal), device=device), "max").item() > 0
+
+    def stop(self, ckpt_dir: str, step: int) -> None:
+        name = signal.Signals(self.signal).name if self.signal else "a signal"
+        print(f"stopped by {name} after step {step}; checkpoint in {ckpt_dir}: run the same command to continue")
+        sys.exit(128 + (self.signal or signal.SIGTERM))
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line():
+    """What a user can fix ends with one line, not a traceback: Ctrl-C outside the training loop (which stops at the end
+    of a step), a DataError found past reading (a chat template refusing a conversation), a model or tokenizer that
+    cannot load (a wrong path, a Hub name offline, an unknown architecture)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    except (OSError, ValueError) as e:
+        if not any(frame.name == "from_pretrained" for frame in traceback.extract_tb(e.__traceback__)):
+            raise
+        raise SystemExit(f"error: cannot load a model or tokenizer: {' '.join(str(e).split())[:400]}") from None
+
+
+def stop_if_not_finite(step: int, output_dir: str, **values: float) -> None:
+    """A loss or gradient norm that is NaN or infinite ends the run before the optimizer steps on it: nothing is saved,
+    the output folder and its last checkpoint stay as they were."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise SystemExit(f"error: step {step}: {', '.join(f'{k} {v}' for k, v in bad.items())}: training diverged "
+                         f"(a lower --learning-rate?); nothing saved: {output_dir} and its last checkpoint are as they were")
 
 
 class Metrics:
     """Scalars and texts to runs/{run_name}/metrics.jsonl (one JSON object per line), TensorBoard when installed, and
     Weights & Biases with --track."""
 
-    def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf"):
+    def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf", resume: dict | None = None):
         self.on = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 logs for all processes
         if not self.on:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
+        if resume and "log_bytes" in resume:  # what was logged after the checkpoint is logged again: drop it
+            self.jsonl.truncate(resume["log_bytes"])
+            self.jsonl.seek(resume["log_bytes"])
         self.tb = self.wandb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(run_dir)
+            self.tb = SummaryWriter(run_dir, purge_step=resume["step"] + 1 if resume else None)
         except ImportError:
             print("tensorboard is not installed: logging to metrics.jsonl only")
         if track:
@@ -369,7 +765,7 @@ class Metrics:
     def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
         if not self.on:
             return
-        row = {k: float(v) for k, v in (scalars or {}).items()} | texts
+        row = {k: float(v) for k, v in (scalars or {}).items()} | {k: v[:100_000] for k, v in texts.items()}
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
         self.jsonl.flush()
         for k, v in row.items():
@@ -377,6 +773,10 @@ class Metrics:
                 (self.tb.add_text if isinstance(v, str) else self.tb.add_scalar)(k, v, step)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+
+    def position(self) -> int:
+        """Bytes of metrics.jsonl written so far: a checkpoint keeps it, a resumed run cuts the file back to it."""
+        return self.jsonl.tell() if self.on else 0
 
     def close(self) -> None:
         if not self.on:
@@ -411,6 +811,8 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world_size > 1 else device)
     if world_size == 1:
         return 0, 1, device
+    with contextlib.suppress(OSError, AttributeError):  # Linux: when the launcher dies, even by SIGKILL, its workers
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # get a SIGTERM (PR_SET_PDEATHSIG) instead of running on
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -504,192 +906,5 @@ def full_state_dict(model) -> dict:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
-    keep_freed_memory(device)  # CPU only
-    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    # --bf16: the weights and AdamW's state stay fp32 (bf16 cannot hold the small updates of lr ~1e-5), the forward
-    # and backward run in bf16 under autocast (FSDP2 instead gathers bf16 copies of the fp32 shards)
-    fsdp = world_size > 1 and args.strategy == "fsdp"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
-    embedded = args.dataset == f"{TASK_DATA}/sft_train.jsonl"  # the embedded task's own data
-    if rank == 0 and ((embedded and not os.path.exists(args.dataset)) or (args.model_name_or_path == TINY_MODEL and
-                                                                         not os.path.isdir(TINY_MODEL))):
-        load_function("reviews_task.py:ensure_tiny_model")()  # writes the task's files too; deterministic
-    if world_size > 1:
-        dist.barrier()  # the files are written
-    if args.eval_dataset == "auto":
-        args.eval_dataset = f"{TASK_DATA}/sft_eval.jsonl" if embedded else "none"
-    if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
-
-    # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
-    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
-    load_from = ckpt_dir if resuming else args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(load_from, trust_remote_code=args.trust_remote_code,
-                                                 dtype=torch.float32).to(device)
-    setup_tokenizer(tokenizer, model)
-    if args.learning_rate is None:
-        tiny = getattr(model.config, "embedded_tiny_model", False)
-        args.learning_rate = 2e-3 if tiny else 1e-5
-        why = "the embedded tiny model, learning from scratch" if tiny else "a pretrained model"
-        print(f"learning rate {args.learning_rate:g} ({why}; --learning-rate to change)")
-    if args.padding_free and not packing_works(model):
-        print("warning: this model lets packed examples attend to each other; padding instead (--no-padding-free)")
-        args.padding_free = False
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model_w = distribute([model], args.strategy, args.bf16)  # every training pass runs as model_w(fn, ...) = fn(model, ...)
-
-    # 2. data: tokenize once; prompt and completion separately, the end token appended
-    try:
-        train_records = read_jsonl(args.dataset, "sft")
-        eval_records = read_jsonl(args.eval_dataset, "sft") if args.eval_dataset != "none" else []
-    except DataError as e:  # a clear message naming file, line and field, not a traceback
-        raise SystemExit(f"error: {e}")
-    train, cut, skipped = encode(train_records, tokenizer, args)
-    evals = encode(eval_records, tokenizer, args)[0]
-    print(f"{len(train)} training examples ({cut} prompts cut from the left, {skipped} skipped), "
-          + (f"{len(evals)} held out" if eval_records else "no held-out set (--eval-dataset FILE to add one)"))
-    if not train:
-        raise SystemExit(f"{args.dataset}: no example left to train on")
-    if len(train) < world_size:
-        raise SystemExit(f"{args.dataset}: {len(train)} examples cannot be shared by {world_size} processes")
-    if len(train) < args.per_device_train_batch_size * world_size:
-        print(f"only {len(train)} examples: --per-device-train-batch-size {args.per_device_train_batch_size} -> "
-              f"{len(train) // world_size}")
-        args.per_device_train_batch_size = len(train) // world_size
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    print(f"global batch: {args.per_device_train_batch_size} examples x {args.gradient_accumulation_steps} micro-batches "
-          f"x {world_size} process(es) = {args.batch_size} per optimizer step")
-    batches_per_epoch = len(train) // (args.per_device_train_batch_size * world_size)  # global micro-batches
-    num_steps = args.max_steps if args.max_steps > 0 else max(
-        1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
-    warmup_steps = int(args.warmup_ratio * num_steps)
-
-    def micro_batch(i: int):
-        """This process's share of the run's i-th global micro-batch: epoch e is a permutation seeded by (seed, e), the
-        same in every process, so the processes split each batch between them and a resumed run replays it."""
-        epoch, j = divmod(i, batches_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        first = (j * world_size + rank) * args.per_device_train_batch_size
-        chosen = order[first: first + args.per_device_train_batch_size]
-        batch = collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt, args.padding_free)
-        return {name: t.to(device) for name, t in batch.items()}
-
-    # 3. optimizer and schedule: linear warm-up, then cosine or linear decay to 0 (or constant)
-    optimizer = torch.optim.AdamW(model_w.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress,
-                "constant": 1.0}[args.lr_scheduler]
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    start_step = 0
-    if resuming:
-        state = load_state(ckpt_dir, model_w, optimizer)  # also restores the optimizer and the random generators
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, args.run_name = state["step"], state["run_name"]
-        print(f"resuming {ckpt_dir} at step {start_step}")
-    elif world_size > 1:
-        torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
-    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project)
-    # prompts to sample from: held-out ones, or training ones when there is no held-out set
-    sample_prompts = [r["prompt"] for r in (eval_records or train_records)]
-
-    @torch.no_grad()
-    def evaluate(step: int) -> None:
-        """Held-out loss and a few samples; every process runs it (FSDP2 needs all of them in each forward)."""
-        model_w.eval()
-        if evals:
-            nll, n = 0.0, 0
-            for k in range(0, len(evals), args.per_device_train_batch_size):
-                batch = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
-                                args.train_on_prompt, args.padding_free)
-                with autocast():
-                    nll += model_w(token_nll_sum, {name: t.to(device) for name, t in batch.items()}).item()
-                n += (batch["labels"][:, 1:] != -100).sum().item()
-            metrics.log(step, {"eval/sft/loss": nll / n})
-            tqdm.write(f"step {step}: eval loss {nll / n:.4f}")
-        prompts = sample_prompts[: args.num_samples]
-        with autocast(), gathered(model_w) as generator:
-            texts, _ = generator(sample_texts, tokenizer, prompts, args.max_completion_length, device) if prompts else ([], [])
-        shown = [tokenizer.decode(encode_prompt(tokenizer, p, 10**6)[0]) for p in prompts]  # as the model sees it
-        table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(shown, texts))
-        metrics.log(step, samples=table)
-        tqdm.write(table)
-        model_w.train()
-
-    # 4. training loop
-    if start_step == 0:
-        evaluate(0)
-    model_w.train()
-    progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft",
-                    disable=rank != 0 or None)  # None: on in a terminal, off in a log file
-    step_end = time.perf_counter()
-    for step in progress:
-        micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
-        # completion tokens in the whole batch, all processes
-        num_tokens = all_reduce(sum((batch["labels"][:, 1:] != -100).sum() for batch in micro))
-        loss = torch.zeros((), device=device)
-        for m, batch in enumerate(micro):
-            sync_gradients(model_w, m == len(micro) - 1)
-            with autocast():
-                mb_loss = model_w(token_nll_sum, batch) / num_tokens
-            # DDP and FSDP2 average gradients over the processes; times world_size, they sum them, which with the
-            # global token count above gives the gradient of one batch of every process's examples
-            (mb_loss * world_size).backward()
-            loss += mb_loss.detach()
-        loss = all_reduce(loss).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model_w.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
-        progress.set_postfix(loss=f"{loss:.3f}")
-        metrics.log(step + 1, {"train/sft/loss": loss, "train/sft/grad_norm": grad_norm.item(), "time/step": step_seconds,
-                               "charts/lr": scheduler.get_last_lr()[0], "train/sft/tokens": num_tokens.item()})
-        if (step + 1) % args.eval_steps == 0 or step + 1 == num_steps:
-            evaluate(step + 1)
-        if (step + 1) % args.save_steps == 0 and step + 1 < num_steps:
-            save_model(ckpt_dir, tokenizer, args, ("", model))
-            save_state(ckpt_dir, {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": args.run_name},
-                       model_w, optimizer)
-
-    # 5. save first (atomically; replacing the output folder also removes the resumable checkpoint inside it), so
-    #    nothing that follows can cost the trained model
-    save_model(args.output_dir, tokenizer, args, ("", model))
-    print(f"saved to {args.output_dir}")
-
-    # 6. final check: sample prompts at temperature 1; does each completion end (end token) within the budget?
-    #    Every process samples the same prompts with its own random draws; the figures are their means.
-    model_w.eval()
-    prompts = sample_prompts[: args.num_eval_generations]
-    texts, ended = [], []
-    for k in range(0, len(prompts), 64):
-        with autocast(), gathered(model_w) as generator:
-            t, e = generator(sample_texts, tokenizer, prompts[k: k + 64], args.max_completion_length, device)
-        texts, ended = texts + t, ended + e
-    final = {"eval/sft/eos_rate": sum(ended) / len(ended)} if prompts else {}  # --num-eval-generations 0 skips it
-    if args.eval_reward_fn and prompts:
-        judge = load_function(args.eval_reward_fn)
-        gold = torch.tensor([judge(p, t) for p, t in zip(prompts, texts)])
-        final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),
-                  "eval/sft/gold_negative_frac": (gold < -0.3).float().mean()}
-    final = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), "mean")
-             for k, v in final.items()}
-    metrics.log(num_steps, final)
-    print(("" if eval_records else "on training prompts: ") + "  ".join(f"{k} {v:.3f}" for k, v in final.items()))
-    metrics.close()
-    print(f"logs in runs/{args.run_name}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    with user_errors_in_one_line():
+        main(tyro.cli(Args))

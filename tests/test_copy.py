@@ -84,9 +84,11 @@ def test_label_copied_alone(sft_dir, tmp_path):
         assert all(len(r["chosen"]) >= len(r["rejected"]) for r in map(json.loads, f))
 
 
-@pytest.mark.parametrize("name", ["pad", "pack", "packing_works", "load_function", "save_model", "save_state",
-                                  "load_state", "Metrics", "keep_freed_memory", "disable_dropout", "init_distributed",
-                                  "Parallel", "distribute", "gathered", "all_reduce", "sync_gradients", "full_state_dict"])
+@pytest.mark.parametrize("name", ["pad", "pack", "packing_works", "load_function", "claim_output_dir", "check_room",
+                                  "save_model", "_RestrictedUnpickler", "_CheckedLoadPlanner", "load_state",
+                                  "StopSignals", "user_errors_in_one_line", "stop_if_not_finite", "Metrics",
+                                  "keep_freed_memory", "disable_dropout", "init_distributed", "Parallel", "distribute",
+                                  "gathered", "all_reduce", "sync_gradients", "full_state_dict"])
 def test_copied_helpers_stay_identical(name):
     """The plumbing each script carries for itself is one text in all of them, so a fix reaches every copy."""
     sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf, dpo, label)

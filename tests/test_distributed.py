@@ -180,3 +180,31 @@ def test_gradient_checkpointing_changes_no_number(task_dir, sft_dir, tmp_path):
         loss.backward()
         saved[name] = sum(sizes)
     assert saved["checkpointed"] < saved["plain"] / 3, saved
+
+
+def test_workers_checkpoint_and_stop_when_their_launcher_is_killed(task_dir, model_dir, tmp_path):
+    """SIGKILL of torchrun itself: its workers are told (a SIGTERM, PR_SET_PDEATHSIG), finish their step, write a
+    checkpoint together and exit, instead of training on beside a rerun; the rerun resumes from that checkpoint."""
+    args = ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl", "--eval-dataset", "none",
+            "--output-dir", "out", "--per-device-train-batch-size", "32", "--max-steps", "100000", "--save-steps", "1000",
+            "--eval-steps", "1000", "--num-eval-generations", "0"]
+    proc = run_torchrun("sft.py", *args, cwd=tmp_path, popen=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
+        time.sleep(0.1)
+    (log,) = (tmp_path / "runs").glob("*/metrics.jsonl")
+    while time.time() < deadline and log.read_text().count("train/sft/loss") < 3:
+        time.sleep(0.1)
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read()
+                                         .rsplit(")", 1)[1].split()[:1] for pid in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1]
+                   .split()[:1] for pid in workers), "the workers ran on after their launcher died"
+    step = torch.load(tmp_path / "out" / "checkpoint" / "training_state.pt", weights_only=True)["step"]
+    assert step >= 3
+    resumed = run_torchrun("sft.py", *args[:-8], "--max-steps", str(step + 2), *args[-6:], cwd=tmp_path)
+    assert f"resuming out/checkpoint at step {step}" in resumed.stdout

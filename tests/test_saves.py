@@ -1,0 +1,348 @@
+"""Nothing lost, nobody in: the saves and checkpoints of every stage (the plumbing each script carries, tested through
+sft.py's copy, which tests/test_copy.py holds equal to the others') against kills at every write, crafted files, NaN,
+a full disk, a second run, signals, and bad input files."""
+
+import copy
+import errno
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import REPO, run_script, write_jsonl
+from transformers import AutoModelForCausalLM
+
+import common
+import sft
+from common import DataError, read_jsonl
+
+
+class Killed(BaseException):
+    """Stands for a kill: raised at a chosen write, it is caught by nothing in the scripts (not an Exception)."""
+
+
+def tree_digest(folder) -> dict:
+    """{relative path: sha256} of every file under `folder`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def make_training(model_dir, value: float):
+    """A tiny model whose weights all equal `value` (so a save tells which step wrote it), its `Parallel`, an AdamW that
+    has stepped once, and a training state naming the step."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    parallel = sft.Parallel(model)
+    optimizer = torch.optim.AdamW(parallel.parameters(), lr=1e-3)
+    for p in parallel.parameters():
+        p.grad = torch.full_like(p, value)
+    optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    return model, parallel, optimizer, {"step": int(value), "run_name": "x", "log_bytes": 0}
+
+
+class Args:
+    seed = 1
+
+
+def save(folder, model_dir, value, training=True):
+    model, parallel, optimizer, state = make_training(model_dir, value)
+    sft.save_model(str(folder), None, Args(), ("", model), training=(state, parallel, optimizer) if training else None)
+    return model, parallel, optimizer
+
+
+WRITES = [("os", "replace"), ("os", "makedirs"), ("shutil", "rmtree"), ("torch", "save"), ("dcp", "save"),
+          ("json", "dump"), ("sft", "save_file")]
+
+
+def count_writes(monkeypatch, kill_at: int | None):
+    """Wrap each file-system write save_model makes; raise Killed before the `kill_at`-th. Writes made inside another
+    (the files of torch.distributed.checkpoint's save, of save_pretrained) are not counted. Returns the call log."""
+    calls, depth = [], [0]
+    modules = {"os": os, "shutil": sft.shutil, "torch": torch, "dcp": dcp, "json": json, "sft": sft}
+    for module, name in WRITES:
+        real = getattr(modules[module], name)
+
+        def wrapped(*a, _real=real, _name=f"{module}.{name}", **k):
+            if depth[0] == 0:
+                calls.append(_name)
+                if kill_at is not None and len(calls) == kill_at:
+                    raise Killed(_name)
+            depth[0] += 1
+            try:
+                return _real(*a, **k)
+            finally:
+                depth[0] -= 1
+        monkeypatch.setattr(modules[module], name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+@pytest.mark.parametrize("training", [True, False], ids=["checkpoint", "final-save"])
+def test_a_kill_at_any_write_leaves_a_whole_save(model_dir, tmp_path, monkeypatch, exchange, training):
+    """Killed at each write of a save (checkpoint or final folder), then started again: the folder is the previous save
+    or the new one, whole (weights, optimizer, random generators, state all from one step), and no leftover remains."""
+    if not exchange:  # where renameat2 is missing: two renames, mended on the next start
+        class NoExchange:
+            def __init__(self, *a, **k):
+                pass
+
+            def __getattr__(self, name):
+                raise AttributeError(name)
+        monkeypatch.setattr(sft.ctypes, "CDLL", NoExchange)
+    save(tmp_path / "count", model_dir, 1.0, training)
+    with monkeypatch.context() as m:  # how many writes a save over a previous one makes
+        calls = count_writes(m, None)
+        save(tmp_path / "count", model_dir, 2.0, training)
+    assert len(calls) >= (7 if training else 4), calls
+    for kill_at in range(1, len(calls) + 1):
+        out = tmp_path / f"out{kill_at}"
+        folder = out / "checkpoint" if training else out
+        save(folder, model_dir, 1.0, training)  # the previous save, whole
+        with monkeypatch.context() as m:
+            count_writes(m, kill_at)
+            with pytest.raises(BaseException) as killed:  # torch.distributed.checkpoint wraps what it catches
+                save(folder, model_dir, 2.0, training)
+            assert killed.type is Killed or "Killed" in str(killed.value), killed.value
+        sft.claim_output_dir(str(out), resume=True)  # the next run starts: mends, cleans
+        assert not os.path.exists(str(folder) + ".tmp") and not os.path.exists(str(folder) + ".old"), kill_at
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        step = model.lm_head.weight.flatten()[0].item()
+        assert step in (1.0, 2.0), kill_at
+        assert all(torch.all(p == step) for p in model.parameters()), kill_at
+        if training:
+            fresh, parallel, optimizer, _ = make_training(model_dir, 0.0)
+            state = sft.load_state(str(folder), parallel, optimizer)
+            assert state["step"] == step, (kill_at, state["step"], step)
+            moments = [s["exp_avg"] for s in optimizer.state.values()]
+            assert all(torch.allclose(mo, torch.full_like(mo, 0.1 * step)) for mo in moments), kill_at
+    sft.claim_output_dir.held.close()
+
+
+def test_crafted_checkpoint_files_are_refused(model_dir, tmp_path):
+    """A pickle payload in any file a resume reads is refused with one line, and never runs."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    for target in ["optimizer/.metadata", "optimizer/__0_0.distcp", "rng_0.pt", "training_state.pt"]:
+        ckpt = tmp_path / target.replace("/", "_")
+        _, parallel, optimizer = save(ckpt, model_dir, 1.0)
+        path = ckpt / target
+        if target.endswith(".metadata"):
+            with open(path, "wb") as f:
+                pickle.dump(Payload(), f)
+        elif target.endswith(".distcp"):  # an optimizer hyperparameter (a pickled entry) replaced by the payload
+            state = sft.get_optimizer_state_dict(parallel, optimizer)
+            state["param_groups"][0]["lr"] = Payload()
+            dcp.save({"optimizer": state}, checkpoint_id=str(ckpt / "optimizer"))
+        else:
+            torch.save({"torch": Payload()}, path)
+        _, parallel, optimizer, _ = make_training(model_dir, 0.0)
+        with pytest.raises(SystemExit, match="refused"):
+            sft.load_state(str(ckpt), parallel, optimizer)
+        assert not marker.exists(), target
+
+
+def test_crafted_optimizer_entries_are_refused(tmp_path):
+    """torch.distributed.checkpoint stores non-tensor entries (the optimizer's param_groups) as pickles and its default
+    planner loads them with weights_only=False; the stages' planner refuses anything but tensors and plain types."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    dcp.save({"optimizer": {"lr": Payload(), "w": torch.ones(2)}}, checkpoint_id=str(tmp_path / "c"))
+    target = {"optimizer": {"lr": 0.0, "w": torch.zeros(2)}}
+    with pytest.raises(dcp.CheckpointException, match="UnpicklingError"):
+        dcp.load(target, checkpoint_id=str(tmp_path / "c"), planner=sft._CheckedLoadPlanner())
+    assert not marker.exists()
+    dcp.load(target, checkpoint_id=str(tmp_path / "c"))  # the default planner runs it: this is what is refused
+    assert marker.exists()
+
+
+def test_non_finite_weights_are_never_saved(model_dir, tmp_path):
+    folder = tmp_path / "out"
+    save(folder, model_dir, 1.0, training=False)
+    before = tree_digest(folder)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(SystemExit, match="non-finite"):
+        sft.save_model(str(folder), None, Args(), ("", model))
+    assert tree_digest(folder) == before and not os.path.exists(str(folder) + ".tmp")
+
+
+def test_a_full_disk_is_reported_and_the_previous_save_kept(model_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    save(folder, model_dir, 1.0)
+    before = tree_digest(folder)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit, match="disk is full"):
+        save(folder, model_dir, 2.0)
+    assert tree_digest(folder) == before and not os.path.exists(str(folder) + ".tmp")
+
+
+def test_no_room_or_no_write_access_stops_before_training(model_dir, tmp_path, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    monkeypatch.setattr(sft.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(SystemExit, match="MiB free"):
+        sft.check_room(str(tmp_path / "out"), model)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write beside"):  # its parent is a file
+        sft.claim_output_dir(str(tmp_path / "file" / "out"), resume=True)
+
+
+def test_a_second_run_on_one_folder_is_refused(tmp_path):
+    """The lock names its holder; a lock whose holder has died (SIGKILL) is free again."""
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import sft; "
+                               f"sft.claim_output_dir({out!r}, True); print('held', flush=True); "
+                               "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SystemExit, match=f"in use by another run \\(pid {holder.pid} "):
+        sft.claim_output_dir(out, resume=True)
+    holder.kill()
+    holder.wait()
+    sft.claim_output_dir(out, resume=True)  # stale: taken over
+    sft.claim_output_dir.held.close()
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo.py", "ppo_rlhf.py"])
+def test_divergence_stops_and_saves_nothing(script, task_dir, model_dir, sft_dir, tmp_path):
+    """A learning rate that makes the loss or gradient NaN stops the run at that step with one line; the output
+    folder that was there (a model from before) is byte for byte as it was."""
+    out = tmp_path / "out"
+    save(out, model_dir, 1.0, training=False)
+    before = tree_digest(out)
+    common_args = ["--output-dir", out, "--learning-rate", "1e38", "--eval-reward-fn", ""]
+    if script == "ppo_rlhf.py":
+        args = ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--rollout-batch-size", "8",
+                "--response-length", "6", "--num-iterations", "4", "--save-every", "1", "--num-eval-prompts", "0",
+                "--reward-fn", "reward_functions.py:positivity"]
+    elif script == "sft.py":
+        args = ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl", "--max-steps", "6",
+                "--save-steps", "1", "--eval-dataset", "none", "--num-eval-generations", "0"]
+    else:
+        args = ["--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl", "--max-steps", "6",
+                "--save-steps", "1", "--eval-dataset", "none"]
+        args += ["--num-eval-prompts", "0"] if script == "dpo.py" else ["--num-normalize-samples", "4"]
+    proc = run_script(script, *args, *common_args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "training diverged" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    files = tree_digest(out)
+    assert {k: v for k, v in files.items() if not k.startswith("checkpoint")} == before
+    if "checkpoint/training_state.pt" in files:  # checkpoints written before the divergence hold finite weights
+        model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_and_the_rerun_resumes(signum, task_dir, model_dir, tmp_path):
+    """SIGTERM (preemption) or Ctrl-C: the step finishes, a checkpoint is written, one line says how to resume, no
+    traceback; the same command then resumes at that step and logs each step once."""
+    args = ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl", "--eval-dataset", "none",
+            "--output-dir", tmp_path / "out", "--per-device-train-batch-size", "8", "--save-steps", "1000",
+            "--eval-steps", "1000", "--num-eval-generations", "0"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "sft.py"), *map(str, args), "--max-steps", "400"],
+                            cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"TQDM_DISABLE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    (log,) = (tmp_path / "runs").glob("*/metrics.jsonl")
+    while time.time() < deadline and log.read_text().count("train/sft/loss") < 3:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    step = int(stdout.split("stopped by ")[1].split("after step ")[1].split(";")[0])
+    assert torch.load(tmp_path / "out" / "checkpoint" / "training_state.pt", weights_only=True)["step"] == step
+    resumed = run_script("sft.py", *args, "--max-steps", str(step + 3), cwd=tmp_path)
+    assert f"at step {step}" in resumed.stdout
+    steps = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "train/sft/loss" in r]
+    assert steps == list(range(1, step + 4))  # each step once: what was logged after the checkpoint was dropped
+
+
+def test_sampling_cuts_prompts_as_training_does(model_dir, monkeypatch):
+    """A very long prompt (a 5 MB line) is cut to --max-prompt-length for the samples too, never fed whole."""
+    from transformers import AutoTokenizer
+    tokenizer = common.setup_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    widths = []
+    real = sft.sample
+    monkeypatch.setattr(sft, "sample", lambda m, ids, *a: widths.append(ids.shape[1]) or real(m, ids, *a))
+    sft.sample_texts(model, tokenizer, ["the pasta was good " * 20_000], 16, 4, torch.device("cpu"))
+    assert widths == [16]
+
+
+def test_bad_files_stop_with_file_line_and_field(tmp_path):
+    bad_utf8 = tmp_path / "bad.jsonl"
+    bad_utf8.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: not UTF-8 text \(byte 50 of the file\)"):
+        read_jsonl(str(bad_utf8), "sft")
+    errors = []
+    assert len(read_jsonl(str(bad_utf8), "sft", errors)) == 1 and "line 2" in errors[0]  # skipped, as bad lines are
+    gz = tmp_path / "data.jsonl.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00rest")
+    with pytest.raises(DataError, match="gzip"):
+        read_jsonl(str(gz), "sft")
+    with pytest.raises(DataError, match="a folder"):
+        read_jsonl(str(tmp_path), "sft")
+    cases = {
+        '{"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "yo"}]}':
+            r"line 1: field 'messages', message 0: role 'usr' is not one of",
+        '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "yo"}]}':
+            r"message 0: content must be a non-empty string, got blank text",
+        '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "yo"}]}':
+            r"message 0: content must be a non-empty string, got null",
+        '{"prompt": null, "completion": "yo"}': r"field 'prompt' must be a non-empty string or a list .*got null",
+    }
+    for line, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            read_jsonl(write_jsonl(tmp_path / "case.jsonl", [line]), "sft")
+    user, ok, no = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}, {
+        "role": "assistant", "content": "no"}
+    extra = {"chosen": [user, ok], "rejected": [user, no, user, no]}
+    with pytest.raises(DataError, match="'rejected' must be the prompt turns and one assistant turn, got 3 turns"):
+        read_jsonl(write_jsonl(tmp_path / "pairs.jsonl", [extra]), "preference")
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                               "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DataError, match="System role not supported"):
+        common.encode_prompt(tokenizer, [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
+                             64)
+
+
+def test_a_model_that_cannot_load_is_one_line(task_dir, tmp_path):
+    proc = run_script("sft.py", "--model-name-or-path", tmp_path / "no_such_model", "--dataset",
+                      task_dir / "sft_train.jsonl", "--output-dir", tmp_path / "out", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot load a model or tokenizer"), proc.stderr
