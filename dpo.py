@@ -23,6 +23,7 @@ common recipe:
    the gold win rate against it; plus the implicit reward's held-out preference accuracy.
 """
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -161,12 +162,6 @@ class Args:
     gold_tau: float = 0.3
     """Bradley-Terry temperature of the annotators, for the held-out noise ceiling (with a judge); 0 to skip"""
 
-    # filled in at runtime
-    batch_size: int = 0
-    """comparison groups per optimizer step, all processes"""
-    run_name: str = ""
-    """runs/{run_name} holds the logs"""
-
 
 def encode_pairs(records, tokenizer, args):
     """Records -> list of (prompt_ids, chosen_ids, rejected_ids), counting truncated and skipped prompts (copied from
@@ -288,7 +283,7 @@ def main(args: Args) -> None:
     keep_freed_memory(device)  # CPU only
     if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing > 0 and args.loss_type != "sigmoid"):
         raise SystemExit("error: --label-smoothing must be in [0, 0.5), and is for --loss-type sigmoid only")
-    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # --bf16: the policy keeps fp32 weights and AdamW state and computes in bf16 under autocast (FSDP2 instead gathers
@@ -304,12 +299,12 @@ def main(args: Args) -> None:
     claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
     if world_size > 1:
         dist.barrier()  # the files are written
-    if args.eval_dataset == "auto":
-        args.eval_dataset = f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none"
-    if args.eval_prompts == "auto" and embedded:
-        args.eval_prompts = f"{TASK_DATA}/prompts_eval.jsonl"
-    if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
+    # 'auto': the embedded task's held-out files and judge with its own data, none with the user's
+    eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
+        f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none")
+    eval_prompts_file = f"{TASK_DATA}/prompts_eval.jsonl" if args.eval_prompts == "auto" and embedded else args.eval_prompts
+    eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
+        "reviews_task.py:gold_score" if embedded else "")
 
     # 1. two models: the policy (trained) and the reference (frozen), both from the SFT model
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
@@ -324,14 +319,15 @@ def main(args: Args) -> None:
         disable_dropout(model)  # the log-ratios compare two forward passes: no noise in either
     ref_policy.eval().requires_grad_(False)
     check_room(args.output_dir, policy)
-    if args.learning_rate is None:
+    learning_rate = args.learning_rate
+    if learning_rate is None:
         tiny = getattr(policy.config, "embedded_tiny_model", False)
-        args.learning_rate = 1e-4 if tiny else 5e-7
-        print(f"learning rate {args.learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
+        learning_rate = 1e-4 if tiny else 5e-7
+        print(f"learning rate {learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
               "--learning-rate to change)")
-    if args.padding_free and not packing_works(policy):
+    padding_free = args.padding_free and packing_works(policy)
+    if args.padding_free and not padding_free:
         print("warning: this model lets packed sequences attend to each other; padding instead (--no-padding-free)")
-        args.padding_free = False
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy_w = distribute([policy], args.strategy, args.bf16)  # every pass runs as policy_w(fn, ...) = fn(policy, ...)
@@ -341,15 +337,15 @@ def main(args: Args) -> None:
     bad_lines = [] if args.skip_bad_pairs else None
     try:
         train_records = read_jsonl(args.dataset, "preference", bad_lines)
-        eval_records = read_jsonl(args.eval_dataset, "preference", bad_lines) if args.eval_dataset != "none" else []
-        prompt_records = read_jsonl(args.eval_prompts, "prompt") if args.eval_prompts not in ("auto", "none") else []
+        eval_records = read_jsonl(eval_dataset, "preference", bad_lines) if eval_dataset != "none" else []
+        prompt_records = read_jsonl(eval_prompts_file, "prompt") if eval_prompts_file not in ("auto", "none") else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if bad_lines:
         print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
     train, cut, skipped = encode_pairs(train_records, tokenizer, args)
     evals = encode_pairs(eval_records, tokenizer, args)[0]
-    if args.eval_prompts == "auto":  # the prompts of the pairs, as read_jsonl found them (any preference format)
+    if eval_prompts_file == "auto":  # the prompts of the pairs, as read_jsonl found them (any preference format)
         prompt_records = eval_records or train_records
     groups = group_pairs(train, args.max_group_pairs)
     eval_prompts = {repr(r["prompt"]): r["prompt"] for r in prompt_records}  # distinct prompts, in file order
@@ -357,17 +353,17 @@ def main(args: Args) -> None:
                     if (ids := encode_prompt(tokenizer, p, args.max_prompt_length)[0]) is not None][: args.num_eval_prompts]
     print(f"{len(train)} training pairs in {len(groups)} comparison groups ({cut} prompts cut, {skipped} skipped), "
           f"{len(evals)} held-out pairs, {len(eval_prompts)} prompts to sample"
-          + (" (from the training pairs)" if args.eval_prompts == "auto" and not eval_records else ""))
+          + (" (from the training pairs)" if eval_prompts_file == "auto" and not eval_records else ""))
     if len(groups) < world_size:
         raise SystemExit(f"{args.dataset}: {len(groups)} comparison groups cannot be shared by {world_size} processes")
-    if len(groups) < args.per_device_train_batch_size * world_size:
+    micro_batch_size = min(args.per_device_train_batch_size, len(groups) // world_size)  # groups per process
+    if micro_batch_size < args.per_device_train_batch_size:
         print(f"only {len(groups)} comparison groups: --per-device-train-batch-size {args.per_device_train_batch_size} "
-              f"-> {len(groups) // world_size}")
-        args.per_device_train_batch_size = len(groups) // world_size
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    print(f"global batch: {args.per_device_train_batch_size} comparison groups x {args.gradient_accumulation_steps} "
-          f"micro-batches x {world_size} process(es) = {args.batch_size} per optimizer step")
-    batches_per_epoch = len(groups) // (args.per_device_train_batch_size * world_size)  # global micro-batches
+              f"-> {micro_batch_size}")
+    batch_size = micro_batch_size * args.gradient_accumulation_steps * world_size  # groups per optimizer step
+    print(f"global batch: {micro_batch_size} comparison groups x {args.gradient_accumulation_steps} "
+          f"micro-batches x {world_size} process(es) = {batch_size} per optimizer step")
+    batches_per_epoch = len(groups) // (micro_batch_size * world_size)  # global micro-batches
     num_steps = args.max_steps if args.max_steps > 0 else max(
         1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
     warmup_steps = int(args.warmup_ratio * num_steps)
@@ -378,9 +374,9 @@ def main(args: Args) -> None:
         the indices of its pairs (for precomputed reference log-probs)."""
         epoch, j = divmod(i, batches_per_epoch)
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        first = (j * world_size + rank) * args.per_device_train_batch_size
-        pair_ids = [k for g in order[first: first + args.per_device_train_batch_size] for k in groups[g]]
-        batch, chosen, rejected = collate([train[k] for k in pair_ids], tokenizer.pad_token_id, args.padding_free)
+        first = (j * world_size + rank) * micro_batch_size
+        pair_ids = [k for g in order[first: first + micro_batch_size] for k in groups[g]]
+        batch, chosen, rejected = collate([train[k] for k in pair_ids], tokenizer.pad_token_id, padding_free)
         batch = {k: t.to(device) if torch.is_tensor(t) else t for k, t in batch.items()}
         return batch, chosen.to(device), rejected.to(device), pair_ids
 
@@ -389,7 +385,7 @@ def main(args: Args) -> None:
         """(P, 2) summed log-probs of each pair's chosen and rejected response under the model."""
         out = []
         for k in range(0, len(pairs), batch):
-            inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, args.padding_free)
+            inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, padding_free)
             with autocast():
                 logps = model_w(sequence_logprobs, {k: t.to(device) if torch.is_tensor(t) else t for k, t in inputs.items()})
             out.append(torch.stack([logps[chosen_rows.to(device)], logps[rejected_rows.to(device)]], dim=1))
@@ -409,7 +405,7 @@ def main(args: Args) -> None:
         print(f"reference log-probs of {len(train)} pairs in {time.time() - t0:.1f} s")
 
     # 4. optimizer: AdamW, linear warm-up then linear decay to 0
-    optimizer = torch.optim.AdamW(policy_w.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(policy_w.parameters(), lr=learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup_steps + 1) if s < warmup_steps
                                                   else max(0.0, 1 - (s - warmup_steps) / max(1, num_steps - warmup_steps)))
@@ -417,12 +413,16 @@ def main(args: Args) -> None:
     if resuming:
         state = load_state(ckpt_dir, policy_w, optimizer)  # also restores the optimizer and the random generators
         scheduler.load_state_dict(state["scheduler"])
-        start_step, args.run_name = state["step"], state["run_name"]
+        start_step, run_name = state["step"], state["run_name"]
         print(f"resuming {ckpt_dir} at step {start_step}")
     elif world_size > 1:
         torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
-    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project, state if resuming else None)
-    judge = load_function(args.eval_reward_fn) if args.eval_reward_fn else None
+    # the flags as this run resolved them: args.json beside the model, the logs' config
+    config = vars(args) | {"run_name": run_name, "eval_dataset": eval_dataset, "eval_prompts": eval_prompts_file,
+                           "eval_reward_fn": eval_reward_fn, "learning_rate": learning_rate, "padding_free": padding_free,
+                           "per_device_train_batch_size": micro_batch_size, "batch_size": batch_size}
+    metrics = Metrics(f"runs/{run_name}", config, args.track, args.wandb_project, state if resuming else None)
+    judge = load_function(eval_reward_fn) if eval_reward_fn else None
     end_id, pad_id = end_token_id(tokenizer), tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -531,9 +531,9 @@ def main(args: Args) -> None:
             evaluate(step + 1)
         stop = signals.requested(device) and step + 1 < num_steps
         if ((step + 1) % args.save_steps == 0 and step + 1 < num_steps) or stop:
-            state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": args.run_name,
+            state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": run_name,
                      "log_bytes": metrics.position()}
-            save_model(ckpt_dir, tokenizer, args, ("", policy), training=(state, policy_w, optimizer))
+            save_model(ckpt_dir, tokenizer, config, ("", policy), training=(state, policy_w, optimizer))
         if stop:
             signals.stop(ckpt_dir, step + 1)
     signals.restore()
@@ -541,11 +541,11 @@ def main(args: Args) -> None:
 
     # 6. save first (atomically; replacing the output folder also removes the checkpoint inside it), then the final
     #    evaluation
-    save_model(args.output_dir, tokenizer, args, ("", policy))
+    save_model(args.output_dir, tokenizer, config, ("", policy))
     print(f"saved to {args.output_dir}")
     evaluate(num_steps, final=True)
     metrics.close()
-    print(f"logs in runs/{args.run_name}")
+    print(f"logs in runs/{run_name}")
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -632,34 +632,44 @@ def load_function(spec: str):
 
 def claim_output_dir(out_dir: str, resume: bool) -> None:
     """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock
-    `out_dir` against a second run (a `.lock` file beside it, held with flock until this process ends, so a killed
-    run's lock is free again), and check that a save can be written beside it. Under torchrun, rank 0 does it."""
+    `out_dir` against a second run (`{out_dir}.lock`, held with flock while this process lives, so a killed run's
+    lock is free again; removed at exit), and check that a save can be written beside it. Under torchrun, rank 0."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out_dir = out_dir.rstrip("/")
     parent = os.path.dirname(os.path.abspath(out_dir))
+    if getattr(claim_output_dir, "release", None) is not None:  # a previous main() in this process
+        atexit.unregister(claim_output_dir.release)
+        claim_output_dir.release()
     try:
         os.makedirs(parent, exist_ok=True)
-        if getattr(claim_output_dir, "held", None) is not None:  # a previous main() in this process
-            claim_output_dir.held.close()
-        lock = open(out_dir + ".lock", "a+")
+        while True:
+            lock = open(out_dir + ".lock", "a+")
+            with contextlib.suppress(ImportError):  # fcntl: not on Windows
+                import fcntl
+
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.seek(0)
+                    raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it "
+                                     "to end, or choose another --output-dir") from None
+            if os.fstat(lock.fileno()).st_nlink:  # not removed meanwhile by the run that held it, as it ended
+                break
+            lock.close()
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                   f"{' '.join(sys.argv)[:200]}\n")
+        lock.flush()
     except OSError as e:
         raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
-    with contextlib.suppress(ImportError):  # fcntl: not on Windows
-        import fcntl
 
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it to end, or "
-                             "choose another --output-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-               f"{' '.join(sys.argv)[:200]}\n")
-    lock.flush()
-    claim_output_dir.held = lock  # held open, so locked, while the process lives
+    def release():  # at exit: the lock file goes, then the lock
+        with contextlib.suppress(OSError):
+            os.remove(lock.name)
+        lock.close()
+    claim_output_dir.release = release
+    atexit.register(release)
     for folder in (out_dir, os.path.join(out_dir, "checkpoint")):
         tmp, old = folder + ".tmp", folder + ".old"
         if not os.path.exists(folder) and os.path.exists(old):  # killed between the two renames of a save
@@ -698,10 +708,11 @@ def check_room(out_dir: str, *models) -> None:
               f"{4 * need / 2**20:.0f} MiB")
 
 
-def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = None) -> None:
+def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple | None = None) -> None:
     """Hugging Face folders written whole into `out_dir.tmp`, then swapped in for `out_dir` in one step, so that a kill
     at any moment leaves the previous folder or the new one, complete. `models` are (name, model) pairs: a subfolder
-    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors). `training` = (state,
+    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors); `config`, the run's flags,
+    goes to args.json. `training` = (state,
     parallel, optimizer) makes it a resumable checkpoint: the optimizer through torch.distributed.checkpoint (under
     FSDP2 each process writes its own shard), each process's random generators (so that a resumed run samples what the
     uninterrupted one would have) and `state` (step, scheduler...). args.json is written last: it marks a whole save.
@@ -743,7 +754,7 @@ def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = 
                 torch.save(state, os.path.join(tmp, "training_state.pt"))
         if rank == 0:
             with open(os.path.join(tmp, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2, default=str)
+                json.dump(config, f, indent=2, default=str)
                 f.flush()
                 os.fsync(f.fileno())
     except (Exception, dcp.CheckpointException) as e:  # a full disk: an OSError, or a library's error after one

@@ -19,6 +19,7 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
    with other sequences (`pack`, below); log-probs and values come back in the usual (B, T) layout.
 """
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -193,14 +194,6 @@ class Args:
     """held-out prompts per evaluation (0: no evaluation)"""
     num_sample_rows: int = 4
     """sample responses printed and logged per evaluation"""
-
-    # filled in at runtime
-    mini_batch_size: int = 0
-    """episodes per minibatch: rollout_batch_size // num_mini_batches"""
-    micro_batch_size: int = 0
-    """episodes per forward/backward: mini_batch_size // gradient_accumulation_steps"""
-    run_name: str = ""
-    """runs/{run_name} holds the logs"""
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -380,6 +373,16 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden).squeeze(-1).float()
 
 
+class Rollout(NamedTuple):
+    """Sampled episodes, as `rollout` in main returns them."""
+    query_responses: torch.Tensor  # (B, Tq + T) left-padded queries, then responses padded after their end token
+    attention_mask: torch.Tensor  # (B, Tq + T)
+    context_length: int  # Tq
+    responses: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) bool, True up to and including the end token
+    has_eos: torch.Tensor  # (B,) bool: the response ended within response_length
+
+
 def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperature: float, with_values: bool = True,
             entropy_grad: bool = True):
     """One pass over a `layout` of query+responses -> logprobs, entropy and values of the (B, T) `responses`.
@@ -402,6 +405,11 @@ def forward(policy, value_net, batch_layout, responses: torch.Tensor, temperatur
         values = value_net.score(hidden[rows, cols]).squeeze(-1).float()
         values = values - getattr(value_net.config, "reward_offset", 0.0)
     return logprobs, entropy, values  # each (B, T)
+
+
+def reference_logprobs(ref_policy, batch_layout, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The frozen reference's (B, T) log-probs of the responses: `forward` without a value network."""
+    return forward(ref_policy, None, batch_layout, responses, temperature, with_values=False)[0]
 
 
 def stutters(text: str) -> bool:
@@ -428,60 +436,13 @@ def disable_dropout(model) -> None:
                 setattr(module, name, 0.0)
 
 
-def main(args: Args) -> None:
-    if args.dual_clip != 0 and args.dual_clip <= 1:
-        raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
-                         "loss), or 0 to turn dual clipping off")
-    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
-    keep_freed_memory(device)  # CPU only
-    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    # --bf16: the trained models (policy, value) keep fp32 weights and AdamW state and compute in bf16 under
-    # autocast (FSDP2 instead gathers bf16 copies of the fp32 shards); the frozen ones (reference, reward model) are
-    # held in bf16
-    fsdp = world_size > 1 and args.strategy == "fsdp"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
-    if args.reward_model_path in [("auto",), ("none",)]:
-        args.reward_model_path = () if args.reward_fn or args.reward_model_path == ("none",) else ("models/reward_model",)
-    if not args.reward_model_path and not args.reward_fn:
-        raise SystemExit("error: no reward: give --reward-model-path, --reward-fn, or both")
-    if not args.reward_fn_weights:
-        args.reward_fn_weights = (1.0,) * len(args.reward_fn)
-    if len(args.reward_fn_weights) != len(args.reward_fn):
-        raise SystemExit(f"error: {len(args.reward_fn_weights)} --reward-fn-weights for {len(args.reward_fn)} --reward-fn")
-    for path, default, command in [(args.sft_model_path, "models/sft", "python sft.py"),
-                                   *[(p, "models/reward_model", "python reward_model.py") for p in args.reward_model_path]]:
-        if path == default and not os.path.isdir(path):
-            raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
-    embedded = args.dataset == f"{TASK_DATA}/prompts_train.jsonl"  # the embedded task's own prompts
-    if rank == 0 and embedded and not os.path.exists(args.dataset):
-        load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
-    claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
-    if world_size > 1:
-        dist.barrier()  # the files are written
-    if args.eval_dataset == "auto":
-        args.eval_dataset = f"{TASK_DATA}/prompts_eval.jsonl" if embedded else "none"
-    if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
-
-    # 1. four models: policy, frozen reference, frozen reward model(s) (and/or reward functions), value network
-    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
-    trained = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-    frozen = dict(dtype=torch.bfloat16 if args.bf16 else torch.float32, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.init_policy_path or args.sft_model_path,
-                                                  **trained).to(device)
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device)
-    setup_tokenizer(tokenizer, policy)
-    setup_tokenizer(tokenizer, ref_policy)
-    check_room(args.output_dir, policy)
-    reward_fns = [(f"score_{spec.rpartition(':')[2]}_{i}" if len(args.reward_fn) > 1 else
-                   f"score_{spec.rpartition(':')[2]}", load_function(spec), weight)
-                  for i, (spec, weight) in enumerate(zip(args.reward_fn, args.reward_fn_weights))]  # (name, fn, weight)
-    reward_members = []  # (model, its tokenizer, whether it shares the policy's tokenizer) per reward model
-    for path in args.reward_model_path:
+def load_reward_models(paths, tokenizer, policy, args, frozen: dict, device):
+    """The frozen reward models -> ([(model, its tokenizer, whether that is the policy's tokenizer)], whether the first
+    can seed the value model). A reward model with the policy's tokenizer scores the policy's ids; one with its own is
+    given decoded text. Checks the label layout, and warns when reward_model.py normalised its scores on samples drawn
+    unlike this run's rollouts."""
+    members, reusable = [], False  # (model, its tokenizer, whether it shares the policy's tokenizer) per reward model
+    for path in paths:
         reward_model = AutoModelForSequenceClassification.from_pretrained(path, **frozen).to(device)
         try:
             reward_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
@@ -501,14 +462,14 @@ def main(args: Args) -> None:
         if hasattr(reward_model, "score"):
             setup_tokenizer(reward_tokenizer, reward_model)
         same_tokenizer = hasattr(reward_model, "score") and reward_tokenizer.get_vocab() == tokenizer.get_vocab()
-        if not reward_members:  # the value model may start from the first reward model
-            reusable_reward_model = same_tokenizer and num_labels == 1 and (
+        if not members:  # the value model may start from the first reward model
+            reusable = same_tokenizer and num_labels == 1 and (
                 reward_model.config.get_text_config().hidden_size == policy.config.get_text_config().hidden_size)
-        reward_members.append((reward_model, reward_tokenizer, same_tokenizer))
+        members.append((reward_model, reward_tokenizer, same_tokenizer))
         print("reward model: " + ("the policy's tokenizer; its token ids are scored directly" if same_tokenizer
               else "its own tokenizer (another vocabulary): responses are decoded and re-tokenized, "
               + ("in its chat template" if reward_tokenizer.chat_template is not None else "as plain text"))
-              + (f" ({path})" if len(args.reward_model_path) > 1 else ""))
+              + (f" ({path})" if len(paths) > 1 else ""))
         rm_args_file = os.path.join(path, "args.json")  # written by reward_model.py
         rm_args = json.load(open(rm_args_file)) if os.path.exists(rm_args_file) else {}
         normalised_on = [rm_args.get(k) for k in ("normalize_temperature", "normalize_response_length",
@@ -518,12 +479,70 @@ def main(args: Args) -> None:
             print(f"warning: the reward model was normalised on samples at temperature, response length, prompt length "
                   f"{normalised_on}; this run samples at {[args.temperature, args.response_length, args.max_prompt_length]}"
                   ", so its first rollouts will not score about 0 (rerun reward_model.py with matching --normalize-*)")
+    return members, reusable
+
+
+def main(args: Args) -> None:
+    if args.dual_clip != 0 and args.dual_clip <= 1:
+        raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
+                         "loss), or 0 to turn dual clipping off")
+    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
+    keep_freed_memory(device)  # CPU only
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    # --bf16: the trained models (policy, value) keep fp32 weights and AdamW state and compute in bf16 under
+    # autocast (FSDP2 instead gathers bf16 copies of the fp32 shards); the frozen ones (reference, reward model) are
+    # held in bf16
+    fsdp = world_size > 1 and args.strategy == "fsdp"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
+    reward_model_paths = args.reward_model_path  # 'auto': models/reward_model, unless reward functions are given
+    if reward_model_paths in [("auto",), ("none",)]:
+        reward_model_paths = () if args.reward_fn or reward_model_paths == ("none",) else ("models/reward_model",)
+    if not reward_model_paths and not args.reward_fn:
+        raise SystemExit("error: no reward: give --reward-model-path, --reward-fn, or both")
+    reward_fn_weights = args.reward_fn_weights or (1.0,) * len(args.reward_fn)
+    if len(reward_fn_weights) != len(args.reward_fn):
+        raise SystemExit(f"error: {len(reward_fn_weights)} --reward-fn-weights for {len(args.reward_fn)} --reward-fn")
+    for path, default, command in [(args.sft_model_path, "models/sft", "python sft.py"),
+                                   *[(p, "models/reward_model", "python reward_model.py") for p in reward_model_paths]]:
+        if path == default and not os.path.isdir(path):
+            raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
+    embedded = args.dataset == f"{TASK_DATA}/prompts_train.jsonl"  # the embedded task's own prompts
+    if rank == 0 and embedded and not os.path.exists(args.dataset):
+        load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
+    claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
+    if world_size > 1:
+        dist.barrier()  # the files are written
+    # 'auto': the embedded task's held-out prompts and judge with its own prompts, none with the user's
+    eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
+        f"{TASK_DATA}/prompts_eval.jsonl" if embedded else "none")
+    eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
+        "reviews_task.py:gold_score" if embedded else "")
+
+    # 1. four models: policy, frozen reference, frozen reward model(s) (and/or reward functions), value network
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+    trained = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    frozen = dict(dtype=torch.bfloat16 if args.bf16 else torch.float32, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
+    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.init_policy_path or args.sft_model_path,
+                                                  **trained).to(device)
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device)
+    setup_tokenizer(tokenizer, policy)
+    setup_tokenizer(tokenizer, ref_policy)
+    check_room(args.output_dir, policy)
+    reward_fns = [(f"score_{spec.rpartition(':')[2]}_{i}" if len(args.reward_fn) > 1 else
+                   f"score_{spec.rpartition(':')[2]}", load_function(spec), weight)
+                  for i, (spec, weight) in enumerate(zip(args.reward_fn, reward_fn_weights))]  # (name, fn, weight)
+    reward_members, value_from_reward_model = load_reward_models(reward_model_paths, tokenizer, policy, args, frozen,
+                                                                  device)
     if len(reward_members) > 1:
         print(f"reward: an ensemble of {len(reward_members)} reward models, mean - {args.ensemble_k:g} * std")
     if args.value_model == "separate":
         value_from = os.path.join(ckpt_dir, "value_model") if resuming else (
-            args.reward_model_path[0] if reward_members and reusable_reward_model else args.sft_model_path)
-        if not resuming and reward_members and not reusable_reward_model:
+            reward_model_paths[0] if value_from_reward_model else args.sft_model_path)
+        if not resuming and reward_members and not value_from_reward_model:
             print("value model: from the SFT model, not the reward model (another tokenizer, width or label layout)")
         value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
         value_net.train()
@@ -539,20 +558,24 @@ def main(args: Args) -> None:
     for model in (ref_policy, *reward_models):
         model.eval().requires_grad_(False)
     packed = [m for m in hf_models if m is not ref_policy and all(m is not r or same for r, _, same in reward_members)]
-    if args.padding_free and not all(packing_works(m) for m in packed):
+    padding_free = args.padding_free and all(packing_works(m) for m in packed)
+    if args.padding_free and not padding_free:
         print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
-        args.padding_free = False
-    if args.learning_rate is None:
+    learning_rate = args.learning_rate
+    if learning_rate is None:
         tiny = getattr(policy.config, "embedded_tiny_model", False)
-        args.learning_rate = 1e-4 if tiny else 3e-6
-        print(f"learning rate {args.learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
+        learning_rate = 1e-4 if tiny else 3e-6
+        print(f"learning rate {learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
               "--learning-rate to change)")
     if args.gradient_checkpointing:
         for model in (policy, value_net):
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # every pass runs through these (`Parallel`): policy_w(fn, ...) = fn(policy, value_net, ...), trained together;
-    # under torchrun the frozen two are sharded too with --strategy fsdp, and replicated with ddp
+    # Every pass runs as a wrapper's forward: policy_w(fn, x, ...) computes fn(policy, value_net, x, ...), ref_w(fn, x)
+    # fn(ref_policy, x). DDP syncs gradients and FSDP2 gathers parameters only around the forward of the module they
+    # wrap, and a pass calls parts of a model (`forward` puts the LM head at response positions only), so the pass is
+    # handed to the wrapper (`Parallel`, in the plumbing). Without torchrun the wrappers only call fn. Under torchrun
+    # the frozen two are sharded too with --strategy fsdp, and replicated with ddp.
     policy_w = distribute([policy, value_net], args.strategy, args.bf16)
     ref_w = distribute([ref_policy], args.strategy, args.bf16, trainable=False)
     reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
@@ -561,7 +584,7 @@ def main(args: Args) -> None:
     # 2. prompts, left-padded per batch for generation
     try:
         train_records = read_jsonl(args.dataset, "prompt")
-        eval_records = read_jsonl(args.eval_dataset, "prompt") if args.eval_dataset != "none" else []
+        eval_records = read_jsonl(eval_dataset, "prompt") if eval_dataset != "none" else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     def encode_prompts(records):
@@ -576,32 +599,32 @@ def main(args: Args) -> None:
         print("no held-out prompts (--eval-dataset FILE to add them): evaluation samples training prompts")
     eval_records, eval_prompts = encode_prompts((eval_records or train_records)[: args.num_eval_prompts])
     unit = args.num_mini_batches * args.gradient_accumulation_steps  # the rollout batch must split into micro-batches
-    if len(train_prompts) < args.rollout_batch_size * world_size:
+    rollout_batch_size = args.rollout_batch_size  # prompts per process per iteration
+    if len(train_prompts) < rollout_batch_size * world_size:
         if len(train_prompts) < unit * world_size:
             raise SystemExit(f"{args.dataset}: {len(train_prompts)} prompts is fewer than num_mini_batches * "
                              f"gradient_accumulation_steps * processes = {unit * world_size}")
         print(f"only {len(train_prompts)} prompts: --rollout-batch-size {args.rollout_batch_size} -> "
               f"{len(train_prompts) // world_size // unit * unit}")
-        args.rollout_batch_size = len(train_prompts) // world_size // unit * unit
-    args.mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches,
-                                     "rollout_batch_size / num_mini_batches")
-    args.micro_batch_size = exact_div(args.mini_batch_size, args.gradient_accumulation_steps,
-                                      "mini_batch_size / gradient_accumulation_steps")
-    print(f"global batch: {args.rollout_batch_size} prompts x {world_size} process(es) = "
-          f"{args.rollout_batch_size * world_size} episodes per iteration")
-    batches_per_epoch = len(train_prompts) // (args.rollout_batch_size * world_size)
+        rollout_batch_size = len(train_prompts) // world_size // unit * unit
+    mini_batch_size = exact_div(rollout_batch_size, args.num_mini_batches, "rollout_batch_size / num_mini_batches")
+    micro_batch_size = exact_div(mini_batch_size, args.gradient_accumulation_steps,  # episodes per forward/backward
+                                 "mini_batch_size / gradient_accumulation_steps")
+    print(f"global batch: {rollout_batch_size} prompts x {world_size} process(es) = "
+          f"{rollout_batch_size * world_size} episodes per iteration")
+    batches_per_epoch = len(train_prompts) // (rollout_batch_size * world_size)
 
     def prompt_batch(iteration: int) -> list[int]:
         """Indices of this process's prompts of an iteration: its share of the global batch, from epoch-wise
         permutations seeded by (seed, epoch), the same in every process; resumable."""
         epoch, j = divmod(iteration, batches_per_epoch)
         order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        first = (j * world_size + rank) * args.rollout_batch_size
-        return order[first: first + args.rollout_batch_size].tolist()
+        first = (j * world_size + rank) * rollout_batch_size
+        return order[first: first + rollout_batch_size].tolist()
 
     # 3. one AdamW for policy and value (eps 1e-5, N+ details #5), learning rate decayed linearly to 0
     params = list(policy_w.parameters())  # the policy's, then the value network's
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, eps=1e-5, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     num_updates = args.num_iterations * args.num_ppo_epochs * args.num_mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / num_updates)
@@ -609,22 +632,19 @@ def main(args: Args) -> None:
     if resuming:
         state = load_state(ckpt_dir, policy_w, optimizer)  # also restores the optimizer and the random generators
         scheduler.load_state_dict(state["scheduler"])
-        start_iteration, kl_coef, args.run_name = state["iteration"], state["kl_coef"], state["run_name"]
+        start_iteration, kl_coef, run_name = state["iteration"], state["kl_coef"], state["run_name"]
         print(f"resuming {ckpt_dir} at iteration {start_iteration}")
     elif world_size > 1:
         torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
-    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project,
+    # the flags as this run resolved them: args.json beside the model, the logs' config
+    config = vars(args) | {"run_name": run_name, "reward_model_path": reward_model_paths,
+                           "reward_fn_weights": reward_fn_weights, "eval_dataset": eval_dataset,
+                           "eval_reward_fn": eval_reward_fn, "learning_rate": learning_rate, "padding_free": padding_free,
+                           "rollout_batch_size": rollout_batch_size}
+    metrics = Metrics(f"runs/{run_name}", config, args.track, args.wandb_project,
                       state | {"step": start_iteration} if resuming else None)
     value_saved_as = ("value_head.safetensors" if isinstance(value_net, ValueHead) else "value_model", value_net)
     pad_id, eos_id = tokenizer.pad_token_id, end_token_id(tokenizer)  # eos_id: the token that ends a response
-
-    class Rollout(NamedTuple):
-        query_responses: torch.Tensor  # (B, Tq + T) left-padded queries, then responses padded after their end token
-        attention_mask: torch.Tensor  # (B, Tq + T)
-        context_length: int  # Tq
-        responses: torch.Tensor  # (B, T)
-        response_mask: torch.Tensor  # (B, T) bool, True up to and including the end token
-        has_eos: torch.Tensor  # (B,) bool: the response ended within response_length
 
     @torch.no_grad()
     def rollout(model_w, prompts: list[list[int]]) -> Rollout:
@@ -684,10 +704,10 @@ def main(args: Args) -> None:
         policy_w.eval()
         texts = [r["prompt"] for r in eval_records]
         batch = rollout(policy_w, eval_prompts)
-        batch_layout = layout(batch.query_responses, batch.attention_mask, batch.context_length, args.padding_free)
+        batch_layout = layout(batch.query_responses, batch.attention_mask, batch.context_length, padding_free)
         with autocast():
             logprobs = policy_w(forward, batch_layout, batch.responses, args.temperature, with_values=False)[0]
-            ref_logprobs = ref_w(forward, None, batch_layout, batch.responses, args.temperature, with_values=False)[0]
+            ref_logprobs = ref_w(reference_logprobs, batch_layout, batch.responses, args.temperature)
         scores, parts = get_scores(batch_layout, batch.responses, batch.response_mask, texts)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * batch.response_mask).sum(1).mean(),
                "eval/response_length": batch.response_mask.sum(1).float().mean(),
@@ -697,8 +717,8 @@ def main(args: Args) -> None:
         decoded = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
         out["eval/distinct_responses"] = len(set(decoded)) / len(decoded)  # falls when the policy collapses to a template
         out["eval/stutter_rate"] = sum(map(stutters, decoded)) / len(decoded)  # a word pair repeated: degenerate text
-        if args.eval_reward_fn:
-            judge = load_function(args.eval_reward_fn)
+        if eval_reward_fn:
+            judge = load_function(eval_reward_fn)
             gold = torch.tensor([judge(p, t) for p, t in zip(texts, decoded)])
             out["eval/gold_score"] = gold.mean()
             if final:  # the SFT policy answers the same prompts; the gold judge picks (ties count half)
@@ -735,13 +755,12 @@ def main(args: Args) -> None:
         #    of the training size so that the first PPO minibatch reproduces these numbers exactly
         with torch.no_grad():
             chunks, part_chunks = [], []
-            for k in range(0, args.rollout_batch_size, args.micro_batch_size):
-                chunk = slice(k, k + args.micro_batch_size)
-                batch_layout = layout(query_responses[chunk], attention_mask[chunk], batch.context_length, args.padding_free)
+            for k in range(0, rollout_batch_size, micro_batch_size):
+                chunk = slice(k, k + micro_batch_size)
+                batch_layout = layout(query_responses[chunk], attention_mask[chunk], batch.context_length, padding_free)
                 with autocast():
                     mb_logprobs, mb_entropy, mb_values = policy_w(forward, batch_layout, responses[chunk], args.temperature)
-                    mb_ref_logprobs = ref_w(forward, None, batch_layout, responses[chunk], args.temperature,
-                                            with_values=False)[0]
+                    mb_ref_logprobs = ref_w(reference_logprobs, batch_layout, responses[chunk], args.temperature)
                 mb_scores, mb_parts = get_scores(batch_layout, responses[chunk], batch.response_mask[chunk],
                                                  [train_records[i]["prompt"] for i in idx[chunk]])
                 chunks.append((mb_logprobs, mb_entropy, mb_values, mb_ref_logprobs, mb_scores))
@@ -773,14 +792,14 @@ def main(args: Args) -> None:
         policy_w.train()
         stats = {k: [] for k in ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy", "grad_norm"]}
         for epoch in range(args.num_ppo_epochs):
-            order = torch.randperm(args.rollout_batch_size, device=device) if epoch > 0 else torch.arange(
-                args.rollout_batch_size, device=device)  # epoch 0 in rollout order: the first step must give ratio 1
-            for start in range(0, args.rollout_batch_size, args.mini_batch_size):
-                for micro in range(start, start + args.mini_batch_size, args.micro_batch_size):
-                    sync_gradients(policy_w, micro + args.micro_batch_size == start + args.mini_batch_size)
-                    mb = order[micro: micro + args.micro_batch_size]
+            order = torch.randperm(rollout_batch_size, device=device) if epoch > 0 else torch.arange(
+                rollout_batch_size, device=device)  # epoch 0 in rollout order: the first step must give ratio 1
+            for start in range(0, rollout_batch_size, mini_batch_size):
+                for micro in range(start, start + mini_batch_size, micro_batch_size):
+                    sync_gradients(policy_w, micro + micro_batch_size == start + mini_batch_size)
+                    mb = order[micro: micro + micro_batch_size]
                     mb_mask = response_mask[mb]
-                    batch_layout = layout(query_responses[mb], attention_mask[mb], batch.context_length, args.padding_free)
+                    batch_layout = layout(query_responses[mb], attention_mask[mb], batch.context_length, padding_free)
                     with autocast():
                         new_logprobs, new_entropy, new_values = policy_w(
                             forward, batch_layout, responses[mb], args.temperature,
@@ -816,7 +835,7 @@ def main(args: Args) -> None:
         mean_kl = all_reduce(kl_k1.sum(1).mean(), "mean").item()
         if args.adaptive_kl:
             error = max(-0.2, min(0.2, mean_kl / args.target_kl - 1))
-            kl_coef *= 1 + error * args.rollout_batch_size / args.kl_horizon
+            kl_coef *= 1 + error * rollout_batch_size / args.kl_horizon
 
         # 10. log: each figure is the mean over processes (the first ratio's deviation, the largest)
         ratios = torch.cat(stats["ratio"])
@@ -837,7 +856,7 @@ def main(args: Args) -> None:
             "val/ratio_var": ratios.var() if ratios.numel() > 1 else 0.0,  # one valid token: no variance to measure
             "val/num_eos_tokens": has_eos.sum(),
             "val/response_length": response_mask.sum(1).mean(), "charts/lr": scheduler.get_last_lr()[0],
-            "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * args.rollout_batch_size * world_size,
+            "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * rollout_batch_size * world_size,
             "time/generate": t_generate, "time/rollout_forward": t_rollout, "time/update": t_update,
         }
         if len(score_parts) > 1:  # a hybrid reward or an ensemble: each part, and the members' disagreement
@@ -851,8 +870,8 @@ def main(args: Args) -> None:
         stop = signals.requested(device) and iteration + 1 < args.num_iterations
         if ((iteration + 1) % args.save_every == 0 and iteration + 1 < args.num_iterations) or stop:
             state = {"scheduler": scheduler.state_dict(), "iteration": iteration + 1, "kl_coef": kl_coef,
-                     "run_name": args.run_name, "log_bytes": metrics.position()}
-            save_model(ckpt_dir, None, args, ("", policy), value_saved_as, training=(state, policy_w, optimizer))
+                     "run_name": run_name, "log_bytes": metrics.position()}
+            save_model(ckpt_dir, None, config, ("", policy), value_saved_as, training=(state, policy_w, optimizer))
         if stop:
             signals.stop(ckpt_dir, iteration + 1)
     signals.restore()
@@ -860,11 +879,11 @@ def main(args: Args) -> None:
 
     # 11. save first, so that nothing after it can cost the trained policy: it loads with AutoModelForCausalLM, the
     #     value model beside it (value_model/, or value_head.safetensors); then the final evaluation
-    save_model(args.output_dir, tokenizer, args, ("", policy), value_saved_as)
+    save_model(args.output_dir, tokenizer, config, ("", policy), value_saved_as)
     print(f"saved to {args.output_dir}")
     evaluate(args.num_iterations, final=True)
     metrics.close()
-    print(f"logs in runs/{args.run_name}")
+    print(f"logs in runs/{run_name}")
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -951,34 +970,44 @@ def load_function(spec: str):
 
 def claim_output_dir(out_dir: str, resume: bool) -> None:
     """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock
-    `out_dir` against a second run (a `.lock` file beside it, held with flock until this process ends, so a killed
-    run's lock is free again), and check that a save can be written beside it. Under torchrun, rank 0 does it."""
+    `out_dir` against a second run (`{out_dir}.lock`, held with flock while this process lives, so a killed run's
+    lock is free again; removed at exit), and check that a save can be written beside it. Under torchrun, rank 0."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out_dir = out_dir.rstrip("/")
     parent = os.path.dirname(os.path.abspath(out_dir))
+    if getattr(claim_output_dir, "release", None) is not None:  # a previous main() in this process
+        atexit.unregister(claim_output_dir.release)
+        claim_output_dir.release()
     try:
         os.makedirs(parent, exist_ok=True)
-        if getattr(claim_output_dir, "held", None) is not None:  # a previous main() in this process
-            claim_output_dir.held.close()
-        lock = open(out_dir + ".lock", "a+")
+        while True:
+            lock = open(out_dir + ".lock", "a+")
+            with contextlib.suppress(ImportError):  # fcntl: not on Windows
+                import fcntl
+
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.seek(0)
+                    raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it "
+                                     "to end, or choose another --output-dir") from None
+            if os.fstat(lock.fileno()).st_nlink:  # not removed meanwhile by the run that held it, as it ended
+                break
+            lock.close()
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                   f"{' '.join(sys.argv)[:200]}\n")
+        lock.flush()
     except OSError as e:
         raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
-    with contextlib.suppress(ImportError):  # fcntl: not on Windows
-        import fcntl
 
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it to end, or "
-                             "choose another --output-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-               f"{' '.join(sys.argv)[:200]}\n")
-    lock.flush()
-    claim_output_dir.held = lock  # held open, so locked, while the process lives
+    def release():  # at exit: the lock file goes, then the lock
+        with contextlib.suppress(OSError):
+            os.remove(lock.name)
+        lock.close()
+    claim_output_dir.release = release
+    atexit.register(release)
     for folder in (out_dir, os.path.join(out_dir, "checkpoint")):
         tmp, old = folder + ".tmp", folder + ".old"
         if not os.path.exists(folder) and os.path.exists(old):  # killed between the two renames of a save
@@ -1017,10 +1046,11 @@ def check_room(out_dir: str, *models) -> None:
               f"{4 * need / 2**20:.0f} MiB")
 
 
-def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = None) -> None:
+def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple | None = None) -> None:
     """Hugging Face folders written whole into `out_dir.tmp`, then swapped in for `out_dir` in one step, so that a kill
     at any moment leaves the previous folder or the new one, complete. `models` are (name, model) pairs: a subfolder
-    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors). `training` = (state,
+    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors); `config`, the run's flags,
+    goes to args.json. `training` = (state,
     parallel, optimizer) makes it a resumable checkpoint: the optimizer through torch.distributed.checkpoint (under
     FSDP2 each process writes its own shard), each process's random generators (so that a resumed run samples what the
     uninterrupted one would have) and `state` (step, scheduler...). args.json is written last: it marks a whole save.
@@ -1062,7 +1092,7 @@ def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = 
                 torch.save(state, os.path.join(tmp, "training_state.pt"))
         if rank == 0:
             with open(os.path.join(tmp, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2, default=str)
+                json.dump(config, f, indent=2, default=str)
                 f.flush()
                 os.fsync(f.fileno())
     except (Exception, dcp.CheckpointException) as e:  # a full disk: an OSError, or a library's error after one

@@ -15,6 +15,7 @@ Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this depart
    sequences), and the sequences are packed into rows without padding (`pack`, below).
 """
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -153,13 +154,6 @@ class Args:
     """Bradley-Terry temperature of the annotators, for the noise ceiling (with a judge; the embedded task's is 0.3);
     0 to skip"""
 
-    # filled in at runtime
-    batch_size: int = 0
-    """comparison groups per optimizer step, all processes (per_device_train_batch_size * gradient_accumulation_steps
-    * processes)"""
-    run_name: str = ""
-    """runs/{run_name} holds the logs"""
-
 
 def encode_pairs(records, tokenizer, args):
     """Records -> list of (prompt_ids, chosen_ids, rejected_ids), counting truncated and skipped prompts. A text
@@ -256,7 +250,7 @@ def disable_dropout(model) -> None:
 def main(args: Args) -> None:
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     keep_freed_memory(device)  # CPU only
-    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # --bf16: fp32 weights and AdamW state, bf16 compute under autocast (FSDP2 instead gathers bf16 copies of the fp32
@@ -272,10 +266,11 @@ def main(args: Args) -> None:
     claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
     if world_size > 1:
         dist.barrier()  # the files are written
-    if args.eval_dataset == "auto":
-        args.eval_dataset = f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none"
-    if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
+    # 'auto': the embedded task's held-out files and judge with its own data, none with the user's
+    eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
+        f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none")
+    eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
+        "reviews_task.py:gold_score" if embedded else "")
 
     # 1. the SFT model with a fresh scalar head (or a reward model to continue, or an interrupted run's checkpoint)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
@@ -287,14 +282,15 @@ def main(args: Args) -> None:
     setup_tokenizer(tokenizer, model)
     check_room(args.output_dir, model)
     disable_dropout(model)
-    if args.learning_rate is None:
+    learning_rate = args.learning_rate
+    if learning_rate is None:
         tiny = getattr(model.config, "embedded_tiny_model", False)
-        args.learning_rate = 5e-4 if tiny else 1e-5
-        print(f"learning rate {args.learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
+        learning_rate = 5e-4 if tiny else 1e-5
+        print(f"learning rate {learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
               "--learning-rate to change)")
-    if args.padding_free and not packing_works(model):
+    padding_free = args.padding_free and packing_works(model)
+    if args.padding_free and not padding_free:
         print("warning: this model lets packed sequences attend to each other; padding instead (--no-padding-free)")
-        args.padding_free = False
     if not resuming and not args.continue_from:
         init_score_head(model)  # the same draws in every process: all seeded alike
     if args.gradient_checkpointing:
@@ -305,7 +301,7 @@ def main(args: Args) -> None:
     bad_lines = [] if args.skip_bad_pairs else None
     try:
         train_records = [r for path in args.dataset for r in read_jsonl(path, "preference", bad_lines)]
-        eval_records = read_jsonl(args.eval_dataset, "preference", bad_lines) if args.eval_dataset != "none" else []
+        eval_records = read_jsonl(eval_dataset, "preference", bad_lines) if eval_dataset != "none" else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if bad_lines:
@@ -320,14 +316,14 @@ def main(args: Args) -> None:
     if len(groups) < world_size:
         raise SystemExit(f"{', '.join(args.dataset)}: {len(groups)} comparison groups cannot be shared by {world_size} "
                          "processes")
-    if len(groups) < args.per_device_train_batch_size * world_size:
+    micro_batch_size = min(args.per_device_train_batch_size, len(groups) // world_size)  # groups per process
+    if micro_batch_size < args.per_device_train_batch_size:
         print(f"only {len(groups)} comparison groups: --per-device-train-batch-size {args.per_device_train_batch_size} "
-              f"-> {len(groups) // world_size}")
-        args.per_device_train_batch_size = len(groups) // world_size
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    print(f"global batch: {args.per_device_train_batch_size} comparison groups x {args.gradient_accumulation_steps} "
-          f"micro-batches x {world_size} process(es) = {args.batch_size} per optimizer step")
-    batches_per_epoch = len(groups) // (args.per_device_train_batch_size * world_size)  # global micro-batches
+              f"-> {micro_batch_size}")
+    batch_size = micro_batch_size * args.gradient_accumulation_steps * world_size  # groups per optimizer step
+    print(f"global batch: {micro_batch_size} comparison groups x {args.gradient_accumulation_steps} "
+          f"micro-batches x {world_size} process(es) = {batch_size} per optimizer step")
+    batches_per_epoch = len(groups) // (micro_batch_size * world_size)  # global micro-batches
     num_steps = args.max_steps if args.max_steps > 0 else max(
         1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
     warmup_steps = int(args.warmup_ratio * num_steps)
@@ -337,14 +333,14 @@ def main(args: Args) -> None:
         in every process, so the processes split each batch between them and a resumed run replays it."""
         epoch, j = divmod(i, batches_per_epoch)
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        first = (j * world_size + rank) * args.per_device_train_batch_size
-        idx = order[first: first + args.per_device_train_batch_size]
+        first = (j * world_size + rank) * micro_batch_size
+        idx = order[first: first + micro_batch_size]
         batch, chosen, rejected = collate([train[k] for g in idx for k in groups[g]], tokenizer.pad_token_id,
-                                          args.padding_free)
+                                          padding_free)
         return {k: t.to(device) for k, t in batch.items()}, chosen.to(device), rejected.to(device)
 
     # 3. optimizer: AdamW, linear warm-up then linear decay to 0
-    optimizer = torch.optim.AdamW(model_w.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(model_w.parameters(), lr=learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup_steps + 1) if s < warmup_steps
                                                   else max(0.0, 1 - (s - warmup_steps) / max(1, num_steps - warmup_steps)))
@@ -352,11 +348,15 @@ def main(args: Args) -> None:
     if resuming:
         state = load_state(ckpt_dir, model_w, optimizer)  # also restores the optimizer and the random generators
         scheduler.load_state_dict(state["scheduler"])
-        start_step, args.run_name = state["step"], state["run_name"]
+        start_step, run_name = state["step"], state["run_name"]
         print(f"resuming {ckpt_dir} at step {start_step}")
     elif world_size > 1:
         torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
-    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project, state if resuming else None)
+    # the flags as this run resolved them: args.json beside the model, the logs' config
+    config = vars(args) | {"run_name": run_name, "eval_dataset": eval_dataset, "eval_reward_fn": eval_reward_fn,
+                           "learning_rate": learning_rate, "padding_free": padding_free,
+                           "per_device_train_batch_size": micro_batch_size, "batch_size": batch_size}
+    metrics = Metrics(f"runs/{run_name}", config, args.track, args.wandb_project, state if resuming else None)
 
     @torch.no_grad()
     def score_pairs(pairs, batch: int = 64):
@@ -365,7 +365,7 @@ def main(args: Args) -> None:
         model_w.eval()
         chosen, rejected = [], []
         for k in range(0, len(pairs), batch):
-            inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, args.padding_free)
+            inputs, chosen_rows, rejected_rows = collate(pairs[k: k + batch], tokenizer.pad_token_id, padding_free)
             with autocast():
                 scores = model_w(reward_scores, **{name: t.to(device) for name, t in inputs.items()}).cpu()
             chosen.append(scores[chosen_rows])
@@ -422,9 +422,9 @@ def main(args: Args) -> None:
             evaluate(step + 1)
         stop = signals.requested(device) and step + 1 < num_steps
         if ((step + 1) % args.save_steps == 0 and step + 1 < num_steps) or stop:
-            state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": args.run_name,
+            state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": run_name,
                      "log_bytes": metrics.position()}
-            save_model(ckpt_dir, tokenizer, args, ("", model), training=(state, model_w, optimizer))
+            save_model(ckpt_dir, tokenizer, config, ("", model), training=(state, model_w, optimizer))
         if stop:
             signals.stop(ckpt_dir, step + 1)
     signals.restore()
@@ -479,7 +479,7 @@ def main(args: Args) -> None:
 
     # 6. save before any analysis (atomically; replacing the output folder also removes the checkpoint inside it):
     #    nothing that follows may cost the trained model
-    save_model(args.output_dir, tokenizer, args, ("", model))
+    save_model(args.output_dir, tokenizer, config, ("", model))
     print(f"saved to {args.output_dir}")
 
     # 7. final held-out report: accuracy, by response length, calibration, and (with a judge) agreement with gold
@@ -506,8 +506,8 @@ def main(args: Args) -> None:
                 print(f"  [{b / 10:.1f}, {(b + 1) / 10:.1f})  n={int(sel.sum()):>5}  predicted {prob[sel].mean():.3f}  "
                       f"observed {outcome[sel].mean():.3f}")
         final = {"eval/rm/ece": ece}
-        if args.eval_reward_fn:
-            judge = load_function(args.eval_reward_fn)
+        if eval_reward_fn:
+            judge = load_function(eval_reward_fn)
             gold_chosen = torch.tensor([judge(r["prompt"], r["chosen"]) for r in eval_records])
             gold_rejected = torch.tensor([judge(r["prompt"], r["rejected"]) for r in eval_records])
             final["eval/rm/gold_agreement"] = (gold_chosen > gold_rejected).float().mean()  # gold agrees with labels
@@ -519,7 +519,7 @@ def main(args: Args) -> None:
         metrics.log(num_steps, final)
         print("  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     metrics.close()
-    print(f"logs in runs/{args.run_name}")
+    print(f"logs in runs/{run_name}")
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -606,34 +606,44 @@ def load_function(spec: str):
 
 def claim_output_dir(out_dir: str, resume: bool) -> None:
     """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock
-    `out_dir` against a second run (a `.lock` file beside it, held with flock until this process ends, so a killed
-    run's lock is free again), and check that a save can be written beside it. Under torchrun, rank 0 does it."""
+    `out_dir` against a second run (`{out_dir}.lock`, held with flock while this process lives, so a killed run's
+    lock is free again; removed at exit), and check that a save can be written beside it. Under torchrun, rank 0."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out_dir = out_dir.rstrip("/")
     parent = os.path.dirname(os.path.abspath(out_dir))
+    if getattr(claim_output_dir, "release", None) is not None:  # a previous main() in this process
+        atexit.unregister(claim_output_dir.release)
+        claim_output_dir.release()
     try:
         os.makedirs(parent, exist_ok=True)
-        if getattr(claim_output_dir, "held", None) is not None:  # a previous main() in this process
-            claim_output_dir.held.close()
-        lock = open(out_dir + ".lock", "a+")
+        while True:
+            lock = open(out_dir + ".lock", "a+")
+            with contextlib.suppress(ImportError):  # fcntl: not on Windows
+                import fcntl
+
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.seek(0)
+                    raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it "
+                                     "to end, or choose another --output-dir") from None
+            if os.fstat(lock.fileno()).st_nlink:  # not removed meanwhile by the run that held it, as it ended
+                break
+            lock.close()
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                   f"{' '.join(sys.argv)[:200]}\n")
+        lock.flush()
     except OSError as e:
         raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
-    with contextlib.suppress(ImportError):  # fcntl: not on Windows
-        import fcntl
 
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it to end, or "
-                             "choose another --output-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-               f"{' '.join(sys.argv)[:200]}\n")
-    lock.flush()
-    claim_output_dir.held = lock  # held open, so locked, while the process lives
+    def release():  # at exit: the lock file goes, then the lock
+        with contextlib.suppress(OSError):
+            os.remove(lock.name)
+        lock.close()
+    claim_output_dir.release = release
+    atexit.register(release)
     for folder in (out_dir, os.path.join(out_dir, "checkpoint")):
         tmp, old = folder + ".tmp", folder + ".old"
         if not os.path.exists(folder) and os.path.exists(old):  # killed between the two renames of a save
@@ -672,10 +682,11 @@ def check_room(out_dir: str, *models) -> None:
               f"{4 * need / 2**20:.0f} MiB")
 
 
-def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = None) -> None:
+def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple | None = None) -> None:
     """Hugging Face folders written whole into `out_dir.tmp`, then swapped in for `out_dir` in one step, so that a kill
     at any moment leaves the previous folder or the new one, complete. `models` are (name, model) pairs: a subfolder
-    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors). `training` = (state,
+    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors); `config`, the run's flags,
+    goes to args.json. `training` = (state,
     parallel, optimizer) makes it a resumable checkpoint: the optimizer through torch.distributed.checkpoint (under
     FSDP2 each process writes its own shard), each process's random generators (so that a resumed run samples what the
     uninterrupted one would have) and `state` (step, scheduler...). args.json is written last: it marks a whole save.
@@ -717,7 +728,7 @@ def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = 
                 torch.save(state, os.path.join(tmp, "training_state.pt"))
         if rank == 0:
             with open(os.path.join(tmp, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2, default=str)
+                json.dump(config, f, indent=2, default=str)
                 f.flush()
                 os.fsync(f.fileno())
     except (Exception, dcp.CheckpointException) as e:  # a full disk: an OSError, or a library's error after one

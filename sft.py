@@ -14,6 +14,7 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
    restarting with each example so attention stays inside it. Same loss as padding, about 30% less compute here.
 """
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -135,13 +136,6 @@ class Args:
     """'file.py:function' or 'module:function' scoring (prompt, response) at the end; 'auto': the embedded task's
     gold judge (reviews_task.py:gold_score) on its own data, none on yours; '' to skip"""
 
-    # filled in at runtime
-    batch_size: int = 0
-    """examples per optimizer step, all processes (per_device_train_batch_size * gradient_accumulation_steps *
-    processes)"""
-    run_name: str = ""
-    """runs/{run_name} holds the logs"""
-
 
 def encode(records, tokenizer, args):
     """Records -> list of (prompt_ids, completion_ids), counting truncated and skipped prompts (a prompt is also
@@ -208,7 +202,7 @@ def sample_texts(model, tokenizer, prompts, max_prompt_length: int, max_new_toke
 def main(args: Args) -> None:
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     keep_freed_memory(device)  # CPU only
-    args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # --bf16: the weights and AdamW's state stay fp32 (bf16 cannot hold the small updates of lr ~1e-5), the forward
@@ -222,10 +216,11 @@ def main(args: Args) -> None:
     claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
     if world_size > 1:
         dist.barrier()  # the files are written
-    if args.eval_dataset == "auto":
-        args.eval_dataset = f"{TASK_DATA}/sft_eval.jsonl" if embedded else "none"
-    if args.eval_reward_fn == "auto":
-        args.eval_reward_fn = "reviews_task.py:gold_score" if embedded else ""
+    # 'auto': the embedded task's held-out file and judge with its own data, none with the user's
+    eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
+        f"{TASK_DATA}/sft_eval.jsonl" if embedded else "none")
+    eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
+        "reviews_task.py:gold_score" if embedded else "")
 
     # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
@@ -236,14 +231,15 @@ def main(args: Args) -> None:
                                                  dtype=torch.float32).to(device)
     setup_tokenizer(tokenizer, model)
     check_room(args.output_dir, model)
-    if args.learning_rate is None:
+    learning_rate = args.learning_rate
+    if learning_rate is None:
         tiny = getattr(model.config, "embedded_tiny_model", False)
-        args.learning_rate = 2e-3 if tiny else 1e-5
+        learning_rate = 2e-3 if tiny else 1e-5
         why = "the embedded tiny model, learning from scratch" if tiny else "a pretrained model"
-        print(f"learning rate {args.learning_rate:g} ({why}; --learning-rate to change)")
-    if args.padding_free and not packing_works(model):
+        print(f"learning rate {learning_rate:g} ({why}; --learning-rate to change)")
+    padding_free = args.padding_free and packing_works(model)
+    if args.padding_free and not padding_free:
         print("warning: this model lets packed examples attend to each other; padding instead (--no-padding-free)")
-        args.padding_free = False
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model_w = distribute([model], args.strategy, args.bf16)  # every training pass runs as model_w(fn, ...) = fn(model, ...)
@@ -251,7 +247,7 @@ def main(args: Args) -> None:
     # 2. data: tokenize once; prompt and completion separately, the end token appended
     try:
         train_records = read_jsonl(args.dataset, "sft")
-        eval_records = read_jsonl(args.eval_dataset, "sft") if args.eval_dataset != "none" else []
+        eval_records = read_jsonl(eval_dataset, "sft") if eval_dataset != "none" else []
     except DataError as e:  # a clear message naming file, line and field, not a traceback
         raise SystemExit(f"error: {e}")
     train, cut, skipped = encode(train_records, tokenizer, args)
@@ -262,14 +258,14 @@ def main(args: Args) -> None:
         raise SystemExit(f"{args.dataset}: no example left to train on")
     if len(train) < world_size:
         raise SystemExit(f"{args.dataset}: {len(train)} examples cannot be shared by {world_size} processes")
-    if len(train) < args.per_device_train_batch_size * world_size:
+    micro_batch_size = min(args.per_device_train_batch_size, len(train) // world_size)  # examples per process
+    if micro_batch_size < args.per_device_train_batch_size:
         print(f"only {len(train)} examples: --per-device-train-batch-size {args.per_device_train_batch_size} -> "
-              f"{len(train) // world_size}")
-        args.per_device_train_batch_size = len(train) // world_size
-    args.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    print(f"global batch: {args.per_device_train_batch_size} examples x {args.gradient_accumulation_steps} micro-batches "
-          f"x {world_size} process(es) = {args.batch_size} per optimizer step")
-    batches_per_epoch = len(train) // (args.per_device_train_batch_size * world_size)  # global micro-batches
+              f"{micro_batch_size}")
+    batch_size = micro_batch_size * args.gradient_accumulation_steps * world_size  # examples per optimizer step
+    print(f"global batch: {micro_batch_size} examples x {args.gradient_accumulation_steps} micro-batches "
+          f"x {world_size} process(es) = {batch_size} per optimizer step")
+    batches_per_epoch = len(train) // (micro_batch_size * world_size)  # global micro-batches
     num_steps = args.max_steps if args.max_steps > 0 else max(
         1, args.num_epochs * batches_per_epoch // args.gradient_accumulation_steps)
     warmup_steps = int(args.warmup_ratio * num_steps)
@@ -279,13 +275,13 @@ def main(args: Args) -> None:
         same in every process, so the processes split each batch between them and a resumed run replays it."""
         epoch, j = divmod(i, batches_per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        first = (j * world_size + rank) * args.per_device_train_batch_size
-        chosen = order[first: first + args.per_device_train_batch_size]
-        batch = collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt, args.padding_free)
+        first = (j * world_size + rank) * micro_batch_size
+        chosen = order[first: first + micro_batch_size]
+        batch = collate([train[k] for k in chosen], tokenizer.pad_token_id, args.train_on_prompt, padding_free)
         return {name: t.to(device) for name, t in batch.items()}
 
     # 3. optimizer and schedule: linear warm-up, then cosine or linear decay to 0 (or constant)
-    optimizer = torch.optim.AdamW(model_w.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(model_w.parameters(), lr=learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
 
     def lr_lambda(step: int) -> float:
@@ -300,11 +296,15 @@ def main(args: Args) -> None:
     if resuming:
         state = load_state(ckpt_dir, model_w, optimizer)  # also restores the optimizer and the random generators
         scheduler.load_state_dict(state["scheduler"])
-        start_step, args.run_name = state["step"], state["run_name"]
+        start_step, run_name = state["step"], state["run_name"]
         print(f"resuming {ckpt_dir} at step {start_step}")
     elif world_size > 1:
         torch.manual_seed(args.seed + rank)  # every process samples its own (models are built: they had to match)
-    metrics = Metrics(f"runs/{args.run_name}", vars(args), args.track, args.wandb_project, state if resuming else None)
+    # the flags as this run resolved them: args.json beside the model, the logs' config
+    config = vars(args) | {"run_name": run_name, "eval_dataset": eval_dataset, "eval_reward_fn": eval_reward_fn,
+                           "learning_rate": learning_rate, "padding_free": padding_free,
+                           "per_device_train_batch_size": micro_batch_size, "batch_size": batch_size}
+    metrics = Metrics(f"runs/{run_name}", config, args.track, args.wandb_project, state if resuming else None)
     # prompts to sample from: held-out ones, or training ones when there is no held-out set
     sample_prompts = [r["prompt"] for r in (eval_records or train_records)[: max(args.num_samples, args.num_eval_generations)]
                       if encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0] is not None]
@@ -315,9 +315,9 @@ def main(args: Args) -> None:
         model_w.eval()
         if evals:
             nll, n = 0.0, 0
-            for k in range(0, len(evals), args.per_device_train_batch_size):
-                batch = collate(evals[k: k + args.per_device_train_batch_size], tokenizer.pad_token_id,
-                                args.train_on_prompt, args.padding_free)
+            for k in range(0, len(evals), micro_batch_size):
+                batch = collate(evals[k: k + micro_batch_size], tokenizer.pad_token_id,
+                                args.train_on_prompt, padding_free)
                 with autocast():
                     nll += model_w(token_nll_sum, {name: t.to(device) for name, t in batch.items()}).item()
                 n += (batch["labels"][:, 1:] != -100).sum().item()
@@ -369,16 +369,17 @@ def main(args: Args) -> None:
             evaluate(step + 1)
         stop = signals.requested(device) and step + 1 < num_steps
         if ((step + 1) % args.save_steps == 0 and step + 1 < num_steps) or stop:
-            state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": args.run_name,
+            state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": run_name,
                      "log_bytes": metrics.position()}
-            save_model(ckpt_dir, tokenizer, args, ("", model), training=(state, model_w, optimizer))
+            save_model(ckpt_dir, tokenizer, config, ("", model),
+                       training=(state, model_w, optimizer))
         if stop:
             signals.stop(ckpt_dir, step + 1)
     signals.restore()
 
     # 5. save first (atomically; replacing the output folder also removes the resumable checkpoint inside it), so
     #    nothing that follows can cost the trained model
-    save_model(args.output_dir, tokenizer, args, ("", model))
+    save_model(args.output_dir, tokenizer, config, ("", model))
     print(f"saved to {args.output_dir}")
 
     # 6. final check: sample prompts at temperature 1; does each completion end (end token) within the budget?
@@ -392,8 +393,8 @@ def main(args: Args) -> None:
                              args.max_completion_length, device)
         texts, ended = texts + t, ended + e
     final = {"eval/sft/eos_rate": sum(ended) / len(ended)} if prompts else {}  # --num-eval-generations 0 skips it
-    if args.eval_reward_fn and prompts:
-        judge = load_function(args.eval_reward_fn)
+    if eval_reward_fn and prompts:
+        judge = load_function(eval_reward_fn)
         gold = torch.tensor([judge(p, t) for p, t in zip(prompts, texts)])
         final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),
                   "eval/sft/gold_negative_frac": (gold < -0.3).float().mean()}
@@ -402,7 +403,7 @@ def main(args: Args) -> None:
     metrics.log(num_steps, final)
     print(("" if eval_records else "on training prompts: ") + "  ".join(f"{k} {v:.3f}" for k, v in final.items()))
     metrics.close()
-    print(f"logs in runs/{args.run_name}")
+    print(f"logs in runs/{run_name}")
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -489,34 +490,44 @@ def load_function(spec: str):
 
 def claim_output_dir(out_dir: str, resume: bool) -> None:
     """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock
-    `out_dir` against a second run (a `.lock` file beside it, held with flock until this process ends, so a killed
-    run's lock is free again), and check that a save can be written beside it. Under torchrun, rank 0 does it."""
+    `out_dir` against a second run (`{out_dir}.lock`, held with flock while this process lives, so a killed run's
+    lock is free again; removed at exit), and check that a save can be written beside it. Under torchrun, rank 0."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out_dir = out_dir.rstrip("/")
     parent = os.path.dirname(os.path.abspath(out_dir))
+    if getattr(claim_output_dir, "release", None) is not None:  # a previous main() in this process
+        atexit.unregister(claim_output_dir.release)
+        claim_output_dir.release()
     try:
         os.makedirs(parent, exist_ok=True)
-        if getattr(claim_output_dir, "held", None) is not None:  # a previous main() in this process
-            claim_output_dir.held.close()
-        lock = open(out_dir + ".lock", "a+")
+        while True:
+            lock = open(out_dir + ".lock", "a+")
+            with contextlib.suppress(ImportError):  # fcntl: not on Windows
+                import fcntl
+
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.seek(0)
+                    raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it "
+                                     "to end, or choose another --output-dir") from None
+            if os.fstat(lock.fileno()).st_nlink:  # not removed meanwhile by the run that held it, as it ended
+                break
+            lock.close()
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                   f"{' '.join(sys.argv)[:200]}\n")
+        lock.flush()
     except OSError as e:
         raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
-    with contextlib.suppress(ImportError):  # fcntl: not on Windows
-        import fcntl
 
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it to end, or "
-                             "choose another --output-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-               f"{' '.join(sys.argv)[:200]}\n")
-    lock.flush()
-    claim_output_dir.held = lock  # held open, so locked, while the process lives
+    def release():  # at exit: the lock file goes, then the lock
+        with contextlib.suppress(OSError):
+            os.remove(lock.name)
+        lock.close()
+    claim_output_dir.release = release
+    atexit.register(release)
     for folder in (out_dir, os.path.join(out_dir, "checkpoint")):
         tmp, old = folder + ".tmp", folder + ".old"
         if not os.path.exists(folder) and os.path.exists(old):  # killed between the two renames of a save
@@ -555,10 +566,11 @@ def check_room(out_dir: str, *models) -> None:
               f"{4 * need / 2**20:.0f} MiB")
 
 
-def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = None) -> None:
+def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple | None = None) -> None:
     """Hugging Face folders written whole into `out_dir.tmp`, then swapped in for `out_dir` in one step, so that a kill
     at any moment leaves the previous folder or the new one, complete. `models` are (name, model) pairs: a subfolder
-    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors). `training` = (state,
+    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors); `config`, the run's flags,
+    goes to args.json. `training` = (state,
     parallel, optimizer) makes it a resumable checkpoint: the optimizer through torch.distributed.checkpoint (under
     FSDP2 each process writes its own shard), each process's random generators (so that a resumed run samples what the
     uninterrupted one would have) and `state` (step, scheduler...). args.json is written last: it marks a whole save.
@@ -600,7 +612,7 @@ def save_model(out_dir: str, tokenizer, args, *models, training: tuple | None = 
                 torch.save(state, os.path.join(tmp, "training_state.pt"))
         if rank == 0:
             with open(os.path.join(tmp, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2, default=str)
+                json.dump(config, f, indent=2, default=str)
                 f.flush()
                 os.fsync(f.fileno())
     except (Exception, dcp.CheckpointException) as e:  # a full disk: an OSError, or a library's error after one

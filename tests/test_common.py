@@ -151,7 +151,7 @@ def test_end_of_turn_token_that_is_not_eos(tokenizer, model_dir):
         logits[..., eot] += 100.0
         return logits
     model.lm_head.register_forward_hook(prefer_end_of_turn)
-    texts, ended = sample_texts(model, tok, ["The pasta was", "The plot was"], 8, "cpu")
+    texts, ended = sample_texts(model, tok, ["The pasta was", "The plot was"], 64, 8, "cpu")
     assert texts == ["", ""] and ended == [True, True]
 
 

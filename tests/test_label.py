@@ -268,3 +268,14 @@ def test_undo_steps_over_automatic_ties_and_ctrl_c_stops_cleanly(tmp_path):
     pairs, ties = lines(out), lines(str(out) + ".ties.jsonl")
     assert [(r["prompt"], r["chosen"]) for r in pairs] == [("p0 was", q0["b"])]
     assert [(r["prompt"], r["label"]) for r in ties] == [("p1 was", "Tie")]
+
+
+def test_control_characters_are_shown_escaped():
+    """A response holding terminal escape sequences must not rewrite what the labeller sees: each control character is
+    shown as its escape (newlines stay newlines), in plain text and in conversations."""
+    import label
+
+    shown = label.show("fine\r\x1b[2Kawful\x1b]0;title\x07\x08 end\nnext")
+    assert shown == "fine\\r\\x1b[2Kawful\\x1b]0;title\\x07\\x08 end\nnext"
+    turns = label.show([{"role": "user", "content": "hi\x1b[2J"}, {"role": "assistant", "content": "ok\r"}])
+    assert not any(c != "\n" and not c.isprintable() for c in turns) and "\\x1b[2J" in turns

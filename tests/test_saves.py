@@ -58,13 +58,9 @@ def make_training(model_dir, value: float):
     return model, parallel, optimizer, {"step": int(value), "run_name": "x", "log_bytes": 0}
 
 
-class Args:
-    seed = 1
-
-
 def save(folder, model_dir, value, training=True):
     model, parallel, optimizer, state = make_training(model_dir, value)
-    sft.save_model(str(folder), None, Args(), ("", model), training=(state, parallel, optimizer) if training else None)
+    sft.save_model(str(folder), None, {}, ("", model), training=(state, parallel, optimizer) if training else None)
     return model, parallel, optimizer
 
 
@@ -133,7 +129,7 @@ def test_a_kill_at_any_write_leaves_a_whole_save(model_dir, tmp_path, monkeypatc
             assert state["step"] == step, (kill_at, state["step"], step)
             moments = [s["exp_avg"] for s in optimizer.state.values()]
             assert all(torch.allclose(mo, torch.full_like(mo, 0.1 * step)) for mo in moments), kill_at
-    sft.claim_output_dir.held.close()
+    sft.claim_output_dir.release()
 
 
 def test_crafted_checkpoint_files_are_refused(model_dir, tmp_path):
@@ -187,7 +183,7 @@ def test_non_finite_weights_are_never_saved(model_dir, tmp_path):
     with torch.no_grad():
         next(model.parameters())[0] = float("nan")
     with pytest.raises(SystemExit, match="non-finite"):
-        sft.save_model(str(folder), None, Args(), ("", model))
+        sft.save_model(str(folder), None, {}, ("", model))
     assert tree_digest(folder) == before and not os.path.exists(str(folder) + ".tmp")
 
 
@@ -226,7 +222,8 @@ def test_a_second_run_on_one_folder_is_refused(tmp_path):
     holder.kill()
     holder.wait()
     sft.claim_output_dir(out, resume=True)  # stale: taken over
-    sft.claim_output_dir.held.close()
+    sft.claim_output_dir.release()  # what exit does
+    assert not os.path.exists(out + ".lock")
 
 
 @pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo.py", "ppo_rlhf.py"])
