@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny task, a tokenizer trained offline on it, and tiny Llama models. Nothing touches the Hub."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -87,3 +88,19 @@ def sft_dir(task_dir, model_dir, tmp_path_factory):
                "--learning-rate", "3e-3", "--per-device-train-batch-size", "16", "--eval-steps", "1000",
                "--num-eval-generations", "4", "--eval-reward-fn", "", cwd=cwd)
     return cwd / "sft"
+
+
+SCRIPT_CALLS = ("run_script(", "run_torchrun(", "run_copy(", "Popen(", "Terminal(", "subprocess.run(")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a script end to end; `pytest -m 'not slow'` leaves these out")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that runs a script (or needs the SFT model a script trains) is `slow`, marked here from its source so that
+    no new test is forgotten; `pytest -m 'not slow'` runs the rest, the formulas and helpers, in a minute or two."""
+    for item in items:
+        source = inspect.getsource(item.function)
+        if any(call in source for call in SCRIPT_CALLS) or "sft_dir" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
