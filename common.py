@@ -130,8 +130,13 @@ def end_token_id(tokenizer) -> int:
 def setup_tokenizer(tokenizer, model=None):
     """A pad token distinct from EOS and the end token, added if needed (growing `model`'s embeddings). With pad == eos
     (GPT-2, SmolLM2, Llama 3) masking padding out of a loss masks the EOS too, and the model never learns to stop."""
-    if tokenizer.pad_token is None or tokenizer.pad_token_id in (tokenizer.eos_token_id, end_token_id(tokenizer)):
+    added = tokenizer.pad_token is None or tokenizer.pad_token_id in (tokenizer.eos_token_id, end_token_id(tokenizer))
+    if added:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if not getattr(tokenizer, "_told", False):  # once per tokenizer: the two tokens every stage's masks depend on
+        tokenizer._told = True
+        print(f"end token {tokenizer.convert_ids_to_tokens(end_token_id(tokenizer))!r}, pad token {tokenizer.pad_token!r}"
+              + (" (added: the tokenizer had none, or one equal to the end token)" if added else ""))
     tokenizer.padding_side = "right"
     if model is not None:
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):

@@ -166,7 +166,7 @@ class Args:
 def encode_pairs(records, tokenizer, args):
     """Records -> list of (prompt_ids, chosen_ids, rejected_ids), counting truncated and skipped prompts (copied from
     reward_model.py: the two stages read the same files). A text that recurs is tokenised once."""
-    pairs, cut, skipped, cache = [], 0, 0, {}
+    pairs, cut, skipped, responses_cut, cache = [], 0, 0, 0, {}
     def encode(fn, text, limit):
         key = (fn, repr(text))  # repr: conversational prompts are lists of messages
         if key not in cache:
@@ -178,10 +178,11 @@ def encode_pairs(records, tokenizer, args):
             skipped += 1
             continue
         cut += long_prompt
-        chosen = encode(encode_response, r["chosen"], args.max_response_length)[0]
-        rejected = encode(encode_response, r["rejected"], args.max_response_length)[0]
+        chosen, long_chosen = encode(encode_response, r["chosen"], args.max_response_length)
+        rejected, long_rejected = encode(encode_response, r["rejected"], args.max_response_length)
+        responses_cut += long_chosen + long_rejected
         pairs.append((prompt_ids, chosen, rejected))
-    return pairs, cut, skipped
+    return pairs, cut, skipped, responses_cut
 
 
 def group_pairs(pairs, max_pairs: int) -> list[list[int]]:
@@ -281,6 +282,8 @@ def disable_dropout(model) -> None:
 def main(args: Args) -> None:
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     keep_freed_memory(device)  # CPU only
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
     if not 0 <= args.label_smoothing < 0.5 or (args.label_smoothing > 0 and args.loss_type != "sigmoid"):
         raise SystemExit("error: --label-smoothing must be in [0, 0.5), and is for --loss-type sigmoid only")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
@@ -343,14 +346,23 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {e}")
     if bad_lines:
         print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
-    train, cut, skipped = encode_pairs(train_records, tokenizer, args)
+    train, cut, skipped, responses_cut = encode_pairs(train_records, tokenizer, args)
+    for count, total, what, flag in [
+            (cut, len(train_records), "prompts were cut from the left", "--max-prompt-length"),
+            (responses_cut, 2 * len(train_records), "responses were cut, losing their end token", "--max-response-length")]:
+        if count > 0.1 * total:
+            print(f"warning: {count} of {total} {what}: raise {flag} for this data")
     evals = encode_pairs(eval_records, tokenizer, args)[0]
     if eval_prompts_file == "auto":  # the prompts of the pairs, as read_jsonl found them (any preference format)
         prompt_records = eval_records or train_records
     groups = group_pairs(train, args.max_group_pairs)
     eval_prompts = {repr(r["prompt"]): r["prompt"] for r in prompt_records}  # distinct prompts, in file order
-    eval_prompts = [(p, ids) for p in eval_prompts.values()
-                    if (ids := encode_prompt(tokenizer, p, args.max_prompt_length)[0]) is not None][: args.num_eval_prompts]
+    eval_prompts = [(p, *encode_prompt(tokenizer, p, args.max_prompt_length)) for p in eval_prompts.values()]
+    eval_prompts = [(p, ids, was_cut) for p, ids, was_cut in eval_prompts if ids is not None][: args.num_eval_prompts]
+    if sum(was_cut for _, _, was_cut in eval_prompts):
+        print(f"{sum(was_cut for _, _, was_cut in eval_prompts)} of {len(eval_prompts)} prompts to sample cut from the "
+              f"left to --max-prompt-length {args.max_prompt_length}")
+    eval_prompts = [(p, ids) for p, ids, _ in eval_prompts]
     print(f"{len(train)} training pairs in {len(groups)} comparison groups ({cut} prompts cut, {skipped} skipped), "
           f"{len(evals)} held-out pairs, {len(eval_prompts)} prompts to sample"
           + (" (from the training pairs)" if eval_prompts_file == "auto" and not eval_records else ""))
@@ -451,7 +463,8 @@ def main(args: Args) -> None:
         if evals:
             logps = pair_logprobs(policy_w, evals)
             margins = args.beta * ((logps - ref_policy_eval)[:, 0] - (logps - ref_policy_eval)[:, 1])
-            out |= {"eval/dpo/accuracy": (margins > 0).float().mean(), "eval/dpo/margin": margins.mean()}
+            accuracy = ((margins > 0).float() + 0.5 * (margins == 0).float()).mean()  # a tie counts half (step 0)
+            out |= {"eval/dpo/accuracy": accuracy, "eval/dpo/margin": margins.mean()}
             if judge and final and args.gold_tau > 0:  # the best accuracy any judge reaches on these noisy labels
                 gaps = torch.tensor([judge(r["prompt"], r["chosen"]) - judge(r["prompt"], r["rejected"])
                                      for r in eval_records])
@@ -523,6 +536,8 @@ def main(args: Args) -> None:
         optimizer.zero_grad(set_to_none=True)
         step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[3]:.2f}")
+        if progress.disable and (step + 1) % args.eval_steps == 0:  # no progress bar (a log file): the loss here
+            print(f"step {step + 1}/{num_steps}: train loss {stats[0]:.4f}, accuracy {stats[3]:.3f}")
         metrics.log(step + 1, {"train/dpo/loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2],
                                "rewards/margins": stats[1] - stats[2], "rewards/accuracies": stats[3],
                                "logps/chosen": stats[4], "logps/rejected": stats[5], "train/dpo/grad_norm": grad_norm,

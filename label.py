@@ -189,7 +189,11 @@ def sample_pairs(args, prompts: list, done: set) -> list:
         batch = prompts[k: k + args.batch_size]  # the last batch may reach past num_prompts: the grid never moves
         if all(key(p) in done for p in batch[: args.num_prompts - k]):
             continue
-        ids = [encode_prompt(tokenizer, p, args.max_prompt_length)[0] for p in batch]
+        encoded = [encode_prompt(tokenizer, p, args.max_prompt_length) for p in batch]
+        ids = [x for x, _ in encoded]
+        if any(was_cut for _, was_cut in encoded):
+            print(f"note: {sum(was_cut for _, was_cut in encoded)} of these {len(batch)} prompts were cut from the left to "
+                  f"--max-prompt-length {args.max_prompt_length}: the models answered only their end")
         keep = [i for i, x in enumerate(ids) if x is not None]
         width = max(len(ids[i]) for i in keep)
         queries = torch.tensor([[pad_id] * (width - len(ids[i])) + ids[i] for i in keep], device=device)

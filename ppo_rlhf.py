@@ -26,6 +26,7 @@ import errno
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -488,6 +489,8 @@ def main(args: Args) -> None:
                          "loss), or 0 to turn dual clipping off")
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     keep_freed_memory(device)  # CPU only
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -544,7 +547,9 @@ def main(args: Args) -> None:
             reward_model_paths[0] if value_from_reward_model else args.sft_model_path)
         if not resuming and reward_members and not value_from_reward_model:
             print("value model: from the SFT model, not the reward model (another tokenizer, width or label layout)")
+        logging.getLogger("transformers.utils.loading_report").disabled = value_from == args.sft_model_path  # a new
         value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
+        logging.getLogger("transformers.utils.loading_report").disabled = False  # head is expected: no report of it
         value_net.train()
     else:
         value_net = ValueHead(policy.config.get_text_config().hidden_size).to(device)
@@ -589,10 +594,14 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {e}")
     def encode_prompts(records):
         """Records -> (records, prompt ids) without the prompts that cannot fit max_prompt_length even cut."""
-        encoded = [(r, encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)[0]) for r in records]
-        kept = [(r, ids) for r, ids in encoded if ids is not None]
+        encoded = [(r, *encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)) for r in records]
+        kept = [(r, ids) for r, ids, _ in encoded if ids is not None]
         if len(kept) < len(encoded):
             print(f"skipped {len(encoded) - len(kept)} prompts whose fixed part exceeds --max-prompt-length")
+        cut = sum(was_cut for _, ids, was_cut in encoded if ids is not None)
+        if cut:
+            print(("warning: " if cut > 0.1 * len(encoded) else "") + f"{cut} of {len(encoded)} prompts cut from the "
+                  f"left to --max-prompt-length {args.max_prompt_length} (the model sees only their end)")
         return [r for r, _ in kept], [ids for _, ids in kept]
     train_records, train_prompts = encode_prompts(train_records)
     if not eval_records:  # evaluation samples training prompts; its scores are then not held-out figures
@@ -769,8 +778,15 @@ def main(args: Args) -> None:
             score_parts = {name: torch.cat([p[name] for p in part_chunks]) for name in part_chunks[0]}  # each (B,)
             raw_scores = scores.clone()
             if iteration == 0:  # reward_model.py normalised its scores to mean 0 on the SFT policy's samples
-                print(f"first rollout: mean score {all_reduce(raw_scores.mean(), 'mean').item():.3f} (about 0 when the "
-                      "reward model was normalised on samples drawn as these are)")
+                print(f"first rollout: mean score {all_reduce(raw_scores.mean(), 'mean').item():.3f}, std "
+                      f"{raw_scores.std().item() if len(raw_scores) > 1 else 0:.3f} (about 0 when the reward model was "
+                      "normalised on this SFT model's samples drawn as these are, give or take sampling noise: std x "
+                      "sqrt(1 / this batch + 1 / reward_model.py's --num-normalize-samples))")
+                unfinished = all_reduce((~has_eos).sum()).item()
+                if unfinished > 0.1 * rollout_batch_size * world_size:
+                    print(f"warning: {unfinished} of {rollout_batch_size * world_size} responses reached --response-length "
+                          f"{args.response_length} without their end token (val/num_eos_tokens counts those that "
+                          "ended): raise it for this data")
             scores = scores - args.missing_eos_penalty * (~has_eos).float()
             if args.reward_clip > 0:
                 scores = scores.clamp(-args.reward_clip, args.reward_clip)
@@ -867,6 +883,9 @@ def main(args: Args) -> None:
             raise SystemExit(f"non-finite metric at iteration {iteration + 1}: {row}")
         progress.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{mean_kl:.2f}",
                              len=f"{row['val/response_length']:.1f}", clip=f"{row['policy/clipfrac_avg']:.2f}")
+        if progress.disable:  # no progress bar (a log file): a line per iteration
+            print(f"iteration {iteration + 1}/{args.num_iterations}: score {row['objective/scores']:.3f}  kl {mean_kl:.2f}"
+                  f"  length {row['val/response_length']:.1f}  clipfrac {row['policy/clipfrac_avg']:.2f}")
         stop = signals.requested(device) and iteration + 1 < args.num_iterations
         if ((iteration + 1) % args.save_every == 0 and iteration + 1 < args.num_iterations) or stop:
             state = {"scheduler": scheduler.state_dict(), "iteration": iteration + 1, "kl_coef": kl_coef,

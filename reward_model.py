@@ -22,6 +22,7 @@ import errno
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -140,7 +141,8 @@ class Args:
     normalize_on: Literal["sft_samples", "dataset", "none"] = "sft_samples"
     """'sft_samples' (the SFT policy's samples on the training prompts), 'dataset' (the training responses) or 'none'"""
     num_normalize_samples: int = 256
-    """responses scored to compute the normalising offset"""
+    """responses scored to compute the normalising offset: with 'sft_samples' one sample per distinct training prompt,
+    so fewer when the data has fewer distinct prompts"""
     normalize_temperature: float = 0.7
     """sampling temperature of the SFT samples used for normalisation: stage 3's --temperature (same default)"""
     normalize_response_length: int = 24
@@ -156,9 +158,9 @@ class Args:
 
 
 def encode_pairs(records, tokenizer, args):
-    """Records -> list of (prompt_ids, chosen_ids, rejected_ids), counting truncated and skipped prompts. A text
+    """Records -> (list of (prompt_ids, chosen_ids, rejected_ids), prompts cut, prompts skipped, responses cut). A text
     that recurs (a prompt, or a response ranked against several others) is tokenised once."""
-    pairs, cut, skipped, cache = [], 0, 0, {}
+    pairs, cut, skipped, responses_cut, cache = [], 0, 0, 0, {}
     def encode(fn, text, limit):
         key = (fn, repr(text))  # repr: conversational prompts are lists of messages
         if key not in cache:
@@ -170,10 +172,11 @@ def encode_pairs(records, tokenizer, args):
             skipped += 1
             continue
         cut += long_prompt
-        chosen = encode(encode_response, r["chosen"], args.max_response_length)[0]
-        rejected = encode(encode_response, r["rejected"], args.max_response_length)[0]
+        chosen, long_chosen = encode(encode_response, r["chosen"], args.max_response_length)
+        rejected, long_rejected = encode(encode_response, r["rejected"], args.max_response_length)
+        responses_cut += long_chosen + long_rejected
         pairs.append((prompt_ids, chosen, rejected))
-    return pairs, cut, skipped
+    return pairs, cut, skipped, responses_cut
 
 
 def group_pairs(pairs, max_pairs: int) -> list[list[int]]:
@@ -250,6 +253,8 @@ def disable_dropout(model) -> None:
 def main(args: Args) -> None:
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     keep_freed_memory(device)  # CPU only
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -277,8 +282,13 @@ def main(args: Args) -> None:
     resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
     load_from = ckpt_dir if resuming else args.continue_from or args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
+    new_head = not resuming and not args.continue_from  # transformers reports the head missing: expected, so quiet
+    logging.getLogger("transformers.utils.loading_report").disabled = new_head
     model = AutoModelForSequenceClassification.from_pretrained(
         load_from, num_labels=1, dtype=torch.float32, trust_remote_code=args.trust_remote_code).to(device)
+    logging.getLogger("transformers.utils.loading_report").disabled = False
+    if new_head:
+        print(f"reward model: {load_from} with a new scalar head (`score`), randomly initialised")
     setup_tokenizer(tokenizer, model)
     check_room(args.output_dir, model)
     disable_dropout(model)
@@ -306,8 +316,13 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {e}")
     if bad_lines:
         print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
-    train, cut, skipped = encode_pairs(train_records, tokenizer, args)
-    evals, _, _ = encode_pairs(eval_records, tokenizer, args)
+    train, cut, skipped, responses_cut = encode_pairs(train_records, tokenizer, args)
+    for count, total, what, flag in [
+            (cut, len(train_records), "prompts were cut from the left", "--max-prompt-length"),
+            (responses_cut, 2 * len(train_records), "responses were cut, losing their end token", "--max-response-length")]:
+        if count > 0.1 * total:
+            print(f"warning: {count} of {total} {what}: raise {flag} for this data")
+    evals = encode_pairs(eval_records, tokenizer, args)[0]
     groups = group_pairs(train, args.max_group_pairs)
     print(f"{len(train)} training pairs in {len(groups)} comparison groups ({cut} prompts cut from the left, "
           f"{skipped} skipped), " + (f"{len(evals)} held out" if evals else "no held-out set (--eval-dataset FILE)"))
@@ -415,6 +430,8 @@ def main(args: Args) -> None:
         optimizer.zero_grad(set_to_none=True)
         step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.2f}")
+        if progress.disable and (step + 1) % args.eval_steps == 0:  # no progress bar (a log file): the loss here
+            print(f"step {step + 1}/{num_steps}: train loss {stats[0]:.4f}, accuracy {stats[1]:.3f}")
         metrics.log(step + 1, {"train/rm/loss": stats[0], "train/rm/accuracy": stats[1], "train/rm/margin": stats[2],
                                "train/rm/grad_norm": grad_norm.item(), "charts/lr": scheduler.get_last_lr()[0],
                                "time/step": step_seconds})

@@ -138,17 +138,20 @@ class Args:
 
 
 def encode(records, tokenizer, args):
-    """Records -> list of (prompt_ids, completion_ids), counting truncated and skipped prompts (a prompt is also
-    skipped when even cut it cannot fit: a system turn longer than max_prompt_length)."""
-    examples, cut, skipped = [], 0, 0
+    """Records -> (list of (prompt_ids, completion_ids), prompts cut, prompts skipped, completions cut). A prompt is
+    also skipped when even cut it cannot fit (a system turn longer than max_prompt_length); a cut completion loses its
+    end token."""
+    examples, cut, skipped, completions_cut = [], 0, 0, 0
     for r in records:
         prompt_ids, long_prompt = encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)
         if prompt_ids is None or (long_prompt and args.skip_long_prompts):
             skipped += 1
             continue
         cut += long_prompt
-        examples.append((prompt_ids, encode_response(tokenizer, r["completion"], args.max_completion_length)[0]))
-    return examples, cut, skipped
+        completion_ids, long_completion = encode_response(tokenizer, r["completion"], args.max_completion_length)
+        completions_cut += long_completion
+        examples.append((prompt_ids, completion_ids))
+    return examples, cut, skipped, completions_cut
 
 
 def collate(examples, pad_id: int, train_on_prompt: bool, padding_free: bool) -> dict:
@@ -202,6 +205,8 @@ def sample_texts(model, tokenizer, prompts, max_prompt_length: int, max_new_toke
 def main(args: Args) -> None:
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
     keep_freed_memory(device)  # CPU only
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -250,9 +255,14 @@ def main(args: Args) -> None:
         eval_records = read_jsonl(eval_dataset, "sft") if eval_dataset != "none" else []
     except DataError as e:  # a clear message naming file, line and field, not a traceback
         raise SystemExit(f"error: {e}")
-    train, cut, skipped = encode(train_records, tokenizer, args)
+    train, cut, skipped, completions_cut = encode(train_records, tokenizer, args)
     evals = encode(eval_records, tokenizer, args)[0]
-    print(f"{len(train)} training examples ({cut} prompts cut from the left, {skipped} skipped), "
+    for count, what, flag in [(cut, "prompts were cut from the left", "--max-prompt-length"),
+                              (completions_cut, "completions were cut, losing their end token", "--max-completion-length")]:
+        if count > 0.1 * len(train_records):
+            print(f"warning: {count} of {len(train_records)} {what}: raise {flag} for this data")
+    print(f"{len(train)} training examples ({cut} prompts cut from the left, {skipped} skipped, {completions_cut} "
+          "completions cut), "
           + (f"{len(evals)} held out" if eval_records else "no held-out set (--eval-dataset FILE to add one)"))
     if not train:
         raise SystemExit(f"{args.dataset}: no example left to train on")
@@ -330,7 +340,7 @@ def main(args: Args) -> None:
         shown = [tokenizer.decode(encode_prompt(tokenizer, p, args.max_prompt_length)[0]) for p in prompts]  # as seen
         table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(shown, texts))
         metrics.log(step, samples=table)
-        tqdm.write(table)
+        tqdm.write(f"step {step} samples:\n{table}")
         model_w.train()
 
     # 4. training loop
@@ -363,6 +373,8 @@ def main(args: Args) -> None:
         optimizer.zero_grad(set_to_none=True)
         step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{loss:.3f}")
+        if progress.disable and (step + 1) % args.eval_steps == 0:  # no progress bar (a log file): the loss here
+            print(f"step {step + 1}/{num_steps}: train loss {loss:.4f}")
         metrics.log(step + 1, {"train/sft/loss": loss, "train/sft/grad_norm": grad_norm.item(), "time/step": step_seconds,
                                "charts/lr": scheduler.get_last_lr()[0], "train/sft/tokens": num_tokens.item()})
         if (step + 1) % args.eval_steps == 0 or step + 1 == num_steps:

@@ -76,7 +76,7 @@ def test_short_run_learns_saves_and_generates(task_dir, model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     args = Args(max_completion_length=24)
-    evals, _, _ = encode(read_jsonl(str(task_dir / "sft_eval.jsonl"), "sft"), tok, args)
+    evals = encode(read_jsonl(str(task_dir / "sft_eval.jsonl"), "sft"), tok, args)[0]
     with torch.no_grad():
         batches = [collate(evals[k: k + 16], tok.pad_token_id, False, False) for k in range(0, len(evals), 16)]
         nll = sum(token_nll_sum(model, b).item() for b in batches)
@@ -126,10 +126,10 @@ def test_chat_template_and_long_prompts(tmp_path, tokenizer, model_dir):
               "--per-device-train-batch-size", "8", "--eval-steps", "100", "--num-eval-generations", "4",
               "--max-prompt-length", "32", "--eval-reward-fn", ""]
     proc = run_script("sft.py", *common, "--output-dir", tmp_path / "o1", cwd=tmp_path)
-    assert "48 training examples (8 prompts cut from the left, 0 skipped)" in proc.stdout
+    assert "48 training examples (8 prompts cut from the left, 0 skipped, 0 completions cut)" in proc.stdout
     assert "<|im_start|>assistant" in proc.stdout  # samples are printed with the rendered chat prompt
     proc = run_script("sft.py", *common, "--skip-long-prompts", "--output-dir", tmp_path / "o2", cwd=tmp_path)
-    assert "40 training examples (0 prompts cut from the left, 8 skipped)" in proc.stdout
+    assert "40 training examples (0 prompts cut from the left, 8 skipped, 0 completions cut)" in proc.stdout
 
 
 def test_bad_dataset_gives_a_clear_error(tmp_path, model_dir):

@@ -129,3 +129,35 @@ def test_dpo_on_a_users_chat_model_and_conversational_pairs(chat_model_dir, tmp_
     assert read_metrics(tmp_path, "eval/gold_score") == []  # no judge on the user's data
     assert len(read_metrics(tmp_path, "eval/kl")) == 2  # sampled at the start and at the end
     AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")
+
+
+def test_every_cut_is_reported(chat_model_dir, tmp_path):
+    """Limits that cut a user's data say so, with counts and a warning when many are cut: completions that lose their
+    end token in SFT, prompts cut in PPO, responses that reach --response-length; the end and pad tokens are named."""
+    long_answer = " ".join(["the sauce was rich and the service was quick"] * 4)
+    write_jsonl(tmp_path / "sft.jsonl", [{"messages": [user(f"the {d} was"), assistant(f"{d}: {long_answer}")]}
+                                         for d in ("pasta", "soup", "steak", "tea")])
+    sft = run_script("sft.py", "--model-name-or-path", chat_model_dir, "--dataset", tmp_path / "sft.jsonl",
+                     "--output-dir", tmp_path / "sft", "--max-steps", "1", "--max-completion-length", "16",
+                     "--num-eval-generations", "0", cwd=tmp_path)
+    assert "end token '<|im_end|>', pad token '<pad>' (added" in sft.stdout
+    assert "warning: 4 of 4 completions were cut, losing their end token: raise --max-completion-length" in sft.stdout
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [user(f"the {d} was {long_answer}")]}
+                                             for d in ("pasta", "soup", "steak", "tea")])
+    ppo = run_script("ppo_rlhf.py", "--sft-model-path", tmp_path / "sft", "--dataset", tmp_path / "prompts.jsonl",
+                     "--reward-fn", "reward_functions.py:positivity", "--output-dir", tmp_path / "ppo",
+                     "--num-iterations", "1", "--response-length", "2", "--max-prompt-length", "24", cwd=tmp_path)
+    assert "warning: 4 of 4 prompts cut from the left to --max-prompt-length 24" in ppo.stdout
+    assert "responses reached --response-length 2 without their end token" in ppo.stdout
+
+
+def test_track_without_wandb_stops_at_once(tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    proc = run_script("sft.py", "--track", "--output-dir", tmp_path / "out", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--track logs to Weights & Biases, which is not installed: pip install wandb" in proc.stderr
+    assert not (tmp_path / "models").exists()  # stopped before making or loading anything
