@@ -127,6 +127,25 @@ def end_token_id(tokenizer) -> int:
     return tokenizer._end_token_id
 
 
+def score_suffix(tokenizer) -> list[int]:
+    """The ids a chat template writes after a finished assistant turn's end token: "\\n" after ChatML's <|im_end|>,
+    none for plain text or Llama 3. A reward model's score is read at the last token of the rendered conversation, where
+    transformers' AutoModelForSequenceClassification reads it on `apply_chat_template(conversation)`; so a response
+    that ended gets these ids appended before it is scored (reward_model.py's pairs, its normalisation, PPO's scoring)."""
+    if tokenizer.chat_template is None:
+        return []
+    if getattr(tokenizer, "_suffix_key", None) != (tokenizer.chat_template, end_token_id(tokenizer)):
+        marker = "Zq9 reply text"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+        ids = tokenizer(text[text.rindex(marker) + len(marker):] if marker in text else "",
+                        add_special_tokens=False)["input_ids"]
+        end = end_token_id(tokenizer)
+        tokenizer._suffix = ids[ids.index(end) + 1:] if end in ids else []
+        tokenizer._suffix_key = (tokenizer.chat_template, end)
+    return tokenizer._suffix
+
+
 def setup_tokenizer(tokenizer, model=None):
     """A pad token distinct from EOS and the end token, added if needed (growing `model`'s embeddings). With pad == eos
     (GPT-2, SmolLM2, Llama 3) masking padding out of a loss masks the EOS too, and the model never learns to stop."""
@@ -197,7 +216,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def reward_scores(model, input_ids, attention_mask=None, position_ids=None, last=None) -> torch.Tensor:
-    """Query+response ids -> (N,) rewards: the head at each sequence's last real token, minus `config.reward_offset`
+    """Query+response ids -> (N,) rewards: the head at each sequence's last real token (the end token, then
+    `score_suffix`: where transformers reads it on a rendered conversation), minus `config.reward_offset`
     (0 = the SFT policy's average sample; Hugging Face's pooled logits do not subtract it). Padded input: (B, T) ids
     and mask. Packed: ids, position ids restarting with each sequence, and `last`, (N, 2) row and column of each end."""
     if last is None:

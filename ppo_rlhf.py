@@ -56,7 +56,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (DataError, encode_prompt, end_token_id, last_token_index, read_jsonl, reward_scores, sample,
-                    setup_tokenizer)
+                    score_suffix, setup_tokenizer)
 
 # the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
 TASK_DATA = "data/reviews"
@@ -337,6 +337,20 @@ def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_
         cols = (context_length - 1 + t).expand(batch, -1)
         last = torch.stack([torch.arange(batch, device=device), last_token_index(attention_mask)], dim=1)
     return inputs, (last[:, :1].expand_as(cols), cols), last
+
+
+def with_score_suffix(query_responses: torch.Tensor, attention_mask: torch.Tensor, has_eos: torch.Tensor,
+                      suffix: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and mask -> (B, L + k): the k ids of `suffix` (`common.score_suffix`, the chat template's text after
+    the end token) written after the last real token of each response that ended (has_eos), where a reward model reads
+    its score; the other rows gain only padding."""
+    k = len(suffix)
+    ids, mask = F.pad(query_responses, (0, k)), F.pad(attention_mask, (0, k))
+    rows = has_eos.nonzero().squeeze(1)  # (E,)
+    cols = last_token_index(attention_mask)[rows, None] + 1 + torch.arange(k, device=ids.device)  # (E, k)
+    ids[rows[:, None], cols] = torch.tensor(suffix, device=ids.device)
+    mask[rows[:, None], cols] = 1
+    return ids, mask
 
 
 def score_texts(reward_model, reward_tokenizer, prompts: list, responses: list[str]) -> torch.Tensor:
@@ -670,11 +684,21 @@ def main(args: Args) -> None:
         return Rollout(torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask.long()], dim=1),
                        context_length, responses, response_mask, has_eos)
 
+    suffix = score_suffix(tokenizer)  # what the chat template writes after the end token ("\n" in ChatML)
+
+    def reward_layout(query_responses, attention_mask, context_length, has_eos, batch_layout):
+        """The layout a reward model of the policy's tokenizer reads: the policy's, with `suffix` after each response
+        that ended, so the score is read where transformers reads it on the rendered conversation."""
+        if not suffix:
+            return batch_layout
+        return layout(*with_score_suffix(query_responses, attention_mask, has_eos, suffix), context_length, padding_free)
+
     @torch.no_grad()
     def get_scores(batch_layout, responses, response_mask, prompts_text) -> tuple[torch.Tensor, dict]:
-        """(B,) sequence scores and their parts. A reward model reads the last real token (the EOS) of the policy's
-        ids, or of its own tokens (another tokenizer); an ensemble's score is mean - ensemble_k * std over its members
-        (`score_rm`, `rm_std`); each --reward-fn term (`score_{name}`, unweighted) reads text and adds weight * term."""
+        """(B,) sequence scores and their parts. A reward model reads the last real token of the policy's ids (the end
+        token and `suffix`: `reward_layout`), or of its own tokens (another tokenizer); an ensemble's score is mean -
+        ensemble_k * std over its members (`score_rm`, `rm_std`); each --reward-fn term (`score_{name}`, unweighted)
+        reads text and adds weight * term."""
         texts = None  # decoded only for what reads text: a reward function, or a reward model of another tokenizer
         if reward_fns or not all(same for _, _, same in reward_ws):
             texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
@@ -717,7 +741,8 @@ def main(args: Args) -> None:
         with autocast():
             logprobs = policy_w(forward, batch_layout, batch.responses, args.temperature, with_values=False)[0]
             ref_logprobs = ref_w(reference_logprobs, batch_layout, batch.responses, args.temperature)
-        scores, parts = get_scores(batch_layout, batch.responses, batch.response_mask, texts)
+        scores, parts = get_scores(reward_layout(batch.query_responses, batch.attention_mask, batch.context_length,
+                                                 batch.has_eos, batch_layout), batch.responses, batch.response_mask, texts)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * batch.response_mask).sum(1).mean(),
                "eval/response_length": batch.response_mask.sum(1).float().mean(),
                "eval/eos_rate": batch.has_eos.float().mean()}
@@ -770,7 +795,9 @@ def main(args: Args) -> None:
                 with autocast():
                     mb_logprobs, mb_entropy, mb_values = policy_w(forward, batch_layout, responses[chunk], args.temperature)
                     mb_ref_logprobs = ref_w(reference_logprobs, batch_layout, responses[chunk], args.temperature)
-                mb_scores, mb_parts = get_scores(batch_layout, responses[chunk], batch.response_mask[chunk],
+                mb_scores, mb_parts = get_scores(reward_layout(query_responses[chunk], attention_mask[chunk],
+                                                               batch.context_length, has_eos[chunk], batch_layout),
+                                                 responses[chunk], batch.response_mask[chunk],
                                                  [train_records[i]["prompt"] for i in idx[chunk]])
                 chunks.append((mb_logprobs, mb_entropy, mb_values, mb_ref_logprobs, mb_scores))
                 part_chunks.append(mb_parts)

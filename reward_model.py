@@ -51,7 +51,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (DataError, encode_prompt, encode_response, end_token_id, read_jsonl, reward_scores, sample,
-                    setup_tokenizer)
+                    score_suffix, setup_tokenizer)
 
 # the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
 TASK_DATA = "data/reviews"
@@ -160,7 +160,7 @@ class Args:
 def encode_pairs(records, tokenizer, args):
     """Records -> (list of (prompt_ids, chosen_ids, rejected_ids), prompts cut, prompts skipped, responses cut). A text
     that recurs (a prompt, or a response ranked against several others) is tokenised once."""
-    pairs, cut, skipped, responses_cut, cache = [], 0, 0, 0, {}
+    pairs, cut, skipped, responses_cut, cache, suffix = [], 0, 0, 0, {}, score_suffix(tokenizer)
     def encode(fn, text, limit):
         key = (fn, repr(text))  # repr: conversational prompts are lists of messages
         if key not in cache:
@@ -174,6 +174,9 @@ def encode_pairs(records, tokenizer, args):
         cut += long_prompt
         chosen, long_chosen = encode(encode_response, r["chosen"], args.max_response_length)
         rejected, long_rejected = encode(encode_response, r["rejected"], args.max_response_length)
+        # a response that ended is read where a standard load reads it: after the template's text that follows the end
+        chosen, rejected = ((ids + suffix) if not cut else ids for ids, cut in ((chosen, long_chosen),
+                                                                                 (rejected, long_rejected)))
         responses_cut += long_chosen + long_rejected
         pairs.append((prompt_ids, chosen, rejected))
     return pairs, cut, skipped, responses_cut
@@ -474,7 +477,8 @@ def main(args: Args) -> None:
                                 args.normalize_temperature, end_id, tokenizer.pad_token_id)
             for p, r in zip(prompts[k: k + 64], out[:, queries.shape[1]:].tolist()):
                 n = r.index(end_id) + 1 if end_id in r else len(r)
-                sequences.append(list(p) + r[:n])  # a response ends at (and includes) its first end token
+                # a response ends at (and includes) its first end token; one that ended is read after `score_suffix`
+                sequences.append(list(p) + r[:n] + (score_suffix(tokenizer) if end_id in r else []))
         del policy
     elif args.normalize_on == "dataset":
         sequences = [list(p) + (c if rng.random() < 0.5 else r) for p, c, r in train]

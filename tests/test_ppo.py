@@ -272,7 +272,7 @@ def test_pipeline_chains_and_saves(task_dir, sft_dir, tmp_path):
     assert "warning: the reward model was normalised on samples at temperature, response length, prompt length " \
            "[0.7, 12, 64]; this run samples at [0.7, 8, 64]" in other.stdout
     spread = float(rm.stdout.split("(score std ")[1].split(")")[0])  # of the normalisation samples' scores
-    first = float(proc.stdout.split("first rollout: mean score ")[1].split()[0])
+    first = float(proc.stdout.split("first rollout: mean score ")[1].split(",")[0])
     assert abs(first) < spread, (first, spread)
     assert first == pytest.approx(read_metrics(tmp_path, "objective/scores")[0][1], abs=1e-3)
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")

@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import torch
 from conftest import CHATML, read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -161,3 +162,62 @@ def test_track_without_wandb_stops_at_once(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--track logs to Weights & Biases, which is not installed: pip install wandb" in proc.stderr
     assert not (tmp_path / "models").exists()  # stopped before making or loading anything
+
+
+def test_a_reward_model_scores_where_transformers_reads_it(chat_model_dir, tmp_path):
+    """Loaded the usual way (AutoModelForSequenceClassification on the chat template's rendering of the conversation,
+    which ends "<|im_end|>\\n"), a reward model trained by reward_model.py gives the score it was trained to give: its
+    training read the same last token, the one after the end token."""
+    import reward_model
+    from common import read_jsonl, reward_scores, score_suffix
+    pairs = [{"prompt": [user(f"{d} was")], "chosen": [assistant(" lovely.")], "rejected": [assistant(" awful.")]}
+             for d in ("the pasta", "the soup", "the steak", "the tea")]
+    write_jsonl(tmp_path / "prefs.jsonl", pairs)
+    run_script("reward_model.py", "--model-name-or-path", chat_model_dir, "--dataset", tmp_path / "prefs.jsonl",
+               "--output-dir", tmp_path / "rm", "--max-steps", "40", "--learning-rate", "1e-3", "--normalize-on",
+               "dataset", cwd=tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert score_suffix(tok) == tok("\n", add_special_tokens=False)["input_ids"]
+    trained_on = reward_model.encode_pairs(read_jsonl(str(tmp_path / "prefs.jsonl"), "preference"), tok,
+                                           reward_model.Args())[0]  # (prompt, chosen, rejected) ids, as in training
+    for pair, (prompt_ids, *response_ids) in zip(pairs, trained_on):
+        standard = []
+        for response, ids in zip((pair["chosen"], pair["rejected"]), response_ids):
+            inputs = tok.apply_chat_template(pair["prompt"] + response, return_tensors="pt", return_dict=True)
+            assert prompt_ids + ids == inputs["input_ids"][0].tolist()  # training read the last token, as below
+            standard.append(rm(**inputs).logits[0, 0].item())  # transformers' pooling: at the last token, the "\n"
+            ours = reward_scores(rm, inputs["input_ids"], inputs["attention_mask"]).item()
+            assert ours + rm.config.reward_offset == pytest.approx(standard[-1], abs=1e-5)
+        assert standard[0] > standard[1], standard  # chosen above rejected, loaded the usual way
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_ppo_reads_a_reward_model_where_transformers_does(chat_model_dir, padding_free):
+    """PPO's responses stop at the end token; their score is read after the template's suffix, as on the rendered
+    conversation. A response cut at --response-length (no end token) is read at its last token, unchanged."""
+    from common import encode_prompt, end_token_id, reward_scores, score_suffix, setup_tokenizer
+    from ppo_rlhf import layout, truncate_after_eos, with_score_suffix
+    tok = setup_tokenizer(AutoTokenizer.from_pretrained(chat_model_dir))
+    rm = AutoModelForSequenceClassification.from_pretrained(chat_model_dir, num_labels=1).eval()
+    setup_tokenizer(tok, rm)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(rm.score.weight)
+    prompts = [[user("the pasta was")], [user("the soup at the corner place was")]]
+    queries = [encode_prompt(tok, p, 64)[0] for p in prompts]
+    end = end_token_id(tok)
+    sampled = [tok(" lovely.", add_special_tokens=False)["input_ids"] + [end, 7, 7],
+               tok(" cold and", add_special_tokens=False)["input_ids"] + [9, 9, 9]]  # the second never ends
+    width = max(map(len, queries))
+    query_ids = torch.tensor([[tok.pad_token_id] * (width - len(q)) + q for q in queries])
+    query_mask = (query_ids != tok.pad_token_id).long()
+    responses, response_mask, has_eos = truncate_after_eos(torch.tensor(sampled), end, tok.pad_token_id)
+    ids, mask = with_score_suffix(torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask.long()], 1),
+                                  has_eos, score_suffix(tok))
+    inputs, _, last = layout(ids, mask, width, padding_free)
+    with torch.no_grad():
+        ours = reward_scores(rm, **inputs, last=last)
+        rendered = tok.apply_chat_template(prompts[0] + [assistant(" lovely.")], return_tensors="pt", return_dict=True)
+        assert ours[0].item() == pytest.approx(rm(**rendered).logits[0, 0].item(), abs=1e-5)
+        cut = torch.tensor([queries[1] + sampled[1]])
+        assert ours[1].item() == pytest.approx(rm(input_ids=cut).logits[0, 0].item(), abs=1e-5)
