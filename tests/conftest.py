@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -70,6 +71,17 @@ def run_torchrun(script, *args, cwd, nproc=2, check=True, popen=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def wait_for_logged(cwd, key, count, timeout=180.0):
+    """Wait until the one run under cwd/runs (still going) has logged `key` `count` times."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = list((cwd / "runs").glob("*/metrics.jsonl"))
+        if logs and logs[0].read_text().count(f'"{key}"') >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{key} was not logged {count} times within {timeout} s")
 
 
 def read_metrics(cwd, key):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_script, run_torchrun
+from conftest import REPO, read_metrics, run_script, run_torchrun, wait_for_logged
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -189,21 +189,22 @@ def test_workers_checkpoint_and_stop_when_their_launcher_is_killed(task_dir, mod
             "--output-dir", "out", "--per-device-train-batch-size", "32", "--max-steps", "100000", "--save-steps", "1000",
             "--eval-steps", "1000", "--num-eval-generations", "0"]
     proc = run_torchrun("sft.py", *args, cwd=tmp_path, popen=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
-        time.sleep(0.1)
-    (log,) = (tmp_path / "runs").glob("*/metrics.jsonl")
-    while time.time() < deadline and log.read_text().count("train/sft/loss") < 3:
-        time.sleep(0.1)
+    wait_for_logged(tmp_path, "train/sft/loss", 3)
     workers = children(proc.pid)
     assert len(workers) == 2, workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read()
-                                         .rsplit(")", 1)[1].split()[:1] for pid in workers):
+    deadline = time.time() + 120
+
+    def alive(pid):  # a process that has not exited (a zombie has: it waits only to be reaped)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    while time.time() < deadline and any(map(alive, workers)):
         time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1]
-                   .split()[:1] for pid in workers), "the workers ran on after their launcher died"
+    assert not any(map(alive, workers)), "the workers ran on after their launcher died"
     step = torch.load(tmp_path / "out" / "checkpoint" / "training_state.pt", weights_only=True)["step"]
     assert step >= 3
     resumed = run_torchrun("sft.py", *args[:-8], "--max-steps", str(step + 2), *args[-6:], cwd=tmp_path)

@@ -11,12 +11,11 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import REPO, run_script, write_jsonl
+from conftest import REPO, read_metrics, run_script, wait_for_logged, write_jsonl
 from transformers import AutoModelForCausalLM
 
 import common
@@ -267,12 +266,7 @@ def test_a_signal_checkpoints_and_the_rerun_resumes(signum, task_dir, model_dir,
                             cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"TQDM_DISABLE": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
-        time.sleep(0.05)
-    (log,) = (tmp_path / "runs").glob("*/metrics.jsonl")
-    while time.time() < deadline and log.read_text().count("train/sft/loss") < 3:
-        time.sleep(0.05)
+    wait_for_logged(tmp_path, "train/sft/loss", 3)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, stderr[-3000:]
@@ -281,7 +275,7 @@ def test_a_signal_checkpoints_and_the_rerun_resumes(signum, task_dir, model_dir,
     assert torch.load(tmp_path / "out" / "checkpoint" / "training_state.pt", weights_only=True)["step"] == step
     resumed = run_script("sft.py", *args, "--max-steps", str(step + 3), cwd=tmp_path)
     assert f"at step {step}" in resumed.stdout
-    steps = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "train/sft/loss" in r]
+    steps = [step for step, _ in read_metrics(tmp_path, "train/sft/loss")]
     assert steps == list(range(1, step + 4))  # each step once: what was logged after the checkpoint was dropped
 
 
