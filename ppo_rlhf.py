@@ -561,9 +561,9 @@ def main(args: Args) -> None:
             reward_model_paths[0] if value_from_reward_model else args.sft_model_path)
         if not resuming and reward_members and not value_from_reward_model:
             print("value model: from the SFT model, not the reward model (another tokenizer, width or label layout)")
-        logging.getLogger("transformers.utils.loading_report").disabled = value_from == args.sft_model_path  # a new
+        logging.getLogger("transformers.modeling_utils").disabled = value_from == args.sft_model_path  # a new
         value_net = AutoModelForSequenceClassification.from_pretrained(value_from, num_labels=1, **trained).to(device)
-        logging.getLogger("transformers.utils.loading_report").disabled = False  # head is expected: no report of it
+        logging.getLogger("transformers.modeling_utils").disabled = False  # head is expected: no report of it
         value_net.train()
     else:
         value_net = ValueHead(policy.config.get_text_config().hidden_size).to(device)

@@ -286,10 +286,10 @@ def main(args: Args) -> None:
     load_from = ckpt_dir if resuming else args.continue_from or args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
     new_head = not resuming and not args.continue_from  # transformers reports the head missing: expected, so quiet
-    logging.getLogger("transformers.utils.loading_report").disabled = new_head
+    logging.getLogger("transformers.modeling_utils").disabled = new_head
     model = AutoModelForSequenceClassification.from_pretrained(
         load_from, num_labels=1, dtype=torch.float32, trust_remote_code=args.trust_remote_code).to(device)
-    logging.getLogger("transformers.utils.loading_report").disabled = False
+    logging.getLogger("transformers.modeling_utils").disabled = False
     if new_head:
         print(f"reward model: {load_from} with a new scalar head (`score`), randomly initialised")
     setup_tokenizer(tokenizer, model)

@@ -173,9 +173,10 @@ def test_a_reward_model_scores_where_transformers_reads_it(chat_model_dir, tmp_p
     pairs = [{"prompt": [user(f"{d} was")], "chosen": [assistant(" lovely.")], "rejected": [assistant(" awful.")]}
              for d in ("the pasta", "the soup", "the steak", "the tea")]
     write_jsonl(tmp_path / "prefs.jsonl", pairs)
-    run_script("reward_model.py", "--model-name-or-path", chat_model_dir, "--dataset", tmp_path / "prefs.jsonl",
-               "--output-dir", tmp_path / "rm", "--max-steps", "40", "--learning-rate", "1e-3", "--normalize-on",
-               "dataset", cwd=tmp_path)
+    proc = run_script("reward_model.py", "--model-name-or-path", chat_model_dir, "--dataset", tmp_path / "prefs.jsonl",
+                      "--output-dir", tmp_path / "rm", "--max-steps", "40", "--learning-rate", "1e-3", "--normalize-on",
+                      "dataset", cwd=tmp_path)
+    assert "with a new scalar head" in proc.stdout and "LOAD REPORT" not in proc.stderr  # the new head is expected
     tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     assert score_suffix(tok) == tok("\n", add_special_tokens=False)["input_ids"]
