@@ -1096,11 +1096,11 @@ def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple |
     """Hugging Face folders written whole into `out_dir.tmp`, then swapped in for `out_dir` in one step, so that a kill
     at any moment leaves the previous folder or the new one, complete. `models` are (name, model) pairs: a subfolder
     ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors); `config`, the run's flags,
-    goes to args.json. `training` = (state,
-    parallel, optimizer) makes it a resumable checkpoint: the optimizer through torch.distributed.checkpoint (under
-    FSDP2 each process writes its own shard), each process's random generators (so that a resumed run samples what the
-    uninterrupted one would have) and `state` (step, scheduler...). args.json is written last: it marks a whole save.
-    Non-finite weights are never written. Under torchrun every process hands over its shards and rank 0 writes."""
+    goes to args.json. `training` = (state, parallel, optimizer) makes it a resumable checkpoint: the optimizer through
+    torch.distributed.checkpoint (under FSDP2 each process writes its own shard), each process's random generators (so
+    that a resumed run samples what the uninterrupted one would have) and `state` (step, scheduler...). args.json is
+    written last: it marks a whole save. Non-finite weights are never written. Under torchrun every process hands over
+    its shards and rank 0 writes."""
     states = [full_state_dict(model) for _, model in models]
     rank = dist.get_rank() if dist.is_initialized() else 0
     bad = [k for state in states for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -1354,6 +1354,9 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # held until the interpreter exits: were the group freed with main()'s models (DDP's reducer holds it), its gloo
+    # threads, still releasing the last collective's tensors, would wait for the GIL while freeing it waits for them
+    init_distributed.group = dist.group.WORLD
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return dist.get_rank(), world_size, device

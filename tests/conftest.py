@@ -53,8 +53,8 @@ def write_jsonl(path, rows):
 
 def run_script(script, *args, cwd, check=True):
     """Run one of the stage scripts as a user would, from `cwd` (where runs/ is written)."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, timeout=900,
+                          capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})  # a hang fails
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -67,7 +67,7 @@ def run_torchrun(script, *args, cwd, nproc=2, check=True, popen=False):
     env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # two processes on two cores
     if popen:
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)  # a hang fails
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
