@@ -52,7 +52,8 @@ def read_jsonl(path: str, kind: str, errors: list | None = None) -> list[dict]:
     """A JSONL file of `kind` ('sft', 'preference' or 'prompt') -> records with the fields of FIELDS[kind]: from
     prompt/completion, prompt/chosen/rejected, prompt-only, `messages` (the last assistant turn is the completion; a
     prompt file's may end with a user turn), or `chosen`/`rejected` conversations sharing their prompt turns. A problem
-    is a DataError naming file, line and field; with an `errors` list, bad lines go there and are skipped."""
+    is a DataError naming file, line and field; with an `errors` list, bad lines go there and are skipped. A prompt
+    record keeps its other fields in `fields`."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if os.path.isdir(path):
@@ -89,8 +90,9 @@ def _parse(line: str, kind: str, where: str) -> dict:
     if "messages" in row and "prompt" not in row:
         messages = _text(row["messages"], where, "messages")
         if kind == "prompt" and messages[-1]["role"] != "assistant":  # a conversation awaiting its answer
-            return {"prompt": messages}
-        row["prompt"], row["completion"] = _split(messages, where, "messages")
+            row["prompt"] = messages
+        else:
+            row["prompt"], row["completion"] = _split(messages, where, "messages")
     if kind == "preference" and "prompt" not in row and isinstance(row.get("chosen"), list):
         row["prompt"], row["chosen"] = _split(_text(row["chosen"], where, "chosen"), where, "chosen")
         rejected = _text(row.get("rejected"), where, "rejected")
@@ -106,7 +108,11 @@ def _parse(line: str, kind: str, where: str) -> dict:
         row[field] = _text(row[field], where, field)
     if kind == "preference" and row["chosen"] == row["rejected"]:
         raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
-    return {k: row[k] for k in FIELDS[kind]}
+    record = {k: row[k] for k in FIELDS[kind]}
+    if kind == "prompt":  # the record's other fields (an `answer`) reach reward functions as keyword arguments
+        record["fields"] = {k: v for k, v in row.items() if k not in ("prompt", "messages", "completion", "chosen",
+                                                                       "rejected")}
+    return record
 
 
 def end_token_id(tokenizer) -> int:

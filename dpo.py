@@ -108,7 +108,7 @@ class Args:
     """count and skip bad lines (missing field, chosen == rejected, empty text) instead of stopping with an error"""
     max_prompt_length: int = 64
     """in tokens; longer prompts lose their oldest text (the chat template's frame is kept)"""
-    max_response_length: int = 48
+    max_completion_length: int = 48
     """in tokens, EOS included; longer responses are cut from the right"""
 
     # algorithm
@@ -126,7 +126,7 @@ class Args:
     """peak AdamW learning rate, decayed linearly to 0; default 1e-4 for the embedded tiny model, 5e-7 otherwise (the
     DPO paper's 1e-6 order for 1B-7B models)"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (of weight matrices: not of biases and norm weights, as transformers' Trainer)"""
     num_epochs: int = 1
     """passes over the preference pairs"""
     max_steps: int = -1
@@ -178,8 +178,8 @@ def encode_pairs(records, tokenizer, args):
             skipped += 1
             continue
         cut += long_prompt
-        chosen, long_chosen = encode(encode_response, r["chosen"], args.max_response_length)
-        rejected, long_rejected = encode(encode_response, r["rejected"], args.max_response_length)
+        chosen, long_chosen = encode(encode_response, r["chosen"], args.max_completion_length)
+        rejected, long_rejected = encode(encode_response, r["rejected"], args.max_completion_length)
         responses_cut += long_chosen + long_rejected
         pairs.append((prompt_ids, chosen, rejected))
     return pairs, cut, skipped, responses_cut
@@ -349,7 +349,7 @@ def main(args: Args) -> None:
     train, cut, skipped, responses_cut = encode_pairs(train_records, tokenizer, args)
     for count, total, what, flag in [
             (cut, len(train_records), "prompts were cut from the left", "--max-prompt-length"),
-            (responses_cut, 2 * len(train_records), "responses were cut, losing their end token", "--max-response-length")]:
+            (responses_cut, 2 * len(train_records), "responses were cut, losing their end token", "--max-completion-length")]:
         if count > 0.1 * total:
             print(f"warning: {count} of {total} {what}: raise {flag} for this data")
     evals = encode_pairs(eval_records, tokenizer, args)[0]
@@ -417,7 +417,7 @@ def main(args: Args) -> None:
         print(f"reference log-probs of {len(train)} pairs in {time.time() - t0:.1f} s")
 
     # 4. optimizer: AdamW, linear warm-up then linear decay to 0
-    optimizer = torch.optim.AdamW(policy_w.parameters(), lr=learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(decay_groups(policy_w, args.weight_decay), lr=learning_rate,
                                   fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup_steps + 1) if s < warmup_steps
                                                   else max(0.0, 1 - (s - warmup_steps) / max(1, num_steps - warmup_steps)))
@@ -566,8 +566,8 @@ def main(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py and dpo.py: copied rather than shared, so that a stage
-# script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py, dpo.py and grpo.py: copied rather than shared, so that a
+# stage script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -1062,6 +1062,15 @@ def sync_gradients(parallel, sync: bool) -> None:
         parallel.require_backward_grad_sync = sync
     elif isinstance(parallel, FSDPModule):
         parallel.set_requires_gradient_sync(sync)
+
+
+def decay_groups(parallel, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices (linear and embedding weights) only, none on biases and norm
+    weights (one-dimensional), as transformers' Trainer exempts them."""
+    params = [p for p in parallel.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def full_state_dict(model) -> dict:

@@ -96,7 +96,7 @@ if __name__ == "__main__":
         if not os.path.isdir(path):
             raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
     ppo_flags = ["--sft-model-path", args.sft_model_path, "--dataset", args.prompts, "--kl-coef", args.kl_coef,
-                 "--num-iterations", args.ppo_iterations, "--eval-every", args.ppo_iterations, "--seed", args.seed,
+                 "--num-iterations", args.ppo_iterations, "--eval-steps", args.ppo_iterations, "--seed", args.seed,
                  *shlex.split(args.ppo_args)]  # the later of two equal flags wins: --ppo-args can override these
     labels = list(args.preference_data)
     reward_model, policy = args.reward_model_path, args.sft_model_path

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -77,7 +78,7 @@ class Args:
     """where the policy (and `value_model/`) are saved"""
     resume: bool = True
     """continue from `{output_dir}/checkpoint` if an interrupted run left one"""
-    save_every: int = 20
+    save_steps: int = 20
     """write a resumable checkpoint every this many iterations"""
     device: str = "auto"
     """'cpu', 'cuda', 'cuda:N', or 'auto' (cuda if available); under torchrun each process takes cuda:LOCAL_RANK"""
@@ -105,8 +106,9 @@ class Args:
     """with several reward models the score is mean - ensemble_k * std over the members, per response (Coste et al.
     2023: a conservative estimate, penalising where the members disagree); 0 = their mean"""
     reward_fn: tuple[str, ...] = ()
-    """'file.py:function' (prompt, response) -> float terms added to the reward model's score (a hybrid reward), each
-    times its --reward-fn-weights entry; with no reward model they are the whole score"""
+    """'file.py:function' terms added to the reward model's score (a hybrid reward), each times its
+    --reward-fn-weights entry; with no reward model they are the whole score; called as fn(prompt, response, **fields)
+    with the prompt record's other fields (an `answer`) that the function names, or fn(prompt, response)"""
     reward_fn_weights: tuple[float, ...] = ()
     """one weight per --reward-fn term (default 1 each)"""
     reward_label_index: int | None = None
@@ -118,7 +120,7 @@ class Args:
     """'separate': a model initialised from the (first) reward model (the SFT model without one); 'shared': a policy
     head"""
     eval_reward_fn: str = "auto"
-    """a judge (prompt, response) -> float used only for evaluation; 'auto': the embedded task's gold judge
+    """a judge fn(prompt, response, **fields) -> float used only for evaluation; 'auto': the embedded task's gold judge
     (reviews_task.py:gold_score) on its own prompts, none on yours; '' to skip"""
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
@@ -181,7 +183,7 @@ class Args:
     """AdamW learning rate of policy and value, decayed linearly to 0; default 1e-4 for the embedded tiny model,
     3e-6 otherwise (the N+ details' rate for 1B-7B models)"""
     weight_decay: float = 0.0
-    """AdamW weight decay of policy and value"""
+    """AdamW weight decay of policy and value (of weight matrices: not of biases and norm weights)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     padding_free: bool = True
@@ -189,7 +191,7 @@ class Args:
     padding for a model that lets packed sequences attend to each other)"""
 
     # evaluation
-    eval_every: int = 20
+    eval_steps: int = 20
     """evaluate on held-out prompts every this many iterations (and at the end)"""
     num_eval_prompts: int = 128
     """held-out prompts per evaluation (0: no evaluation)"""
@@ -372,6 +374,36 @@ def score_texts(reward_model, reward_tokenizer, prompts: list, responses: list[s
     if hasattr(reward_model, "score"):
         return reward_scores(reward_model, batch["input_ids"], batch["attention_mask"])
     return reward_model(**batch).logits.float().squeeze(-1)
+
+
+def record_caller(fn):
+    """A reward function -> call(prompt, response, fields): the function gets the record's fields it names (all of them
+    if it takes **kwargs); fn(prompt, response) is called as before. (Copied in ppo_rlhf.py and grpo.py.)"""
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return lambda prompt, response, fields: fn(prompt, response, **fields)
+    names = {p.name for p in params[2:]}
+    return lambda prompt, response, fields: fn(prompt, response, **{k: v for k, v in fields.items() if k in names})
+
+
+def scored(values: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reward function's results -> (B,) scores and (B,) bool failures: None means "could not score" (a verifier
+    that found no answer to read), scored 0 and counted, so that its share is logged (`parse_failures`) rather than
+    hidden in the mean. (Copied in ppo_rlhf.py and grpo.py.)"""
+    failed = torch.tensor([v is None for v in values], dtype=torch.bool, device=device)
+    return torch.tensor([0.0 if v is None else float(v) for v in values], device=device), failed
+
+
+def check_record_fields(fn, spec: str, records: list, path: str) -> None:
+    """Stop before training if a reward function needs a field (an argument without a default) that a record lacks,
+    naming the file and line. (Copied in ppo_rlhf.py and grpo.py.)"""
+    needed = [p.name for p in list(inspect.signature(fn).parameters.values())[2:]
+              if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for r in records:
+        missing = [name for name in needed if name not in r.get("fields", {})]
+        if missing:
+            raise SystemExit(f"error: {path}, line {r.get('line', '?')}: no field '{missing[0]}', which the reward "
+                             f"function {spec} takes")
 
 
 class ValueHead(torch.nn.Module):
@@ -606,6 +638,12 @@ def main(args: Args) -> None:
         eval_records = read_jsonl(eval_dataset, "prompt") if eval_dataset != "none" else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
+    for spec, (_, fn, _) in zip(args.reward_fn, reward_fns):
+        check_record_fields(fn, spec, train_records, args.dataset)
+    if eval_reward_fn:
+        check_record_fields(load_function(eval_reward_fn), eval_reward_fn, eval_records or train_records,
+                            eval_dataset if eval_records else args.dataset)
+
     def encode_prompts(records):
         """Records -> (records, prompt ids) without the prompts that cannot fit max_prompt_length even cut."""
         encoded = [(r, *encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)) for r in records]
@@ -647,7 +685,7 @@ def main(args: Args) -> None:
 
     # 3. one AdamW for policy and value (eps 1e-5, N+ details #5), learning rate decayed linearly to 0
     params = list(policy_w.parameters())  # the policy's, then the value network's
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, eps=1e-5, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(decay_groups(policy_w, args.weight_decay), lr=learning_rate, eps=1e-5,
                                   fused=device.type in ("cpu", "cuda"))
     num_updates = args.num_iterations * args.num_ppo_epochs * args.num_mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / num_updates)
@@ -685,6 +723,7 @@ def main(args: Args) -> None:
                        context_length, responses, response_mask, has_eos)
 
     suffix = score_suffix(tokenizer)  # what the chat template writes after the end token ("\n" in ChatML)
+    callers = [record_caller(fn) for _, fn, _ in reward_fns]
 
     def reward_layout(query_responses, attention_mask, context_length, has_eos, batch_layout):
         """The layout a reward model of the policy's tokenizer reads: the policy's, with `suffix` after each response
@@ -694,11 +733,12 @@ def main(args: Args) -> None:
         return layout(*with_score_suffix(query_responses, attention_mask, has_eos, suffix), context_length, padding_free)
 
     @torch.no_grad()
-    def get_scores(batch_layout, responses, response_mask, prompts_text) -> tuple[torch.Tensor, dict]:
+    def get_scores(batch_layout, responses, response_mask, records) -> tuple[torch.Tensor, dict]:
         """(B,) sequence scores and their parts. A reward model reads the last real token of the policy's ids (the end
         token and `suffix`: `reward_layout`), or of its own tokens (another tokenizer); an ensemble's score is mean -
         ensemble_k * std over its members (`score_rm`, `rm_std`); each --reward-fn term (`score_{name}`, unweighted)
-        reads text and adds weight * term."""
+        reads text and the prompt record's fields, and adds weight * term."""
+        prompts_text = [r["prompt"] for r in records]
         texts = None  # decoded only for what reads text: a reward function, or a reward model of another tokenizer
         if reward_fns or not all(same for _, _, same in reward_ws):
             texts = tokenizer.batch_decode(responses.masked_fill(~response_mask, pad_id), skip_special_tokens=True)
@@ -722,9 +762,13 @@ def main(args: Args) -> None:
                 parts["rm_std"] = members.std(dim=0)
                 parts.update({f"score_rm_{i}": m for i, m in enumerate(members)})
                 scores = parts["score_rm"] = members.mean(dim=0) - args.ensemble_k * parts["rm_std"]
-        for name, fn, weight in reward_fns:
-            parts[name] = torch.tensor([float(fn(p, t)) for p, t in zip(prompts_text, texts)], device=device)
-            scores = scores + weight * parts[name]
+        failed = torch.zeros(len(records), dtype=torch.bool, device=device)
+        for (name, _, weight), call in zip(reward_fns, callers):
+            parts[name], unscored = scored([call(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, texts)],
+                                           device)
+            scores, failed = scores + weight * parts[name], failed | unscored
+        if reward_fns:  # the share of responses a reward function could not score (None: scored 0)
+            parts["parse_failures"] = failed.float()
         return scores, parts
 
     @torch.no_grad()
@@ -742,7 +786,8 @@ def main(args: Args) -> None:
             logprobs = policy_w(forward, batch_layout, batch.responses, args.temperature, with_values=False)[0]
             ref_logprobs = ref_w(reference_logprobs, batch_layout, batch.responses, args.temperature)
         scores, parts = get_scores(reward_layout(batch.query_responses, batch.attention_mask, batch.context_length,
-                                                 batch.has_eos, batch_layout), batch.responses, batch.response_mask, texts)
+                                                 batch.has_eos, batch_layout), batch.responses, batch.response_mask,
+                                 eval_records)
         out = {"eval/scores": scores.mean(), "eval/kl": ((logprobs - ref_logprobs) * batch.response_mask).sum(1).mean(),
                "eval/response_length": batch.response_mask.sum(1).float().mean(),
                "eval/eos_rate": batch.has_eos.float().mean()}
@@ -752,12 +797,14 @@ def main(args: Args) -> None:
         out["eval/distinct_responses"] = len(set(decoded)) / len(decoded)  # falls when the policy collapses to a template
         out["eval/stutter_rate"] = sum(map(stutters, decoded)) / len(decoded)  # a word pair repeated: degenerate text
         if eval_reward_fn:
-            judge = load_function(eval_reward_fn)
-            gold = torch.tensor([judge(p, t) for p, t in zip(texts, decoded)])
-            out["eval/gold_score"] = gold.mean()
+            judge = record_caller(load_function(eval_reward_fn))
+            gold, unscored = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(eval_records, decoded)],
+                                    "cpu")
+            out["eval/gold_score"], out["eval/gold_parse_failures"] = gold.mean(), unscored.float().mean()
             if final:  # the SFT policy answers the same prompts; the gold judge picks (ties count half)
                 sft_texts = tokenizer.batch_decode(rollout(ref_w, eval_prompts).responses, skip_special_tokens=True)
-                sft_gold = torch.tensor([judge(p, t) for p, t in zip(texts, sft_texts)])
+                sft_gold = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(eval_records, sft_texts)],
+                                  "cpu")[0]
                 out["eval/sft_gold_score"] = sft_gold.mean()
                 out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
                 metrics.log(iteration, sft_samples="\n".join(f"  {t!r:.300} -> {d!r}" for t, d in zip(texts, sft_texts)))
@@ -773,7 +820,7 @@ def main(args: Args) -> None:
                     desc="ppo", disable=rank != 0 or None)  # None: on in a terminal, off in a log file
     signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the iteration, then exit
     for iteration in progress:
-        if iteration % args.eval_every == 0:
+        if iteration % args.eval_steps == 0:
             evaluate(iteration)
         t0 = time.time()
         # 4. rollout: sample responses from the current policy (pure sampling at --temperature)
@@ -798,7 +845,7 @@ def main(args: Args) -> None:
                 mb_scores, mb_parts = get_scores(reward_layout(query_responses[chunk], attention_mask[chunk],
                                                                batch.context_length, has_eos[chunk], batch_layout),
                                                  responses[chunk], batch.response_mask[chunk],
-                                                 [train_records[i]["prompt"] for i in idx[chunk]])
+                                                 [train_records[i] for i in idx[chunk]])
                 chunks.append((mb_logprobs, mb_entropy, mb_values, mb_ref_logprobs, mb_scores))
                 part_chunks.append(mb_parts)
             logprobs, entropy, values, ref_logprobs, scores = (torch.cat(c) for c in zip(*chunks))  # (B, T) .. (B,)
@@ -838,6 +885,9 @@ def main(args: Args) -> None:
             order = torch.randperm(rollout_batch_size, device=device) if epoch > 0 else torch.arange(
                 rollout_batch_size, device=device)  # epoch 0 in rollout order: the first step must give ratio 1
             for start in range(0, rollout_batch_size, mini_batch_size):
+                # the losses are token means over the whole minibatch (every micro-batch, every process): a
+                # micro-batch's mean is weighted by its share of the tokens, and DDP's average over processes undone
+                minibatch_tokens = all_reduce(response_mask[order[start: start + mini_batch_size]].sum()).clamp(min=1)
                 for micro in range(start, start + mini_batch_size, micro_batch_size):
                     sync_gradients(policy_w, micro + micro_batch_size == start + mini_batch_size)
                     mb = order[micro: micro + micro_batch_size]
@@ -853,7 +903,7 @@ def main(args: Args) -> None:
                                                       args.cliprange_value)
                     entropy_bonus = masked_mean(new_entropy, mb_mask)
                     loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_bonus
-                    (loss / args.gradient_accumulation_steps).backward()
+                    (loss * (mb_mask.sum().clamp(min=1) / minibatch_tokens * world_size)).backward()
                     with torch.no_grad():
                         logratio = new_logprobs - logprobs[mb]
                         if epoch == 0 and micro == 0:  # nothing has been updated yet: must be exactly 0
@@ -914,7 +964,7 @@ def main(args: Args) -> None:
             print(f"iteration {iteration + 1}/{args.num_iterations}: score {row['objective/scores']:.3f}  kl {mean_kl:.2f}"
                   f"  length {row['val/response_length']:.1f}  clipfrac {row['policy/clipfrac_avg']:.2f}")
         stop = signals.requested(device) and iteration + 1 < args.num_iterations
-        if ((iteration + 1) % args.save_every == 0 and iteration + 1 < args.num_iterations) or stop:
+        if ((iteration + 1) % args.save_steps == 0 and iteration + 1 < args.num_iterations) or stop:
             state = {"scheduler": scheduler.state_dict(), "iteration": iteration + 1, "kl_coef": kl_coef,
                      "run_name": run_name, "log_bytes": metrics.position()}
             save_model(ckpt_dir, None, config, ("", policy), value_saved_as, training=(state, policy_w, optimizer))
@@ -935,8 +985,8 @@ def main(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py and dpo.py: copied rather than shared, so that a stage
-# script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py, dpo.py and grpo.py: copied rather than shared, so that a
+# stage script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -1431,6 +1481,15 @@ def sync_gradients(parallel, sync: bool) -> None:
         parallel.require_backward_grad_sync = sync
     elif isinstance(parallel, FSDPModule):
         parallel.set_requires_gradient_sync(sync)
+
+
+def decay_groups(parallel, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices (linear and embedding weights) only, none on biases and norm
+    weights (one-dimensional), as transformers' Trainer exempts them."""
+    params = [p for p in parallel.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def full_state_dict(model) -> dict:

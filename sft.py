@@ -105,7 +105,7 @@ class Args:
     learning_rate: float | None = None
     """peak AdamW learning rate; default 2e-3 for the embedded tiny model (it learns from scratch), 1e-5 otherwise"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (of weight matrices: not of biases and norm weights, as transformers' Trainer)"""
     num_epochs: int = 1
     """passes over the data, used when max_steps is -1"""
     max_steps: int = -1
@@ -291,7 +291,7 @@ def main(args: Args) -> None:
         return {name: t.to(device) for name, t in batch.items()}
 
     # 3. optimizer and schedule: linear warm-up, then cosine or linear decay to 0 (or constant)
-    optimizer = torch.optim.AdamW(model_w.parameters(), lr=learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(decay_groups(model_w, args.weight_decay), lr=learning_rate,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel over all parameters
 
     def lr_lambda(step: int) -> float:
@@ -421,8 +421,8 @@ def main(args: Args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py and dpo.py: copied rather than shared, so that a stage
-# script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
+# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py, dpo.py and grpo.py: copied rather than shared, so that a
+# stage script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -917,6 +917,15 @@ def sync_gradients(parallel, sync: bool) -> None:
         parallel.require_backward_grad_sync = sync
     elif isinstance(parallel, FSDPModule):
         parallel.set_requires_gradient_sync(sync)
+
+
+def decay_groups(parallel, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices (linear and embedding weights) only, none on biases and norm
+    weights (one-dimensional), as transformers' Trainer exempts them."""
+    params = [p for p in parallel.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def full_state_dict(model) -> dict:

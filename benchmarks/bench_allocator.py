@@ -54,7 +54,7 @@ def command(stage: str, work: str, out: str, steps: int) -> tuple[list[str], str
                 "--eval-steps", "1000", "--num-eval-prompts", "0", *common], "train/dpo/loss"
     return [f"{REPO}/ppo_rlhf.py", "--sft-model-path", f"{work}/sft", "--reward-model-path", f"{work}/rm",
             "--dataset", f"{work}/chat_prompts.jsonl", "--num-iterations", str(max(steps - 1, 3)),
-            "--rollout-batch-size", "8", "--response-length", "24", "--eval-every", "1000", "--num-eval-prompts", "0",
+            "--rollout-batch-size", "8", "--response-length", "24", "--eval-steps", "1000", "--num-eval-prompts", "0",
             "--learning-rate", "1e-6", *common], "objective/kl"
 
 

@@ -99,7 +99,7 @@ def run_ours(args: Args, extra: str = "") -> dict:
     flags = ["--sft-model-path", f"{args.models}/policy", "--reward-model-path", f"{args.models}/reward",
              "--rollout-batch-size", str(args.batch), "--response-length", str(args.response_length),
              "--num-ppo-epochs", "4", "--num-mini-batches", "2", "--temperature", "0.7",
-             "--num-iterations", str(args.iterations), "--eval-every", "1000000", "--save-every", "1000000",
+             "--num-iterations", str(args.iterations), "--eval-steps", "1000000", "--save-steps", "1000000",
              "--num-eval-prompts", "1", "--eval-reward-fn", "", "--dataset", os.path.abspath(args.prompts),
              "--eval-dataset", os.path.join(REPO, reviews_task.DATA_DIR, "prompts_eval.jsonl"),
              *(extra or args.ours_extra).split()]

@@ -51,10 +51,10 @@ python "$R/sft.py" --model-name-or-path smollm2_rep --dataset chat_sft.jsonl --e
   --num-samples 2 --num-eval-generations 8 --max-completion-length 32 --eval-reward-fn "" 2>&1 | tail -4
 python "$R/reward_model.py" --model-name-or-path sft --dataset chat_pref.jsonl --eval-dataset chat_pref.jsonl \
   --output-dir rm --max-steps 6 --per-device-train-batch-size 8 --learning-rate 1e-5 --num-normalize-samples 16 \
-  --max-response-length 32 --max-group-pairs 1 --eval-reward-fn "" 2>&1 | grep -E "step|normalised|saved"
+  --max-completion-length 32 --max-group-pairs 1 --eval-reward-fn "" 2>&1 | grep -E "step|normalised|saved"
 python "$R/ppo_rlhf.py" --sft-model-path sft --reward-model-path rm --dataset chat_prompts.jsonl \
   --eval-dataset chat_prompts.jsonl --output-dir ppo --num-iterations 3 --rollout-batch-size 8 \
-  --response-length 24 --num-eval-prompts 8 --eval-every 100 --learning-rate 1e-6 --eval-reward-fn "" 2>&1 | tail -9
+  --response-length 24 --num-eval-prompts 8 --eval-steps 100 --learning-rate 1e-6 --eval-reward-fn "" 2>&1 | tail -9
 python "$R/benchmarks/check_sampling.py" --model sft --prompts chat_prompts.jsonl
 python - <<'PY'
 import json, glob, statistics

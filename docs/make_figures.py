@@ -5,7 +5,7 @@
 
 Runs are found by their experiment name (runs/{exp_name}__{seed}__{time}; the latest of each name is used): `sft`,
 `reward_model` and `ppo_kl0.05` from the default chain, and those of docs/run_experiments.sh (`ppo_kl0`, `ppo_kl0.2`,
-`ppo_hacking`, `rm_pairs10000`, ...). A figure whose runs are missing is skipped with a line saying so.
+`ppo_hacking`, `rm_pairs10000`, `grpo_kl0.05`, ...). A figure whose runs are missing is skipped with a line saying so.
 """
 
 import glob
@@ -84,6 +84,28 @@ if __name__ == "__main__":
     else:
         print("no ppo_kl0.05 or ppo run: skipping ppo_learning_curve.png")
 
+    # 1b. GRPO with the default settings (no KL term) and with PPO's penalty: score, gold score, held-out KL
+    grpo = {"kl_coef 0 (default)": load(args.runs, "grpo_kl0") or load(args.runs, "grpo"),
+            "kl_coef 0.05, k1 in the reward": load(args.runs, "grpo_kl0.05")}
+    grpo = {label: rows for label, rows in grpo.items() if rows}
+    if grpo:
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+        for (label, rows), color in zip(grpo.items(), ("C2", "C4")):
+            axes[0].plot(*series(rows, "objective/scores"), color=color, alpha=0.7, label=f"rollouts, {label}")
+            axes[1].plot(*series(rows, "eval/gold_score"), "o-", color=color, label=label)
+            axes[2].plot(*series(rows, "eval/kl"), "o-", color=color, label=label)
+        sft_gold = series(next(iter(grpo.values())), "eval/sft_gold_score")[1]
+        if sft_gold:
+            axes[1].axhline(sft_gold[-1], color="gray", ls="--", label="SFT policy")
+        axes[0].set(title="reward-model score (training prompts)", xlabel="iteration")
+        axes[1].set(title="gold judge, held-out prompts", xlabel="iteration")
+        axes[2].set(title="KL to the SFT policy, held out (nats)", xlabel="iteration")
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
+        save(fig, "grpo_learning_curve.png")
+    else:
+        print("no grpo_kl0, grpo or grpo_kl0.05 run: skipping grpo_learning_curve.png")
+
     # 2. the kl_coef sweep
     sweep = {kl: load(args.runs, f"ppo_kl{kl}") for kl in ("0", "0.05", "0.2")}
     if all(sweep.values()):
@@ -144,35 +166,41 @@ if __name__ == "__main__":
     else:
         print("no reward-model runs: skipping rm_accuracy.png")
 
-    # 4b. PPO against DPO from the same SFT model and labels: final gold score against final KL to the SFT policy
-    ppo_runs = {kl: load(args.runs, f"ppo_kl{kl}") for kl in ("0", "0.05", "0.2", "0.5")}
-    dpo_runs = {beta: load(args.runs, f"dpo_beta{beta}") for beta in ("0.03", "0.1", "0.3", "1.0")}
-    if any(ppo_runs.values()) and any(dpo_runs.values()):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for method, runs, kl_key, label, color in (("PPO", ppo_runs, "eval/kl", "kl_coef", "C0"),
-                                                   ("DPO", dpo_runs, "eval/kl", "beta", "C1")):
-            points = [(series(rows, kl_key)[1][-1], series(rows, "eval/gold_score")[1][-1], name)
-                      for name, rows in runs.items() if rows]
-            axes[0].plot([p[0] for p in points], [p[1] for p in points], "o-", color=color, label=method)
-            for kl, gold, name in points:  # PPO's labels above its points, DPO's below (but beta 0.1's, by 0.03's)
-                above = method == "PPO" or name == "0.1"
-                axes[0].annotate(f"{label} {name}", (kl, gold), textcoords="offset points", fontsize=7, color=color,
-                                 xytext=(4, 6) if above else (4, -11))
-            for i, (name, rows) in enumerate((name, rows) for name, rows in runs.items() if rows):
-                steps, gold = series(rows, "eval/gold_score")
-                axes[1].plot([s / steps[-1] for s in steps], gold, "o-", color=color, alpha=0.35 + 0.2 * i,
-                             label=f"{method} {label} {name}")
-        sft_gold = series(next(rows for rows in dpo_runs.values() if rows), "eval/sft_gold_score")[1]
-        if sft_gold:
-            axes[0].axhline(sft_gold[-1], color="gray", ls="--", label="SFT policy")
+    # 4b. PPO, DPO, GRPO and RLOO from the same SFT model and labels: final gold score against final KL to the SFT
+    #     policy, and against the run's wall time
+    families = [("PPO", "ppo_kl", ("0", "0.05", "0.2", "0.5"), "kl_coef", "C0"),
+                ("DPO", "dpo_beta", ("0.03", "0.1", "0.3", "1.0"), "beta", "C1"),
+                ("GRPO", "grpo_kl", ("0", "0.05", "0.2", "0.5"), "kl_coef", "C2"),
+                ("RLOO", "rloo_kl", ("0", "0.05", "0.2", "0.5"), "kl_coef", "C3")]
+    found = {method: {name: load(args.runs, f"{prefix}{name}") for name in names}
+             for method, prefix, names, _, _ in families}
+    if sum(any(runs.values()) for runs in found.values()) >= 2:
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 4))
+        for method, _, _, label, color in families:
+            points = [(series(rows, "eval/kl")[1][-1], series(rows, "eval/gold_score")[1][-1], rows[-1]["time"], name)
+                      for name, rows in found[method].items() if rows]
+            if not points:
+                print(f"ppo_dpo_frontier.png: no {method} runs, left out")
+                continue
+            points.sort()  # along the KL axis
+            axes[0].plot([p[0] for p in points], [p[1] for p in points], "o-", color=color, label=f"{method} ({label})")
+            axes[1].plot([p[2] for p in points], [p[1] for p in points], "o", color=color, label=method)
+            for kl, gold, seconds, name in points:  # the setting beside each point
+                for ax, x in ((axes[0], kl), (axes[1], seconds)):
+                    ax.annotate(name, (x, gold), textcoords="offset points", fontsize=6, color=color,
+                                xytext=(4, -9 if method in ("DPO", "RLOO") else 4))
+        sft_gold = [series(rows, "eval/sft_gold_score")[1] for runs in found.values() for rows in runs.values() if rows]
+        if any(sft_gold):
+            for ax in axes:
+                ax.axhline(next(g for g in sft_gold if g)[-1], color="gray", ls="--", label="SFT policy")
         axes[0].set(title="held-out prompts, end of training", xlabel="KL to the SFT policy (nats per response)",
                     ylabel="gold score")
-        axes[0].legend()
-        axes[1].set(title="gold score during training", xlabel="share of the run (PPO iterations, DPO steps)")
-        axes[1].legend(fontsize=6, ncol=2)
+        axes[1].set(title="the same runs against their wall time", xlabel="seconds on 2 CPU cores (+ the reward "
+                    "model's for PPO, GRPO, RLOO)", ylabel="gold score")
+        axes[0].legend(fontsize=7)
         save(fig, "ppo_dpo_frontier.png")
     else:
-        print("ppo_kl* or dpo_beta* runs missing: skipping ppo_dpo_frontier.png")
+        print("fewer than two of ppo_kl*, dpo_beta*, grpo_kl*, rloo_kl* runs: skipping ppo_dpo_frontier.png")
 
     # 4c. iterative RLHF (iterate.py): rounds of PPO chained end to end against one PPO run of the same length
     def chained(prefix: str, first: str | None = None, rounds: int = 4, per_round: int = 50):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The experiments of docs/experiments.md (sections 1-4) and docs/human_feedback.md (5-6), on the embedded task, after
-# the default chain has made models/sft and models/reward_model (python sft.py && python reward_model.py). About 35
+# the default chain has made models/sft and models/reward_model (python sft.py && python reward_model.py). About 50
 # minutes on 2 CPU cores for sections 1-4, 80 more for 5-6. Then
 #   python docs/make_figures.py        # runs/*/metrics.jsonl -> docs/figures/*.png
 set -euo pipefail
@@ -9,7 +9,7 @@ for kl in 0 0.05 0.2 0.5; do
   python ppo_rlhf.py --kl-coef $kl --exp-name ppo_kl$kl --output-dir models/ppo_kl$kl
 done
 # 2. reward hacking: no KL penalty for 200 iterations, evaluated every 40
-python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-every 40 --exp-name ppo_hacking --output-dir models/ppo_hacking
+python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-steps 40 --exp-name ppo_hacking --output-dir models/ppo_hacking
 # 3. the reward model against the number of labelled pairs (rankings of 4), on the same 600 held-out pairs
 for n in 10000 30000 60000; do
   python reviews_task.py --out-dir data/reviews_$n --sizes.pref-train $n > /dev/null
@@ -20,22 +20,29 @@ done
 for beta in 0.03 0.1 0.3 1.0; do
   python dpo.py --beta $beta --exp-name dpo_beta$beta --output-dir models/dpo_beta$beta
 done
+# 4b. GRPO and RLOO (grpo.py) from the same SFT model and reward model at several kl_coef, the KL as k1 in the reward
+#     like PPO's penalty (kl_coef 0 is grpo.py's default): the frontier with PPO and DPO
+for kl in 0 0.05 0.2 0.5; do
+  python grpo.py --kl-coef $kl --kl-in reward --kl-estimator k1 --exp-name grpo_kl$kl --output-dir models/grpo_kl$kl
+  python grpo.py --advantage rloo --kl-coef $kl --kl-in reward --kl-estimator k1 --exp-name rloo_kl$kl \
+    --output-dir models/rloo_kl$kl
+done
 # 5. iterative RLHF (docs/human_feedback.md): one 200-iteration PPO run against 4 rounds of 50 (label the policy's
 #    samples with the simulated annotator, continue the reward model on all labels, PPO from the last policy)
 for kl in 0 0.05; do
-  python ppo_rlhf.py --kl-coef $kl --num-iterations 200 --eval-every 20 --exp-name hf_single_kl$kl --output-dir models/hf_single_kl$kl
-  python iterate.py --kl-coef $kl --out-dir models/iterative_kl$kl --ppo-args="--eval-every 10"
+  python ppo_rlhf.py --kl-coef $kl --num-iterations 200 --eval-steps 20 --exp-name hf_single_kl$kl --output-dir models/hf_single_kl$kl
+  python iterate.py --kl-coef $kl --out-dir models/iterative_kl$kl --ppo-args="--eval-steps 10"
 done
 mkdir -p models/iterative_kl0_vs_sft && cp -r models/iterative_kl0/round_0 models/iterative_kl0_vs_sft/   # same round 0
-python iterate.py --kl-coef 0 --label-against sft --out-dir models/iterative_kl0_vs_sft --ppo-args="--eval-every 10"
+python iterate.py --kl-coef 0 --label-against sft --out-dir models/iterative_kl0_vs_sft --ppo-args="--eval-steps 10"
 # 6. rewards that resist hacking, 200 iterations without a KL penalty: an ensemble of 3 reward models (seeds 1-3;
 #    mean, and mean - std) and a hybrid (the reward model plus 3 x a repetition rule)
 for seed in 2 3; do
   python reward_model.py --seed $seed --output-dir models/reward_model_s$seed --exp-name rm_seed$seed
 done
 for k in 0 1; do
-  python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-every 20 --reward-model-path models/reward_model \
+  python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-steps 20 --reward-model-path models/reward_model \
     models/reward_model_s2 models/reward_model_s3 --ensemble-k $k --exp-name hf_ensemble_k${k}_kl0 --output-dir models/hf_ensemble_k${k}_kl0
 done
-python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-every 20 --reward-model-path models/reward_model \
+python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-steps 20 --reward-model-path models/reward_model \
   --reward-fn reward_functions.py:repetition_penalty --reward-fn-weights 3 --exp-name hf_hybrid_kl0 --output-dir models/hf_hybrid_kl0

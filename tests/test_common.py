@@ -35,6 +35,22 @@ def test_formats_are_normalised(tmp_path):
     assert read_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"prompt": "x"}]), "prompt")[0]["prompt"] == "x"
 
 
+def test_prompt_records_keep_their_other_fields(tmp_path):
+    """What reward functions read (an `answer`, any column) stays with a prompt record, whatever its format; the
+    format's own fields do not."""
+    conv = [{"role": "user", "content": "2 + 3?"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "2 + 3?", "answer": "5", "level": 1},
+        {"messages": conv, "answer": "5"},  # a conversation awaiting its answer
+        {"messages": conv + [{"role": "assistant", "content": "5"}], "answer": 5},  # an SFT record used for prompts
+        {"prompt": "p", "chosen": " a", "rejected": " b", "source": "x"},  # a preference record used for prompts
+    ])
+    records = read_jsonl(path, "prompt")
+    assert [r["fields"] for r in records] == [{"answer": "5", "level": 1}, {"answer": "5"}, {"answer": 5},
+                                              {"source": "x"}]
+    assert records[1]["prompt"] == conv and records[2]["prompt"] == conv
+
+
 @pytest.mark.parametrize("line, kind, message", [
     ('{"prompt": "p", "completion": "c"', "sft", "line 2: not valid JSON"),
     ('{"prompt": "p"}', "sft", "line 2: missing field 'completion'"),

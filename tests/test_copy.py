@@ -14,6 +14,7 @@ from conftest import REPO, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import dpo
+import grpo
 import label
 import ppo_rlhf
 import reward_model
@@ -74,6 +75,17 @@ def test_ppo_copied_alone(sft_dir, tmp_path, value_model):
         assert (folder / "out" / "value_head.safetensors").exists()
 
 
+def test_grpo_copied_alone(sft_dir, tmp_path):
+    """grpo.py with a reward function of the user's that reads a field of the prompt record."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was", "target": w}
+                                                    for w in ("pasta", "soup", "plot", "view")])
+    (tmp_path / "reward.py").write_text("def mentions(prompt, response, target):\n    return float(target in response)\n")
+    folder = run_copy("grpo.py", tmp_path, "--sft-model-path", sft_dir, "--reward-fn", f"{tmp_path / 'reward.py'}:mentions",
+                      "--dataset", data, "--output-dir", "out", "--num-iterations", "2", "--response-length", "6",
+                      "--num-generations", "2", "--rollout-batch-size", "2")
+    AutoModelForCausalLM.from_pretrained(folder / "out")
+
+
 def test_label_copied_alone(sft_dir, tmp_path):
     """label.py and common.py: sample pairs from the user's model and label them with the user's function."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was"} for w in ("pasta", "soup", "plot")])
@@ -88,12 +100,16 @@ def test_label_copied_alone(sft_dir, tmp_path):
                                   "save_model", "_RestrictedUnpickler", "_CheckedLoadPlanner", "load_state",
                                   "StopSignals", "user_errors_in_one_line", "stop_if_not_finite", "Metrics",
                                   "keep_freed_memory", "disable_dropout", "init_distributed", "Parallel", "distribute",
-                                  "gathered", "all_reduce", "sync_gradients", "full_state_dict"])
+                                  "gathered", "all_reduce", "sync_gradients", "decay_groups", "full_state_dict",
+                                  # the RL scripts' own shared pieces
+                                  "truncate_after_eos", "logprobs_and_entropy", "layout", "with_score_suffix",
+                                  "score_texts", "load_reward_models", "stutters", "record_caller",
+                                  "check_record_fields", "scored", "exact_div"])
 def test_copied_helpers_stay_identical(name):
     """The plumbing each script carries for itself is one text in all of them, so a fix reaches every copy."""
-    sources = {inspect.getsource(getattr(module, name)) for module in (sft, reward_model, ppo_rlhf, dpo, label)
-               if hasattr(module, name)}
-    assert len(sources) == 1
+    modules = [m for m in (sft, reward_model, ppo_rlhf, dpo, grpo, label) if hasattr(m, name)]
+    assert len(modules) >= 2
+    assert len({inspect.getsource(getattr(module, name)) for module in modules}) == 1
 
 
 def test_readme_file_map_counts_lines_right():

@@ -69,6 +69,21 @@ def test_ppo_on_two_processes(strategy, value_model, task_dir, sft_dir, tmp_path
         assert set(load_file(tmp_path / "out" / "value_head.safetensors")) == {"linear.weight", "linear.bias"}
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_on_two_processes(strategy, task_dir, sft_dir, tmp_path):
+    """grpo.py under torchrun with off-policy minibatches and a KL term in the loss: the first minibatch repeats the
+    rollout's log-probs on every process, the KL starts at 0, each process answers its own prompts."""
+    run_torchrun("grpo.py", "--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--eval-dataset",
+                 task_dir / "prompts_eval.jsonl", "--output-dir", tmp_path / "out", "--rollout-batch-size", "2",
+                 "--num-generations", "4", "--response-length", "8", "--num-iterations", "2", "--num-eval-prompts", "4",
+                 "--reward-fn", "reward_functions.py:positivity", "--eval-reward-fn", "", "--num-mini-batches", "2",
+                 "--kl-coef", "0.1", "--strategy", strategy, cwd=tmp_path)
+    assert read_metrics(tmp_path, "val/first_ratio_max_dev") == [(1, 0.0), (2, 0.0)]
+    assert read_metrics(tmp_path, "objective/kl")[0] == (1, 0.0)
+    assert [v for _, v in read_metrics(tmp_path, "charts/episodes")] == [16, 32]  # 2 prompts x 4 x 2 processes
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
 WHITEN_WORKER = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
@@ -118,7 +133,7 @@ def children(pid: int) -> list[int]:
 def test_two_process_run_killed_and_resumed(task_dir, sft_dir, tmp_path):
     """FSDP2: the optimizer's shards go through torch.distributed.checkpoint and every process keeps its own random
     generators, so a 2-process PPO run killed after a checkpoint continues with the losses of one never stopped."""
-    args = ppo_args(task_dir, sft_dir, "out", "--num-iterations", "6", "--save-every", "2", "--eval-every", "3",
+    args = ppo_args(task_dir, sft_dir, "out", "--num-iterations", "6", "--save-steps", "2", "--eval-steps", "3",
                     "--strategy", "fsdp", "--value-model", "separate")
     (tmp_path / "ref").mkdir()
     (tmp_path / "x").mkdir()

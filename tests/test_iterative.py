@@ -21,7 +21,7 @@ def rm_flags(sft_dir, task_dir, out, *extra):
 def ppo_flags(task_dir, sft_dir, out, *extra):
     return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl",
             "--eval-dataset", task_dir / "prompts_eval.jsonl", "--output-dir", out, "--rollout-batch-size", "16",
-            "--response-length", "12", "--num-eval-prompts", "8", "--eval-every", "1000", "--learning-rate", "1e-3",
+            "--response-length", "12", "--num-eval-prompts", "8", "--eval-steps", "1000", "--learning-rate", "1e-3",
             "--eval-reward-fn", "", *extra]
 
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from common import reward_scores
@@ -163,7 +163,7 @@ def ppo_args(task_dir, sft_dir, out, *extra):
     return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl",
             "--eval-dataset", task_dir / "prompts_eval.jsonl", "--output-dir", out,
             "--rollout-batch-size", "16", "--response-length", "12", "--num-eval-prompts", "8",
-            "--eval-every", "1000", "--learning-rate", "1e-3", *extra]
+            "--eval-steps", "1000", "--learning-rate", "1e-3", *extra]
 
 
 def test_first_minibatch_ratio_is_one_and_generation_config_is_ignored(task_dir, sft_dir, tmp_path):
@@ -262,7 +262,7 @@ def test_pipeline_chains_and_saves(task_dir, sft_dir, tmp_path):
                     "--max-steps", "4", "--num-normalize-samples", "16", "--normalize-response-length", "12",
                     "--eval-reward-fn", "", cwd=tmp_path / "rm_logs")
     proc = run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "ppo", "--reward-model-path",
-                                               tmp_path / "rm", "--num-iterations", "2", "--eval-every", "1"),
+                                               tmp_path / "rm", "--num-iterations", "2", "--eval-steps", "1"),
                       cwd=tmp_path)
     assert "warning: the reward model was normalised" not in proc.stdout  # it sampled as this run samples
     (tmp_path / "other").mkdir()
@@ -338,3 +338,16 @@ def test_head_at_response_positions_matches_full_logits(model_dir, arch):
         for g, rg in zip(grad, ref_grad):
             assert torch.allclose(g, rg, atol=1e-5), (g - rg).abs().max()
         assert len(policy.get_output_embeddings()._forward_pre_hooks) == 0  # the hook is gone after the pass
+
+
+def test_reward_functions_receive_the_record_fields(task_dir, sft_dir, tmp_path):
+    """A reward function naming a field of the prompt record gets it: here the score is the record's `bonus`, so the
+    batch's mean score is the mean bonus of its prompts (all four prompts in every batch)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was", "bonus": i, "note": "unused"}
+                                                       for i, w in enumerate(("pasta", "soup", "plot", "view"))])
+    (tmp_path / "reward.py").write_text("def bonus(prompt, response, bonus):\n    return float(bonus)\n")
+    run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "out", "--dataset", prompts, "--num-iterations",
+                                        "2", "--rollout-batch-size", "4", "--reward-fn",
+                                        f"{tmp_path / 'reward.py'}:bonus", "--value-model", "shared",
+                                        "--num-eval-prompts", "0", "--eval-reward-fn", ""), cwd=tmp_path)
+    assert [v for _, v in read_metrics(tmp_path, "objective/scores")] == [1.5, 1.5]

@@ -28,9 +28,15 @@ def stage_args(script, task_dir, model_dir, sft_dir, out, variant=""):
                 task_dir / "preference_eval.jsonl", "--eval-prompts", task_dir / "prompts_eval.jsonl", "--output-dir", out,
                 "--max-steps", "30", "--save-steps", "10", "--eval-steps", "5", "--num-eval-prompts", "4",
                 "--response-length", "8", "--eval-reward-fn", ""], "train/dpo/loss"
+    if script == "grpo.py":  # off-policy minibatches and a KL term: the old-log-prob and reference passes too
+        return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--eval-dataset",
+                task_dir / "prompts_eval.jsonl", "--output-dir", out, "--rollout-batch-size", "4", "--num-generations",
+                "4", "--response-length", "8", "--num-iterations", "9", "--save-steps", "3", "--eval-steps", "2",
+                "--num-eval-prompts", "4", "--reward-fn", "reward_functions.py:positivity", "--learning-rate", "1e-3",
+                "--eval-reward-fn", "", "--num-mini-batches", "2", "--kl-coef", "0.05"], "loss/policy"
     return ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--eval-dataset",
             task_dir / "prompts_eval.jsonl", "--output-dir", out, "--rollout-batch-size", "8", "--response-length",
-            "8", "--num-iterations", "9", "--save-every", "3", "--eval-every", "2", "--num-eval-prompts", "4",
+            "8", "--num-iterations", "9", "--save-steps", "3", "--eval-steps", "2", "--num-eval-prompts", "4",
             "--reward-fn", "reward_functions.py:positivity", "--learning-rate", "1e-3", "--eval-reward-fn", "",
             "--value-model", variant], "loss/policy_avg"
 
@@ -44,7 +50,7 @@ def logged_after(cwd, metric, step) -> bool:
 
 
 @pytest.mark.parametrize("script, variant", [("sft.py", ""), ("reward_model.py", ""), ("ppo_rlhf.py", "separate"),
-                                             ("ppo_rlhf.py", "shared"), ("dpo.py", "")])
+                                             ("ppo_rlhf.py", "shared"), ("dpo.py", ""), ("grpo.py", "")])
 def test_interrupted_run_resumes_where_it_stopped(script, variant, task_dir, model_dir, sft_dir, tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "x").mkdir()
@@ -56,7 +62,7 @@ def test_interrupted_run_resumes_where_it_stopped(script, variant, task_dir, mod
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=tmp_path / "x",
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "x" / "out" / "checkpoint" / "training_state.pt"
-    first_checkpoint = 3 if script == "ppo_rlhf.py" else 10
+    first_checkpoint = 3 if script in ("ppo_rlhf.py", "grpo.py") else 10
     while proc.poll() is None and not (state.exists() and logged_after(tmp_path / "x", metric, first_checkpoint)):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # as abrupt as a power cut, after the run logged past its checkpoint
@@ -74,7 +80,7 @@ def test_interrupted_run_resumes_where_it_stopped(script, variant, task_dir, mod
     if script == "reward_model.py":
         offsets = [json.load(open(tmp_path / run / "out" / "config.json"))["reward_offset"] for run in ("ref", "x")]
         assert offsets[0] == pytest.approx(offsets[1], abs=1e-6), offsets
-    if script == "ppo_rlhf.py":
+    if script in ("ppo_rlhf.py", "grpo.py"):
         assert read_metrics(tmp_path / "ref", "eval/scores")[-1] == read_metrics(tmp_path / "x", "eval/scores")[-1]
     if script == "dpo.py":  # the final evaluation samples the policy
         assert read_metrics(tmp_path / "ref", "eval/kl")[-1] == read_metrics(tmp_path / "x", "eval/kl")[-1]

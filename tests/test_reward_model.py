@@ -88,7 +88,7 @@ def test_comparison_groups_are_consecutive_pairs_of_one_prompt():
 
 def rm_args(model_dir, data, eval_data, out, *extra):
     return ["--model-name-or-path", model_dir, "--dataset", data, "--eval-dataset", eval_data, "--output-dir", out,
-            "--per-device-train-batch-size", "16", "--num-normalize-samples", "32", "--max-response-length", "16",
+            "--per-device-train-batch-size", "16", "--num-normalize-samples", "32", "--max-completion-length", "16",
             "--eval-reward-fn", "", *extra]
 
 

@@ -235,7 +235,7 @@ def test_divergence_stops_and_saves_nothing(script, task_dir, model_dir, sft_dir
     common_args = ["--output-dir", out, "--learning-rate", "1e38", "--eval-reward-fn", ""]
     if script == "ppo_rlhf.py":
         args = ["--sft-model-path", sft_dir, "--dataset", task_dir / "prompts_train.jsonl", "--rollout-batch-size", "8",
-                "--response-length", "6", "--num-iterations", "4", "--save-every", "1", "--num-eval-prompts", "0",
+                "--response-length", "6", "--num-iterations", "4", "--save-steps", "1", "--num-eval-prompts", "0",
                 "--reward-fn", "reward_functions.py:positivity"]
     elif script == "sft.py":
         args = ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl", "--max-steps", "6",
