@@ -5,10 +5,12 @@
     python grpo.py --dataset data/arithmetic/prompts_train.jsonl --eval-dataset data/arithmetic/prompts_eval.jsonl \\
         --reward-fn arithmetic_task.py:verify --eval-reward-fn arithmetic_task.py:verify
 
-A problem chains two or three additions and subtractions of small whole numbers ("Compute 17 + 25 - 8."); the record's
-`answer` field is the result, as text, and reaches the verifier as a keyword argument. The SFT demonstrations answer
-half the problems with worked steps ("17 + 25 = 42. 42 - 8 = 34. The answer is 34.") and half directly ("The answer
-is 34."). Held-out problems are never training problems.
+A problem is one or two additions and subtractions of whole numbers from 0 to 9 ("Compute 7 + 5 - 8."), sized so that
+both the embedded tiny model (after SFT) and SmolLM2-135M-Instruct start well above 0 and well below 100% (docs/
+verifiable.md says how the size was chosen; --max-operand and --max-steps make it harder). The record's `answer` field
+is the result, as text, and reaches the verifier as a keyword argument. The SFT demonstrations answer half the
+problems with worked steps ("7 + 5 = 12. 12 - 8 = 4. The answer is 4.") and half directly ("The answer is 4.").
+Held-out problems are never training problems.
 
 `verify(prompt, response, answer)` returns 1.0 for a right final answer, 0.0 for a wrong one, and None when the
 response holds no number it can read: the RL scripts count those (`parse_failures`) rather than score a silent 0.
@@ -25,16 +27,17 @@ DATA_DIR = "data/arithmetic"
 
 @dataclass
 class Sizes:
-    sft_train: int = 4000
-    sft_eval: int = 200
-    prompts_train: int = 4000
+    sft_train: int = 2500
+    sft_eval: int = 100
+    prompts_train: int = 1300
     prompts_eval: int = 200
 
 
-def make_problem(rng: random.Random, max_operand: int = 50, max_steps: int = 3) -> tuple[str, int, list[str]]:
-    """-> (the expression, its value, the worked steps): 2 to max_steps operations, each + or -, on numbers from 0 to
-    max_operand; left to right, as written."""
-    numbers = [rng.randint(0, max_operand) for _ in range(rng.randint(2, max_steps) + 1)]
+def make_problem(rng: random.Random, max_operand: int = 9, max_steps: int = 2, min_steps: int = 1
+                 ) -> tuple[str, int, list[str]]:
+    """-> (the expression, its value, the worked steps): min_steps to max_steps operations, each + or -, on numbers
+    from 0 to max_operand; left to right, as written."""
+    numbers = [rng.randint(0, max_operand) for _ in range(rng.randint(min_steps, max_steps) + 1)]
     ops = [rng.choice("+-") for _ in numbers[1:]]
     value, steps = numbers[0], []
     for op, n in zip(ops, numbers[1:]):
@@ -71,18 +74,26 @@ def verify(prompt, response: str, answer) -> float | None:
     return float(given == float(answer))
 
 
-def generate(out_dir: str = DATA_DIR, seed: int = 0, sizes: Sizes = Sizes(), max_operand: int = 50,
-             max_steps: int = 3) -> dict:
+def generate(out_dir: str = DATA_DIR, seed: int = 0, sizes: Sizes = Sizes(), max_operand: int = 9,
+             max_steps: int = 2, min_steps: int = 1) -> dict:
     """Write sft_train/sft_eval (prompt/completion/answer) and prompts_train/prompts_eval (prompt/answer) JSONL files;
     no held-out expression appears in training. Returns the row counts."""
     rng = random.Random(seed)
     seen, problems = set(), []
     total = sizes.sft_train + sizes.sft_eval + sizes.prompts_train + sizes.prompts_eval
-    while len(problems) < total:
-        expression, value, steps = make_problem(rng, max_operand, max_steps)
+    for _ in range(100 * total):  # a bound, not a hang, when the settings allow fewer distinct problems than asked
+        if len(problems) == total:
+            break
+        expression, value, steps = make_problem(rng, max_operand, max_steps, min_steps)
         if expression not in seen:
             seen.add(expression)
             problems.append((expression, value, steps))
+    if len(problems) < total:
+        raise SystemExit(f"only {len(problems)} distinct problems found for {total} rows: lower --sizes, or raise "
+                         "--max-operand or --max-steps")
+    # shuffled before the split: in draw order, the rarer kinds (one operation: 200 distinct at 0-9) run out early,
+    # and the first rows, the held-out ones, would hold far more of them than the training rows
+    rng.shuffle(problems)
     held_out = sizes.sft_eval + sizes.prompts_eval
     eval_problems, train_problems = problems[:held_out], problems[held_out:]
 

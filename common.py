@@ -237,13 +237,13 @@ def reward_scores(model, input_ids, attention_mask=None, position_ids=None, last
 @torch.no_grad()
 def sample(model, queries, query_mask, max_new_tokens: int, temperature: float, end_id: int, pad_id: int):
     """Left-padded (B, Tq) queries -> (B, Tq + T) queries + responses, T <= max_new_tokens, drawn from exactly
-    softmax(logits / temperature), the distribution PPO computes log-probs of (and the reward model normalises on).
-    generate() fills each field its config leaves unset from the model's generation_config.json (repetition_penalty,
-    top_k, suppress_tokens...), so that config is set aside for the call."""
+    softmax(logits / temperature), the distribution PPO computes log-probs of (and the reward model normalises on);
+    temperature 0: greedy. generate() fills each field its config leaves unset from the model's
+    generation_config.json (repetition_penalty, top_k, suppress_tokens...), so that config is set aside for the call."""
     own, model.generation_config = model.generation_config, GenerationConfig()  # nothing left to inherit
+    how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     try:
         return model.generate(input_ids=queries, attention_mask=query_mask, generation_config=GenerationConfig(
-            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-            eos_token_id=end_id, pad_token_id=pad_id))
+            **how, max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id))
     finally:
         model.generation_config = own

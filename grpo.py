@@ -1,7 +1,7 @@
 """Critic-free RL with a group baseline: GRPO, Dr. GRPO, RLOO and REINFORCE++ in one loop, no value network.
 
     python grpo.py                                   # after sft.py and reward_model.py; embedded task, CPU
-    python grpo.py --advantage rloo --kl-coef 0.05 --kl-in reward          # RLOO as its paper has it
+    python grpo.py --advantage rloo                  # RLOO as its paper has it (k1 KL in the reward)
     python grpo.py --scale-rewards none --loss-aggregation constant          # Dr. GRPO
     python grpo.py --dataset problems.jsonl --reward-fn my_task.py:verify    # a checkable reward: fn(prompt, response, answer)
     torchrun --nproc-per-node 8 grpo.py --sft-model-path ... --strategy fsdp --bf16
@@ -18,12 +18,13 @@ token-level loss, overlong masking); Ahmadian et al. 2024 (RLOO); Hu 2025 (REINF
   --loss-aggregation        token: the mean over every response token of the batch (DAPO; the default),
                             sequence: the mean of per-response token means (the GRPO paper),
                             constant: the sum divided by responses x --response-length (Dr. GRPO)
-  --kl-in loss|reward       the KL penalty as a loss term at every token (GRPO; --kl-estimator k3) or subtracted from
-                            the score before the baseline (RLOO, REINFORCE++; --kl-estimator k1); docs/grpo.md shows
-                            which gradient each follows
+  --kl-in reward|loss       the KL penalty subtracted from the score before the baseline (RLOO, REINFORCE++; k1: it
+                            follows the gradient of KL(pi || ref)) or added as a loss term at every token (GRPO; k3:
+                            it follows that of KL(ref || pi)); docs/grpo.md shows both
 Where this departs from the papers:
-1. No KL penalty by default (--kl-coef 0, as TRL and verl default now); no reference pass then runs in training. The
-   SFT model is still loaded for evaluation, for the KL and win rate against it (--no-eval-kl: not at all).
+1. The KL penalty's default depends on the reward: 0.05 (k1, in the reward) against a learned reward model, which the
+   policy can otherwise exploit; 0 against reward functions alone (a verifier), as TRL and verl default, and then no
+   reference pass runs in training. The SFT model is still loaded for evaluation (--no-eval-kl: not at all).
 2. Every normaliser (token count, response count, the batch's std) is taken over the whole optimizer batch: across
    micro-batches and processes, so gradient accumulation and torchrun change no number.
 3. A group whose rewards are all equal has advantage exactly 0 (no std of 0 divided, no rounding residue).
@@ -50,7 +51,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -174,14 +175,17 @@ class Args:
     come from a pass at rollout)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per minibatch"""
-    kl_coef: float = 0.0
-    """beta: weight of the KL penalty to the SFT model; 0 = none, and no reference pass in training"""
-    kl_in: Literal["loss", "reward"] = "loss"
-    """'loss': kl_coef * KL estimate added at every token of the loss (GRPO); 'reward': kl_coef * the response's summed
-    KL estimate subtracted from its score before the baseline (RLOO, REINFORCE++)"""
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_coef: float | None = None
+    """beta: weight of the KL penalty to the SFT model; default 0.05 with a reward model (a learned reward can be
+    gamed, and the penalty holds the policy near the SFT model, as PPO's does), 0 with reward functions alone (a
+    verifier cannot be flattered; no reference pass then runs in training)"""
+    kl_in: Literal["loss", "reward"] = "reward"
+    """'reward': kl_coef * the response's summed KL estimate subtracted from its score before the baseline (RLOO,
+    REINFORCE++; with k1 its expected gradient is that of KL(pi || ref), tested); 'loss': kl_coef * the KL estimate
+    added at every token of the loss (GRPO's paper; with k3 it follows the gradient of KL(ref || pi) instead)"""
+    kl_estimator: Literal["auto", "k1", "k3"] = "auto"
     """per token, from tokens sampled by the policy: 'k1' log pi - log pi_ref; 'k3' (r - 1) - log r, r = pi_ref / pi
-    (>= 0); both are logged"""
+    (>= 0); 'auto': k1 in the reward, k3 in the loss (k1 in the loss has zero expected gradient); both are logged"""
     eval_kl: bool = True
     """load the SFT model for evaluation even with kl_coef 0: held-out KL and the win rate against it"""
     learning_rate: float | None = None
@@ -199,6 +203,9 @@ class Args:
     """evaluate on held-out prompts every this many iterations (and at the end)"""
     num_eval_prompts: int = 128
     """held-out prompts per evaluation, one response each (0: no evaluation)"""
+    eval_pass_k: int = 0
+    """with a verifier as --eval-reward-fn (1 = right): held-out greedy accuracy (eval/pass@1_greedy) at every
+    evaluation and, at the first and the last, pass@1 and pass@k from k sampled responses per prompt; 0: off"""
     num_sample_rows: int = 4
     """sample responses printed and logged per evaluation"""
 
@@ -384,6 +391,24 @@ def scored(values: list, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([0.0 if v is None else float(v) for v in values], device=device), failed
 
 
+def pass_rates(generate, judge, records: list, k: int) -> dict:
+    """Held-out accuracy under a judge that gives 1 for a right answer (a verifier; None or less is wrong): the greedy
+    response's pass@1, and with k > 1, from k sampled responses per prompt, their pass@1 (the mean) and pass@k (any of
+    the k right: Chen et al. 2021's unbiased estimator with n = k). generate(indices, temperature) -> the texts of
+    those records' responses; temperature 0 is greedy, None the training temperature. (Copied in ppo_rlhf.py and
+    grpo.py.)"""
+    def right(indices, texts):
+        return scored([judge(records[i]["prompt"], t, records[i].get("fields", {})) for i, t in zip(indices, texts)],
+                      "cpu")[0] >= 1
+    every = list(range(len(records)))
+    out = {"eval/pass@1_greedy": right(every, generate(every, 0.0)).float().mean()}
+    if k > 1:
+        repeated = [i for i in every for _ in range(k)]
+        ok = right(repeated, generate(repeated, None)).view(-1, k)
+        out |= {"eval/pass@1": ok.float().mean(), f"eval/pass@{k}": ok.any(1).float().mean()}
+    return out
+
+
 def check_record_fields(fn, spec: str, records: list, path: str) -> None:
     """Stop before training if a reward function needs a field (an argument without a default) that a record lacks,
     naming the file and line. (Copied in ppo_rlhf.py and grpo.py.)"""
@@ -557,6 +582,10 @@ def main(args: Args) -> None:
         reward_model_paths = () if args.reward_fn or reward_model_paths == ("none",) else ("models/reward_model",)
     if not reward_model_paths and not args.reward_fn:
         raise SystemExit("error: no reward: give --reward-model-path, --reward-fn, or both")
+    # kl_coef 'auto': a penalty against a learned reward model, none for reward functions alone
+    args = replace(args, kl_coef=(0.05 if reward_model_paths else 0.0) if args.kl_coef is None else
+                               args.kl_coef, kl_estimator={"reward": "k1", "loss": "k3"}[args.kl_in]
+                               if args.kl_estimator == "auto" else args.kl_estimator)
     reward_fn_weights = args.reward_fn_weights or (1.0,) * len(args.reward_fn)
     if len(reward_fn_weights) != len(args.reward_fn):
         raise SystemExit(f"error: {len(reward_fn_weights)} --reward-fn-weights for {len(args.reward_fn)} --reward-fn")
@@ -589,7 +618,9 @@ def main(args: Args) -> None:
     kl_in_reward = args.kl_coef > 0 and args.kl_in == "reward"
     with_reference = args.kl_coef > 0 or (args.eval_kl and args.num_eval_prompts > 0)
     ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device) if with_reference else None
-    if args.kl_coef == 0:
+    if args.kl_coef > 0:
+        print(f"KL penalty: {args.kl_coef:g} x {args.kl_estimator} in the {args.kl_in} (--kl-coef 0: none)")
+    else:
         print("kl_coef 0: no KL penalty and no reference pass in training; " + (
             "the SFT model is loaded for evaluation only (KL and win rate against it; --no-eval-kl: not loaded)"
             if with_reference else "the SFT model is not loaded"))
@@ -705,13 +736,14 @@ def main(args: Args) -> None:
     old_pass = args.num_updates_per_batch > 1 or args.num_mini_batches > 1 or kl_in_reward  # else ratio 1 on-policy
 
     @torch.no_grad()
-    def rollout(model_w, prompts: list[list[int]]) -> Rollout:
+    def rollout(model_w, prompts: list[list[int]], temperature: float | None = None) -> Rollout:
         """Generate from the model of `model_w` (the policy, or the reference) with pure sampling (`common.sample`:
         softmax(logits / temperature), nothing from the model's generation_config), cut after the first end token."""
         queries, query_mask = pad(prompts, pad_id, side="left")  # (B, Tq)
         queries, query_mask = queries.to(device), query_mask.to(device)
         with autocast(), gathered(model_w) as generator:
-            out = generator(lambda model, *_: sample(model, queries, query_mask, args.response_length, args.temperature,
+            out = generator(lambda model, *_: sample(model, queries, query_mask, args.response_length,
+                                                     args.temperature if temperature is None else temperature,
                                                      eos_id, pad_id))
         context_length = queries.shape[1]
         responses, response_mask, has_eos = truncate_after_eos(out[:, context_length:], eos_id, pad_id)  # (B, T)
@@ -809,6 +841,12 @@ def main(args: Args) -> None:
                 out["eval/sft_gold_score"] = sft_gold.mean()
                 out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
                 metrics.log(iteration, sft_samples="\n".join(f"  {t!r:.300} -> {d!r}" for t, d in zip(texts, sft_texts)))
+            if args.eval_pass_k:  # a verifier's accuracy: greedy at every evaluation, pass@k at the first and last
+                def generate(indices, temperature):
+                    chunks = [indices[k: k + len(eval_prompts)] for k in range(0, len(indices), len(eval_prompts))]
+                    return sum((tokenizer.batch_decode(rollout(policy_w, [eval_prompts[i] for i in c], temperature)
+                                                       .responses, skip_special_tokens=True) for c in chunks), [])
+                out |= pass_rates(generate, judge, eval_records, args.eval_pass_k if iteration == 0 or final else 1)
         table = "\n".join(f"  {s:+.2f} | {t!r:.300} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, decoded))
         out = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), "mean") for k, v in out.items()}
         metrics.log(iteration, out, samples=table)

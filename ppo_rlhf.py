@@ -195,6 +195,9 @@ class Args:
     """evaluate on held-out prompts every this many iterations (and at the end)"""
     num_eval_prompts: int = 128
     """held-out prompts per evaluation (0: no evaluation)"""
+    eval_pass_k: int = 0
+    """with a verifier as --eval-reward-fn (1 = right): held-out greedy accuracy (eval/pass@1_greedy) at every
+    evaluation and, at the first and the last, pass@1 and pass@k from k sampled responses per prompt; 0: off"""
     num_sample_rows: int = 4
     """sample responses printed and logged per evaluation"""
 
@@ -392,6 +395,24 @@ def scored(values: list, device) -> tuple[torch.Tensor, torch.Tensor]:
     hidden in the mean. (Copied in ppo_rlhf.py and grpo.py.)"""
     failed = torch.tensor([v is None for v in values], dtype=torch.bool, device=device)
     return torch.tensor([0.0 if v is None else float(v) for v in values], device=device), failed
+
+
+def pass_rates(generate, judge, records: list, k: int) -> dict:
+    """Held-out accuracy under a judge that gives 1 for a right answer (a verifier; None or less is wrong): the greedy
+    response's pass@1, and with k > 1, from k sampled responses per prompt, their pass@1 (the mean) and pass@k (any of
+    the k right: Chen et al. 2021's unbiased estimator with n = k). generate(indices, temperature) -> the texts of
+    those records' responses; temperature 0 is greedy, None the training temperature. (Copied in ppo_rlhf.py and
+    grpo.py.)"""
+    def right(indices, texts):
+        return scored([judge(records[i]["prompt"], t, records[i].get("fields", {})) for i, t in zip(indices, texts)],
+                      "cpu")[0] >= 1
+    every = list(range(len(records)))
+    out = {"eval/pass@1_greedy": right(every, generate(every, 0.0)).float().mean()}
+    if k > 1:
+        repeated = [i for i in every for _ in range(k)]
+        ok = right(repeated, generate(repeated, None)).view(-1, k)
+        out |= {"eval/pass@1": ok.float().mean(), f"eval/pass@{k}": ok.any(1).float().mean()}
+    return out
 
 
 def check_record_fields(fn, spec: str, records: list, path: str) -> None:
@@ -708,14 +729,15 @@ def main(args: Args) -> None:
     pad_id, eos_id = tokenizer.pad_token_id, end_token_id(tokenizer)  # eos_id: the token that ends a response
 
     @torch.no_grad()
-    def rollout(model_w, prompts: list[list[int]]) -> Rollout:
+    def rollout(model_w, prompts: list[list[int]], temperature: float | None = None) -> Rollout:
         """Generate from the first model of `model_w` (the policy, or the reference) with pure sampling
         (`common.sample`: softmax(logits / temperature), nothing from the model's generation_config), cut after the
         first end token."""
         queries, query_mask = pad(prompts, pad_id, side="left")  # (B, Tq)
         queries, query_mask = queries.to(device), query_mask.to(device)
         with autocast(), gathered(model_w) as generator:
-            out = generator(lambda model, *_: sample(model, queries, query_mask, args.response_length, args.temperature,
+            out = generator(lambda model, *_: sample(model, queries, query_mask, args.response_length,
+                                                     args.temperature if temperature is None else temperature,
                                                      eos_id, pad_id))
         context_length = queries.shape[1]
         responses, response_mask, has_eos = truncate_after_eos(out[:, context_length:], eos_id, pad_id)  # (B, T)
@@ -808,6 +830,12 @@ def main(args: Args) -> None:
                 out["eval/sft_gold_score"] = sft_gold.mean()
                 out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
                 metrics.log(iteration, sft_samples="\n".join(f"  {t!r:.300} -> {d!r}" for t, d in zip(texts, sft_texts)))
+            if args.eval_pass_k:  # a verifier's accuracy: greedy at every evaluation, pass@k at the first and last
+                def generate(indices, temperature):
+                    chunks = [indices[k: k + len(eval_prompts)] for k in range(0, len(indices), len(eval_prompts))]
+                    return sum((tokenizer.batch_decode(rollout(policy_w, [eval_prompts[i] for i in c], temperature)
+                                                       .responses, skip_special_tokens=True) for c in chunks), [])
+                out |= pass_rates(generate, judge, eval_records, args.eval_pass_k if iteration == 0 or final else 1)
         table = "\n".join(f"  {s:+.2f} | {t!r:.300} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, decoded))
         out = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), "mean") for k, v in out.items()}
         metrics.log(iteration, out, samples=table)

@@ -261,6 +261,25 @@ if __name__ == "__main__":
     else:
         print("hf_single_kl0, hf_ensemble_* or hf_hybrid_kl0 runs missing: skipping robust_rewards.png")
 
+    # 4e. a real model on checkable answers: SmolLM2-135M-Instruct, GRPO against arithmetic_task.py:verify
+    #     (docs/verifiable.md; the run's --exp-name is grpo_smollm2_arith)
+    smol = load(args.runs, "grpo_smollm2_arith")
+    if smol:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+        axes[0].plot(*series(smol, "eval/pass@1_greedy"), "o-", label="greedy")
+        axes[0].plot(*series(smol, "eval/gold_score"), "o-", label="sampled (T 0.7)")
+        axes[0].set(title="held-out accuracy (100 problems)", xlabel="iteration", ylim=(0, 1))
+        axes[0].legend(fontsize=7)
+        axes[1].plot(*series(smol, "eval/response_length"), "o-", color="C2", label="length (tokens)")
+        axes[1].set(title="held-out response length (tokens)", xlabel="iteration")
+        axes[2].plot(*series(smol, "objective/scores"), color="C3", label="mean reward (rollouts)")
+        axes[2].plot(*series(smol, "val/truncated"), color="C4", label="share cut at 48 tokens")
+        axes[2].set(title="training rollouts", xlabel="iteration", ylim=(0, 1))
+        axes[2].legend(fontsize=7)
+        save(fig, "smollm2_grpo_arithmetic.png")
+    else:
+        print("no grpo_smollm2_arith run: skipping smollm2_grpo_arithmetic.png")
+
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")
     if sft:

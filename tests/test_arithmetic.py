@@ -9,7 +9,7 @@ import torch
 import arithmetic_task
 from arithmetic_task import parse_final_answer, verify
 from common import read_jsonl
-from grpo import scored
+from grpo import pass_rates, record_caller, scored
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -60,3 +60,51 @@ def test_generated_files_are_seeded_disjoint_and_readable(tmp_path):
             r["prompt"].removeprefix("Compute ").removesuffix(".")))) == 1.0
     worked = sum("=" in r["completion"] for r in sft) / len(sft)
     assert 0.4 < worked < 0.6  # about half show their steps
+
+
+def test_held_out_and_training_problems_come_from_one_distribution(tmp_path):
+    """One-operation problems are few (200 at 0-9) and are used up by the first draws: the splits must still hold them
+    in the same share (drawn in order, the held-out files held 40-50% of them and the training files 0-3%)."""
+    arithmetic_task.generate(str(tmp_path))
+    share = {}
+    for name in ("sft_train", "sft_eval", "prompts_train", "prompts_eval"):
+        records = read_jsonl(str(tmp_path / f"{name}.jsonl"), "prompt")
+        share[name] = sum(r["prompt"].count(" + ") + r["prompt"].count(" - ") == 1 for r in records) / len(records)
+    overall = 200 / 4100  # every one-operation problem is used, among 4,100 distinct ones
+    for name, value in share.items():
+        assert abs(value - overall) < 0.05, share
+
+
+def test_settings_with_too_few_problems_stop_with_a_message(tmp_path):
+    sizes = arithmetic_task.Sizes(sft_train=220, sft_eval=10, prompts_train=10, prompts_eval=10)  # 10 x 2 x 10 exist
+    with pytest.raises(SystemExit, match="only 200 distinct problems found for 250 rows"):
+        arithmetic_task.generate(str(tmp_path), sizes=sizes, max_operand=9, min_steps=1, max_steps=1)
+
+
+def test_pass_rates_greedy_and_pass_at_k_by_hand():
+    """Three problems; greedy gets the first right. Sampled 4 times each: problem 0 right 2 of 4, problem 1 right 1 of
+    4 (and one unreadable), problem 2 never: pass@1 = 3/12, pass@4 = 2/3 (any right), greedy pass@1 = 1/3."""
+    records = [{"prompt": f"Compute {a}.", "fields": {"answer": str(v)}} for a, v in [("1 + 1", 2), ("2 + 2", 4),
+                                                                                       ("3 + 3", 6)]]
+    greedy = [" The answer is 2.", " The answer is 5.", " The answer is 7."]
+    sampled = {0: ["The answer is 2.", "3", "2", "1"], 1: ["no idea", "4", "5", "5"], 2: ["5", "7", "8", "9"]}
+    calls = []
+
+    def generate(indices, temperature):
+        calls.append(temperature)
+        if temperature == 0:
+            return [greedy[i] for i in indices]
+        seen = {}
+        out = []
+        for i in indices:  # the j-th time index i appears: its j-th sample
+            out.append(sampled[i][seen.get(i, 0)])
+            seen[i] = seen.get(i, 0) + 1
+        return out
+
+    judge = record_caller(verify)  # as the scripts call it: judge(prompt, response, fields)
+    out = pass_rates(generate, judge, records, 4)
+    assert calls == [0.0, None]
+    assert out["eval/pass@1_greedy"].item() == pytest.approx(1 / 3)
+    assert out["eval/pass@1"].item() == pytest.approx(3 / 12)
+    assert out["eval/pass@4"].item() == pytest.approx(2 / 3)
+    assert set(pass_rates(generate, judge, records, 1)) == {"eval/pass@1_greedy"}  # k 1: greedy only

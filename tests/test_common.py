@@ -202,6 +202,24 @@ def test_sampling_ignores_the_models_generation_config(sft_dir, monkeypatch):
     assert probs[likely].sum() > 0.2  # the test has teeth: suppressing these would move a fifth of the mass
 
 
+def test_temperature_zero_is_greedy_whatever_the_models_config(sft_dir):
+    """Temperature 0 (greedy evaluation): every step takes the argmax of the model's own logits, with the model's
+    generation_config (a repetition penalty, top_k 3) kept out as in sampling."""
+    policy = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    policy.generation_config.update(repetition_penalty=5.0, top_k=3, do_sample=True, temperature=1.5)
+    prompt = tok("The pasta was")["input_ids"]
+    torch.manual_seed(0)
+    out = sample(policy, torch.tensor([prompt] * 3), torch.ones(3, len(prompt), dtype=torch.long), 8, 0.0, -1,
+                 tok.pad_token_id)  # no end token: 8 steps
+    assert (out == out[0]).all()  # no randomness
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(8):  # the slow reference: a full forward, argmax, append
+            ids = torch.cat([ids, policy(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out[0].tolist() == ids[0].tolist()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_dropout_held_as_float_attributes_is_disabled(arch):
     """Llama and Qwen2 attention copy config.attention_dropout into a float at build time; train-mode forwards must

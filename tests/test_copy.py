@@ -104,7 +104,7 @@ def test_label_copied_alone(sft_dir, tmp_path):
                                   # the RL scripts' own shared pieces
                                   "truncate_after_eos", "logprobs_and_entropy", "layout", "with_score_suffix",
                                   "score_texts", "load_reward_models", "stutters", "record_caller",
-                                  "check_record_fields", "scored", "exact_div"])
+                                  "check_record_fields", "scored", "pass_rates", "exact_div"])
 def test_copied_helpers_stay_identical(name):
     """The plumbing each script carries for itself is one text in all of them, so a fix reaches every copy."""
     modules = [m for m in (sft, reward_model, ppo_rlhf, dpo, grpo, label) if hasattr(m, name)]

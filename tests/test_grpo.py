@@ -99,7 +99,8 @@ def episodes_for(tokenizer, seed=0, B=8, T=6):
 
 
 def gradient(model, episodes, aggregation, micro, padding_free=True):
-    args = Args(loss_aggregation=aggregation, kl_coef=0.1, response_length=6, cliprange=0.2, cliprange_high=0.28)
+    args = Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3", response_length=6,
+                cliprange=0.2, cliprange_high=0.28)
     model.zero_grad()
     backward_minibatch(Parallel(model), episodes, torch.arange(len(episodes.advantages)), micro, args, padding_free,
                        lambda: torch.autocast("cpu", enabled=False))
@@ -136,7 +137,8 @@ for strategy in ("ddp", "fsdp"):
     for aggregation in ("token", "sequence", "constant"):
         model = AutoModelForCausalLM.from_pretrained({model!r})
         wrapped = grpo.distribute([model], strategy, False)
-        args = grpo.Args(loss_aggregation=aggregation, kl_coef=0.1, response_length=6, cliprange=0.2, cliprange_high=0.28)
+        args = grpo.Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3",
+                         response_length=6, cliprange=0.2, cliprange_high=0.28)
         half = torch.arange(rank * 4, rank * 4 + 4)  # this process's half of the batch, in 2 micro-batches of 2
         grpo.backward_minibatch(wrapped, episodes, half, 2, args, True, lambda: torch.autocast("cpu", enabled=False))
         grads = {{n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()

@@ -193,6 +193,24 @@ def test_first_minibatch_ratio_is_one_and_generation_config_is_ignored(task_dir,
     assert (trained == start).all(dim=1).sum() >= 20  # weight decay would have shrunk every row
 
 
+def test_micro_batches_change_no_gradient(task_dir, sft_dir, tmp_path):
+    """The losses are token means over the whole minibatch: split into 4 micro-batches of unequal token counts, one
+    optimizer step has the gradient (norm) of the unsplit minibatch. Averaging each micro-batch's own token mean, as
+    before, weights the tokens of a micro-batch of short responses more, and fails this."""
+    norms, lengths = {}, {}
+    for accumulation in (1, 4):
+        cwd = tmp_path / str(accumulation)
+        cwd.mkdir()
+        run_script("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, cwd / "out", "--num-iterations", "1", "--num-ppo-epochs",
+                                            "1", "--num-mini-batches", "1", "--gradient-accumulation-steps",
+                                            str(accumulation), "--reward-fn", "reward_functions.py:positivity",
+                                            "--eval-reward-fn", "", "--temperature", "1.5"), cwd=cwd)
+        norms[accumulation] = read_metrics(cwd, "loss/grad_norm_avg")[0][1]
+        lengths[accumulation] = [read_metrics(cwd, k)[0][1] for k in ("val/response_length", "val/num_eos_tokens")]
+    assert lengths[1] == lengths[4] and 0 < lengths[1][1] < 16  # the same rollout; some ended early, some did not
+    assert norms[4] == pytest.approx(norms[1], rel=1e-4)
+
+
 def test_missing_eos_penalty_through_the_script(task_dir, sft_dir, tmp_path):
     """A constant reward 0.7 and kl_coef 0: what PPO maximises is 0.7 less the penalty 1.0 for each response that
     never ended, as the script computes it from its own rollouts."""

@@ -222,3 +222,23 @@ def test_ppo_reads_a_reward_model_where_transformers_does(chat_model_dir, paddin
         assert ours[0].item() == pytest.approx(rm(**rendered).logits[0, 0].item(), abs=1e-5)
         cut = torch.tensor([queries[1] + sampled[1]])
         assert ours[1].item() == pytest.approx(rm(input_ids=cut).logits[0, 0].item(), abs=1e-5)
+
+
+def test_grpo_on_a_users_chat_model_with_a_verifier(chat_model_dir, tmp_path):
+    """grpo.py with only --sft-model-path, --dataset (conversational prompts with an `answer` field) and a verifier as
+    --reward-fn: a pretrained model's learning rate, no KL penalty and no reference pass (a reward function alone), no
+    embedded-task judge or held-out file, the verifier's unreadable answers counted; the saved policy loads."""
+    write_jsonl(tmp_path / "problems.jsonl", [{"prompt": [SYSTEM, user(f"Compute {a} + {b}.")], "answer": str(a + b)}
+                                              for a in range(3) for b in range(3)])
+    proc = run_script("grpo.py", "--sft-model-path", chat_model_dir, "--dataset", tmp_path / "problems.jsonl",
+                      "--reward-fn", "arithmetic_task.py:verify", "--output-dir", tmp_path / "grpo", "--num-iterations",
+                      "2", cwd=tmp_path)
+    assert "learning rate 1e-06 (a pretrained model" in proc.stdout
+    assert "kl_coef 0: no KL penalty and no reference pass in training" in proc.stdout
+    assert "--rollout-batch-size 16 -> 9" in proc.stdout and "no held-out prompts" in proc.stdout
+    assert read_metrics(tmp_path, "eval/gold_score") == [] and len(read_metrics(tmp_path, "eval/scores")) == 2
+    failures = [v for _, v in read_metrics(tmp_path, "objective/parse_failures")]
+    assert len(failures) == 2 and all(0 <= v <= 1 for v in failures)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "grpo")
+    assert tok.pad_token == "<pad>" and tok.eos_token == "<|im_end|>"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "grpo")
