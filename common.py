@@ -1,15 +1,17 @@
 """The contract between the three stages and nothing else: the data formats, how prompts and responses become tokens
 (pad rule, end token), where a reward is read, and the distribution sampled from. Copy it with any stage script."""
 
+import importlib
 import json
 import os
+import re
 
 import torch
 from transformers import GenerationConfig
 
 
 class DataError(ValueError):
-    """A problem in a user's data file, reported with the file, the line and the field."""
+    """A problem in a user's data, reported with the file (or dataset), the line (or row) and the field."""
 
 
 FIELDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
@@ -48,12 +50,90 @@ def _split(messages: list, where: str, field: str) -> tuple[list, list]:
     return messages[:-1], messages[-1:]
 
 
+def read_data(source: str, kind: str, errors: list | None = None, config: str | None = None, split: str = "train",
+              held_out: bool = False) -> list[dict]:
+    """Records of `kind` ('sft', 'preference' or 'prompt', fields FIELDS[kind]) from any source: a JSONL file (or a
+    .json file of JSON lines or one JSON array), read here; a .parquet or .csv file, a folder written by
+    `save_to_disk`, a folder laid out as a Hub dataset, or a Hub dataset id (`config`, `split`), read through the
+    optional `datasets` package. Every record is checked the same way: a problem is a DataError naming the source,
+    the line or row and the field; with an `errors` list, bad records go there and are skipped. `split` is ignored by
+    a source without splits (a file is the one split 'train', as in `datasets`), except `held_out`: asking such a
+    source for another split is then an error, not a silent evaluation on the training data."""
+    def no_splits():
+        if held_out and split != "train":
+            raise DataError(f"{source}: no split '{split}' (splits are those of a Hub dataset or a saved DatasetDict; "
+                            "a file or a saved Dataset is the one split 'train')")
+    if source.endswith(".json") and os.path.isfile(source):
+        no_splits()
+        with open(source, "rb") as f:
+            if f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # one JSON array, not JSON lines
+                f.seek(0)
+                try:
+                    rows = json.loads(f.read().decode("utf-8-sig"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DataError(f"{source}: not a valid JSON array ({e})") from None
+                return _records(enumerate(rows), source, "record", kind, errors)
+    hub_id = (not os.path.exists(source) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source)
+              and not re.search(r"\.(jsonl|json|txt|gz|tsv|arrow)$", source))
+    if not (source.endswith((".parquet", ".csv")) or os.path.isdir(source) or hub_id):
+        no_splits()
+        return read_jsonl(source, kind, errors)
+    if source.endswith((".parquet", ".csv")):
+        if not os.path.isfile(source):
+            raise DataError(f"{source}: file not found")
+        no_splits()
+    try:
+        datasets = importlib.import_module("datasets")
+    except ImportError:
+        raise DataError(f"{source}: Parquet and CSV files, dataset folders and Hub datasets are read through the "
+                        "optional `datasets` package: pip install datasets") from None
+    name = source if source.endswith((".parquet", ".csv")) else f"{source} (split '{split}')"
+    try:
+        if source.endswith((".parquet", ".csv")):
+            ds = datasets.load_dataset(source.rpartition(".")[2], data_files=source, split="train")
+        elif os.path.isfile(os.path.join(source, "dataset_dict.json")) or os.path.isfile(os.path.join(source, "state.json")):
+            ds = datasets.load_from_disk(source)  # a folder written by save_to_disk: a Dataset or a DatasetDict
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{source}: no split '{split}' (it has {', '.join(ds)})")
+                ds = ds[split]
+            else:
+                no_splits()
+                name = source
+        else:  # a Hub dataset id, or a local folder in the same layout (data files, optionally a README with configs)
+            ds = datasets.load_dataset(source, config, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # a split or config that does not exist, a Hub that cannot be reached, unreadable data
+        where = "" if os.path.exists(source) else " (not a local file or folder; tried as a Hub dataset id)"
+        raise DataError(f"{source}{where}: {type(e).__name__}: {e}") from None
+    rows = (dict(zip(batch, values)) for batch in ds.iter(batch_size=1000) for values in zip(*batch.values()))
+    return _records(enumerate(rows), name, "row", kind, errors)  # read in batches: twice as fast as row by row
+
+
+def _records(rows, source: str, unit: str, kind: str, errors: list | None) -> list[dict]:
+    """(index, dict) rows -> checked records. Nulls are dropped first: a Parquet column or message struct holds None
+    where a record lacks the key, and the record must read exactly as its JSONL line would."""
+    records = []
+    for i, row in rows:
+        where = f"{source}, {unit} {i}"
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+            row = {k: [{mk: mv for mk, mv in m.items() if mv is not None} if isinstance(m, dict) else m for m in v]
+                   if isinstance(v, list) else v for k, v in row.items() if v is not None}
+            records.append(_record(row, kind, where) | {"where": where})
+        except DataError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+    if not records:
+        raise DataError(f"{source}: no records" + (f" ({len(errors)} bad records skipped)" if errors else ""))
+    return records
+
+
 def read_jsonl(path: str, kind: str, errors: list | None = None) -> list[dict]:
-    """A JSONL file of `kind` ('sft', 'preference' or 'prompt') -> records with the fields of FIELDS[kind]: from
-    prompt/completion, prompt/chosen/rejected, prompt-only, `messages` (the last assistant turn is the completion; a
-    prompt file's may end with a user turn), or `chosen`/`rejected` conversations sharing their prompt turns. A problem
-    is a DataError naming file, line and field; with an `errors` list, bad lines go there and are skipped. A prompt
-    record keeps its other fields in `fields`."""
+    """A JSONL file -> records (read_data's formats), each line checked; bad lines raise or go to `errors`."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if os.path.isdir(path):
@@ -67,7 +147,7 @@ def read_jsonl(path: str, kind: str, errors: list | None = None) -> list[dict]:
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: a byte-order mark is skipped
                 if line.strip():
-                    records.append(_parse(line, kind, f"{path}, line {lineno}") | {"line": lineno})
+                    records.append(_parse(line, kind, f"{path}, line {lineno}") | {"where": f"{path}, line {lineno}"})
             except (DataError, UnicodeDecodeError) as e:
                 if isinstance(e, UnicodeDecodeError):
                     e = DataError(f"{path}, line {lineno}: not UTF-8 text (byte {offset + e.start} of the file)")
@@ -87,7 +167,15 @@ def _parse(line: str, kind: str, where: str) -> dict:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row and "prompt" not in row:
+    return _record(row, kind, where)
+
+
+def _record(row: dict, kind: str, where: str) -> dict:
+    """One row (a dict, as read from any source) -> a checked record of `kind`, in the fields of FIELDS[kind]."""
+    row = dict(row)
+    # the conversation in `messages` is the record when there is no `prompt`, and for SFT when there is no `completion`
+    # (HuggingFaceH4/ultrachat_200k keeps its first user turn as a `prompt` column beside `messages`)
+    if "messages" in row and ("prompt" not in row or kind == "sft" and "completion" not in row):
         messages = _text(row["messages"], where, "messages")
         if kind == "prompt" and messages[-1]["role"] != "assistant":  # a conversation awaiting its answer
             row["prompt"] = messages

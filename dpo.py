@@ -57,7 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import DataError, encode_prompt, encode_response, end_token_id, read_jsonl, sample, setup_tokenizer
+from common import DataError, encode_prompt, encode_response, end_token_id, read_data, sample, setup_tokenizer
 
 # the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
 TASK_DATA = "data/reviews"
@@ -97,10 +97,18 @@ class Args:
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
     dataset: str = f"{TASK_DATA}/preference_train.jsonl"
-    """JSONL of prompt/chosen/rejected, or chosen/rejected conversations (the file reward_model.py reads)"""
+    """prompt/chosen/rejected, or chosen/rejected conversations (what reward_model.py reads): a JSONL, JSON,
+    Parquet or CSV file, a `save_to_disk` folder or a Hub dataset id (docs/details.md#data-sources)"""
     eval_dataset: str = "auto"
     """held-out preferences, for the implicit reward's accuracy; 'auto': the embedded task's held-out file with its
-    training file, none with yours; 'none' to skip"""
+    training file, with yours --eval-split's split of --dataset or none; 'none' to skip"""
+    dataset_config: str | None = None
+    """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
+    dataset_split: str = "train"
+    """the split of --dataset to train on, when it has splits (a Hub dataset, a saved DatasetDict)"""
+    eval_split: str = ""
+    """held out: the split of --dataset to evaluate on (e.g. 'test'); with --eval-dataset, the split read from it
+    (default 'train', a file's only split)"""
     eval_prompts: str = "auto"
     """held-out prompts to sample for the gold score, KL and length; 'auto': the embedded task's held-out prompts
     with its own data, else the prompts of the held-out pairs (or of the training pairs if there are none)"""
@@ -304,7 +312,7 @@ def main(args: Args) -> None:
         dist.barrier()  # the files are written
     # 'auto': the embedded task's held-out files and judge with its own data, none with the user's
     eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
-        f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none")
+        f"{TASK_DATA}/preference_eval.jsonl" if embedded else args.dataset if args.eval_split else "none")
     eval_prompts_file = f"{TASK_DATA}/prompts_eval.jsonl" if args.eval_prompts == "auto" and embedded else args.eval_prompts
     eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
         "reviews_task.py:gold_score" if embedded else "")
@@ -339,9 +347,10 @@ def main(args: Args) -> None:
     # 2. data: the preference pairs of stage 2 (rankings kept together as comparison groups), held-out pairs and prompts
     bad_lines = [] if args.skip_bad_pairs else None
     try:
-        train_records = read_jsonl(args.dataset, "preference", bad_lines)
-        eval_records = read_jsonl(eval_dataset, "preference", bad_lines) if eval_dataset != "none" else []
-        prompt_records = read_jsonl(eval_prompts_file, "prompt") if eval_prompts_file not in ("auto", "none") else []
+        train_records = read_data(args.dataset, "preference", bad_lines, args.dataset_config, args.dataset_split)
+        eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config,
+                                 args.eval_split or "train", True) if eval_dataset != "none" else []
+        prompt_records = read_data(eval_prompts_file, "prompt") if eval_prompts_file not in ("auto", "none") else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if bad_lines:
@@ -353,7 +362,7 @@ def main(args: Args) -> None:
         if count > 0.1 * total:
             print(f"warning: {count} of {total} {what}: raise {flag} for this data")
     evals = encode_pairs(eval_records, tokenizer, args)[0]
-    if eval_prompts_file == "auto":  # the prompts of the pairs, as read_jsonl found them (any preference format)
+    if eval_prompts_file == "auto":  # the prompts of the pairs, as read_data found them (any preference format)
         prompt_records = eval_records or train_records
     groups = group_pairs(train, args.max_group_pairs)
     eval_prompts = {repr(r["prompt"]): r["prompt"] for r in prompt_records}  # distinct prompts, in file order

@@ -68,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DataError, encode_prompt, end_token_id, last_token_index, read_jsonl, reward_scores, sample,
+from common import (DataError, encode_prompt, end_token_id, last_token_index, read_data, reward_scores, sample,
                     score_suffix, setup_tokenizer)
 
 # the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
@@ -128,10 +128,18 @@ class Args:
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
     dataset: str = f"{TASK_DATA}/prompts_train.jsonl"
-    """JSONL of prompts (prompt-only, or any format with a prompt); a record's other fields reach reward functions"""
+    """prompts (prompt-only, or any format with a prompt; other fields reach reward functions):
+    a JSONL, JSON, Parquet or CSV file, a `save_to_disk` folder or a Hub dataset id (docs/details.md#data-sources)"""
     eval_dataset: str = "auto"
-    """held-out prompts for evaluation; 'auto': the embedded task's held-out prompts with its training prompts, none
-    with yours (evaluation then samples training prompts); 'none' likewise"""
+    """held-out prompts for evaluation; 'auto': the embedded task's held-out prompts with its training prompts, with
+    yours --eval-split's split of --dataset or none (evaluation then samples training prompts); 'none' likewise"""
+    dataset_config: str | None = None
+    """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
+    dataset_split: str = "train"
+    """the split of --dataset to train on, when it has splits (a Hub dataset, a saved DatasetDict)"""
+    eval_split: str = ""
+    """held out: the split of --dataset to evaluate on (e.g. 'test'); with --eval-dataset, the split read from it
+    (default 'train', a file's only split)"""
     max_prompt_length: int = 64
     """in tokens; longer prompts lose their oldest text (the chat template's frame is kept)"""
 
@@ -417,7 +425,7 @@ def check_record_fields(fn, spec: str, records: list, path: str) -> None:
     for r in records:
         missing = [name for name in needed if name not in r.get("fields", {})]
         if missing:
-            raise SystemExit(f"error: {path}, line {r.get('line', '?')}: no field '{missing[0]}', which the reward "
+            raise SystemExit(f"error: {r.get('where', path)}: no field '{missing[0]}', which the reward "
                              f"function {spec} takes")
 
 
@@ -601,7 +609,7 @@ def main(args: Args) -> None:
         dist.barrier()  # the files are written
     # 'auto': the embedded task's held-out prompts and judge with its own prompts, none with the user's
     eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
-        f"{TASK_DATA}/prompts_eval.jsonl" if embedded else "none")
+        f"{TASK_DATA}/prompts_eval.jsonl" if embedded else args.dataset if args.eval_split else "none")
     eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
         "reviews_task.py:gold_score" if embedded else "")
 
@@ -660,8 +668,9 @@ def main(args: Args) -> None:
 
     # 2. prompts, left-padded per batch for generation
     try:
-        train_records = read_jsonl(args.dataset, "prompt")
-        eval_records = read_jsonl(eval_dataset, "prompt") if eval_dataset != "none" else []
+        train_records = read_data(args.dataset, "prompt", None, args.dataset_config, args.dataset_split)
+        eval_records = read_data(eval_dataset, "prompt", None, args.dataset_config, args.eval_split or "train", True) if (
+            eval_dataset != "none") else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     for spec, (_, fn, _) in zip(args.reward_fn, reward_fns):

@@ -42,7 +42,11 @@ class Args:
     preference_data: tuple[str, ...] = ("data/reviews/preference_train.jsonl",)
     """the labels round 0's reward model was trained on; every later reward model trains on them plus all new labels"""
     prompts: str = "data/reviews/prompts_train.jsonl"
-    """prompts for labelling and for PPO"""
+    """prompts for labelling and for PPO: any data source the stages read (file, saved folder, Hub dataset id)"""
+    dataset_config: str | None = None
+    """the configuration (subset) of a Hub dataset given as --prompts"""
+    dataset_split: str = "train"
+    """the split of --prompts when it has splits"""
     rounds: int = 3
     """rounds after round 0"""
     annotator: str = "reviews_task.py:annotate"
@@ -95,7 +99,9 @@ if __name__ == "__main__":
     for path, command in [(args.sft_model_path, "python sft.py"), (args.reward_model_path, "python reward_model.py")]:
         if not os.path.isdir(path):
             raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
-    ppo_flags = ["--sft-model-path", args.sft_model_path, "--dataset", args.prompts, "--kl-coef", args.kl_coef,
+    source = ["--dataset-split", args.dataset_split, *(["--dataset-config", args.dataset_config]
+                                                       if args.dataset_config else [])]  # of --prompts
+    ppo_flags = ["--sft-model-path", args.sft_model_path, "--dataset", args.prompts, *source, "--kl-coef", args.kl_coef,
                  "--num-iterations", args.ppo_iterations, "--eval-steps", args.ppo_iterations, "--seed", args.seed,
                  *shlex.split(args.ppo_args)]  # the later of two equal flags wins: --ppo-args can override these
     labels = list(args.preference_data)
@@ -107,7 +113,7 @@ if __name__ == "__main__":
             # 1.-2. sample pairs from the current policy and label them
             for p in range(args.label_passes):
                 out = os.path.join(round_dir, f"labels_{p}.jsonl")
-                run("label.py", "--policy-path", policy, "--prompts", args.prompts, "--output", out,
+                run("label.py", "--policy-path", policy, "--prompts", args.prompts, *source, "--output", out,
                     "--annotator", args.annotator, "--num-prompts", args.num_label_prompts,
                     "--seed", args.seed * 1000 + r * 10 + p,
                     *(["--policy-b-path", args.sft_model_path] if args.label_against == "sft" else []),

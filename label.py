@@ -31,7 +31,7 @@ import torch
 import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import DataError, encode_prompt, end_token_id, read_jsonl, sample, setup_tokenizer
+from common import DataError, encode_prompt, end_token_id, read_data, sample, setup_tokenizer
 
 TASK_DATA = "data/reviews"  # the embedded "reviews" task's files, made by reviews_task.py on first use
 
@@ -43,9 +43,14 @@ class Args:
     policy_b_path: str = ""
     """a second model: then each prompt gets one response from each, shown in random order"""
     pairs: str = ""
-    """JSONL of prompt/response_a/response_b (optionally model_a/model_b) to label instead of sampling"""
+    """prompt/response_a/response_b records (optionally model_a/model_b) to label instead of sampling: any data
+    source the stages read (a JSONL, JSON, Parquet or CSV file, a `save_to_disk` folder, a Hub dataset id)"""
     prompts: str = f"{TASK_DATA}/prompts_train.jsonl"
-    """JSONL of prompts (any format with a prompt), shuffled by --seed; the first --num-prompts are labelled"""
+    """prompts (any format with a prompt, any data source), shuffled by --seed; the first --num-prompts are labelled"""
+    dataset_config: str | None = None
+    """the configuration (subset) of a Hub dataset given as --prompts or --pairs"""
+    dataset_split: str = "train"
+    """the split read from --prompts or --pairs when it has splits"""
     output: str = "data/labels/preferences.jsonl"
     """preference JSONL, appended to; ties and skips go to {output}.ties.jsonl"""
     annotator: str = "human"
@@ -221,16 +226,15 @@ if __name__ == "__main__":
     done = files.done()
     if args.pairs:
         try:
-            records = read_jsonl(args.pairs, "prompt")
+            records = read_data(args.pairs, "prompt", None, args.dataset_config, args.dataset_split)
         except DataError as e:
             raise SystemExit(f"error: {e}")
         items = []
-        with open(args.pairs, encoding="utf-8-sig") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        for r, row in zip(records, rows):
+        for r in records:
+            row = r["fields"]
             for field in ("response_a", "response_b"):
                 if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise SystemExit(f"error: {args.pairs}, line {r['line']}: field '{field}' must be a non-empty string")
+                    raise SystemExit(f"error: {r['where']}: field '{field}' must be a non-empty string")
             items.append({"prompt": r["prompt"], "response_a": row["response_a"], "response_b": row["response_b"],
                           "model_a": row.get("model_a", ""), "model_b": row.get("model_b", "")})
         items = [it for it in items[: args.num_prompts] if key(it["prompt"]) not in done["prompts"]]
@@ -238,7 +242,7 @@ if __name__ == "__main__":
         if args.prompts == f"{TASK_DATA}/prompts_train.jsonl" and not os.path.exists(args.prompts):
             load_function("reviews_task.py:ensure_data")()
         try:
-            prompts = [r["prompt"] for r in read_jsonl(args.prompts, "prompt")]
+            prompts = [r["prompt"] for r in read_data(args.prompts, "prompt", None, args.dataset_config, args.dataset_split)]
         except DataError as e:
             raise SystemExit(f"error: {e}")
         random.Random(args.seed).shuffle(prompts)

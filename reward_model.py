@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DataError, encode_prompt, encode_response, end_token_id, read_jsonl, reward_scores, sample,
+from common import (DataError, encode_prompt, encode_response, end_token_id, read_data, reward_scores, sample,
                     score_suffix, setup_tokenizer)
 
 # the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
@@ -95,11 +95,18 @@ class Args:
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
     dataset: tuple[str, ...] = (f"{TASK_DATA}/preference_train.jsonl",)
-    """JSONL of prompt/chosen/rejected, or chosen/rejected conversations; several files are read as one (the labels of
-    all rounds so far, say)"""
+    """prompt/chosen/rejected, or chosen/rejected conversations: JSONL, JSON, Parquet or CSV files, `save_to_disk`
+    folders or Hub dataset ids (docs/details.md#data-sources); several are read as one (all rounds' labels, say)"""
     eval_dataset: str = "auto"
     """held-out preferences in the same format; 'auto': the embedded task's held-out file with its training file,
-    none with yours; 'none' to skip"""
+    with yours --eval-split's split of the first --dataset or none; 'none' to skip"""
+    dataset_config: str | None = None
+    """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
+    dataset_split: str = "train"
+    """the split of --dataset to train on, when it has splits (a Hub dataset, a saved DatasetDict)"""
+    eval_split: str = ""
+    """held out: the split of --dataset to evaluate on (e.g. 'test'); with --eval-dataset, the split read from it
+    (default 'train', a file's only split)"""
     skip_bad_pairs: bool = False
     """count and skip bad lines (missing field, chosen == rejected, empty text) instead of stopping with an error"""
     max_prompt_length: int = 64
@@ -276,7 +283,7 @@ def main(args: Args) -> None:
         dist.barrier()  # the files are written
     # 'auto': the embedded task's held-out files and judge with its own data, none with the user's
     eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
-        f"{TASK_DATA}/preference_eval.jsonl" if embedded else "none")
+        f"{TASK_DATA}/preference_eval.jsonl" if embedded else args.dataset[0] if args.eval_split else "none")
     eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
         "reviews_task.py:gold_score" if embedded else "")
 
@@ -313,8 +320,10 @@ def main(args: Args) -> None:
     # 2. data: bad lines stop the run with file, line and field (or are counted and skipped)
     bad_lines = [] if args.skip_bad_pairs else None
     try:
-        train_records = [r for path in args.dataset for r in read_jsonl(path, "preference", bad_lines)]
-        eval_records = read_jsonl(eval_dataset, "preference", bad_lines) if eval_dataset != "none" else []
+        train_records = [r for path in args.dataset
+                         for r in read_data(path, "preference", bad_lines, args.dataset_config, args.dataset_split)]
+        eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config,
+                                 args.eval_split or "train", True) if eval_dataset != "none" else []
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if bad_lines:

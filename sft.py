@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import DataError, encode_prompt, encode_response, end_token_id, read_jsonl, sample, setup_tokenizer
+from common import DataError, encode_prompt, encode_response, end_token_id, read_data, sample, setup_tokenizer
 
 # the embedded "reviews" task: its files and tiny model are made by reviews_task.py on first use of these defaults
 TASK_DATA, TINY_MODEL = "data/reviews", "models/tiny-llama"
@@ -88,10 +88,18 @@ class Args:
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
     dataset: str = f"{TASK_DATA}/sft_train.jsonl"
-    """JSONL of prompt/completion pairs or conversational `messages`"""
+    """prompt/completion pairs or conversational `messages`: a JSONL, JSON, Parquet or CSV file, a `save_to_disk`
+    folder or a Hub dataset id (docs/details.md#data-sources)"""
     eval_dataset: str = "auto"
-    """held-out JSONL in the same format; 'auto': the embedded task's held-out file with its training file, none with
-    yours (then the final sampling check uses training prompts); 'none' to skip"""
+    """held-out data in the same format; 'auto': the embedded task's held-out file with its training file, with yours
+    --eval-split's split of --dataset or none (the final sampling check then uses training prompts); 'none' to skip"""
+    dataset_config: str | None = None
+    """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
+    dataset_split: str = "train"
+    """the split of --dataset to train on, when it has splits (a Hub dataset, a saved DatasetDict)"""
+    eval_split: str = ""
+    """held out: the split of --dataset to evaluate on (e.g. 'test'); with --eval-dataset, the split read from it
+    (default 'train', a file's only split)"""
     max_prompt_length: int = 64
     """in tokens; longer prompts are cut from the left (or skipped with --skip-long-prompts)"""
     skip_long_prompts: bool = False
@@ -223,7 +231,7 @@ def main(args: Args) -> None:
         dist.barrier()  # the files are written
     # 'auto': the embedded task's held-out file and judge with its own data, none with the user's
     eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
-        f"{TASK_DATA}/sft_eval.jsonl" if embedded else "none")
+        f"{TASK_DATA}/sft_eval.jsonl" if embedded else args.dataset if args.eval_split else "none")
     eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
         "reviews_task.py:gold_score" if embedded else "")
 
@@ -251,8 +259,9 @@ def main(args: Args) -> None:
 
     # 2. data: tokenize once; prompt and completion separately, the end token appended
     try:
-        train_records = read_jsonl(args.dataset, "sft")
-        eval_records = read_jsonl(eval_dataset, "sft") if eval_dataset != "none" else []
+        train_records = read_data(args.dataset, "sft", None, args.dataset_config, args.dataset_split)
+        eval_records = read_data(eval_dataset, "sft", None, args.dataset_config, args.eval_split or "train", True) if (
+            eval_dataset != "none") else []
     except DataError as e:  # a clear message naming file, line and field, not a traceback
         raise SystemExit(f"error: {e}")
     train, cut, skipped, completions_cut = encode(train_records, tokenizer, args)

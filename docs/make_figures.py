@@ -263,19 +263,23 @@ if __name__ == "__main__":
 
     # 4e. a real model on checkable answers: SmolLM2-135M-Instruct, GRPO against arithmetic_task.py:verify
     #     (docs/verifiable.md; the run's --exp-name is grpo_smollm2_arith)
-    smol = load(args.runs, "grpo_smollm2_arith")
-    if smol:
+    smol_seeds = {}  # seed -> the latest run of that seed
+    for path in sorted(glob.glob(os.path.join(args.runs, "grpo_smollm2_arith__*", "metrics.jsonl")), key=os.path.getmtime):
+        smol_seeds[path.split("__")[1]] = [json.loads(line) for line in open(path)]
+    if smol_seeds:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-        axes[0].plot(*series(smol, "eval/pass@1_greedy"), "o-", label="greedy")
-        axes[0].plot(*series(smol, "eval/gold_score"), "o-", label="sampled (T 0.7)")
+        for i, (seed, smol) in enumerate(sorted(smol_seeds.items())):
+            axes[0].plot(*series(smol, "eval/pass@1_greedy"), "o-", color=f"C{i}", label=f"greedy, seed {seed}")
+            axes[0].plot(*series(smol, "eval/gold_score"), "x--", color=f"C{i}", alpha=0.6, label=f"sampled, seed {seed}")
+            axes[1].plot(*series(smol, "eval/response_length"), "o-", color=f"C{i}", label=f"seed {seed}")
+            axes[2].plot(*series(smol, "objective/scores"), color=f"C{i}", label=f"reward, seed {seed}")
+            axes[2].plot(*series(smol, "val/truncated"), ":", color=f"C{i}", label=f"cut at 48 tokens, seed {seed}")
         axes[0].set(title="held-out accuracy (100 problems)", xlabel="iteration", ylim=(0, 1))
-        axes[0].legend(fontsize=7)
-        axes[1].plot(*series(smol, "eval/response_length"), "o-", color="C2", label="length (tokens)")
+        axes[0].legend(fontsize=6)
         axes[1].set(title="held-out response length (tokens)", xlabel="iteration")
-        axes[2].plot(*series(smol, "objective/scores"), color="C3", label="mean reward (rollouts)")
-        axes[2].plot(*series(smol, "val/truncated"), color="C4", label="share cut at 48 tokens")
+        axes[1].legend(fontsize=6)
         axes[2].set(title="training rollouts", xlabel="iteration", ylim=(0, 1))
-        axes[2].legend(fontsize=7)
+        axes[2].legend(fontsize=6)
         save(fig, "smollm2_grpo_arithmetic.png")
     else:
         print("no grpo_smollm2_arith run: skipping smollm2_grpo_arithmetic.png")

@@ -22,7 +22,7 @@ def test_formats_are_normalised(tmp_path):
         {"messages": conv + [{"role": "assistant", "content": "Hello"}]},
     ])
     a, b = read_jsonl(path, "sft")
-    assert (a["prompt"], a["completion"], a["line"]) == ("p", " c", 1)
+    assert (a["prompt"], a["completion"], a["where"]) == ("p", " c", f"{path}, line 1")
     assert b["prompt"] == conv and b["completion"] == [{"role": "assistant", "content": "Hello"}]
 
     path = write_jsonl(tmp_path / "b.jsonl", [
