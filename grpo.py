@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -196,8 +196,15 @@ class Args:
     (>= 0); 'auto': k1 in the reward, k3 in the loss (k1 in the loss has zero expected gradient); both are logged"""
     eval_kl: bool = True
     """load the SFT model for evaluation even with kl_coef 0: held-out KL and the win rate against it"""
+    lora_r: int = 0
+    """LoRA: train rank-r adapters on the decoder's linear layers instead of every weight (`pip install peft`); 0: off"""
+    lora_alpha: float = 32.0
+    """LoRA: the adapters' product is scaled by lora_alpha / lora_r"""
+    lora_target_modules: str = "all-linear"
+    """LoRA: the layers to adapt, by name ('q_proj,v_proj'), or 'all-linear' (every linear layer of the decoder)"""
     learning_rate: float | None = None
-    """AdamW learning rate, decayed linearly to 0; default 1e-4 for the embedded tiny model, 1e-6 otherwise"""
+    """AdamW learning rate, decayed linearly to 0; default 1e-4 for the embedded tiny model, 1e-6 otherwise; 10x either
+    with LoRA"""
     weight_decay: float = 0.0
     """AdamW weight decay (not of biases and norm weights)"""
     max_grad_norm: float = 1.0
@@ -617,15 +624,19 @@ def main(args: Args) -> None:
     #    term or the evaluation needs it
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
-    trained = dict(dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    # LoRA with --bf16: the frozen base in bf16, as a frozen reference is
+    trained = dict(dtype=torch.bfloat16 if args.bf16 and args.lora_r and not fsdp else torch.float32,
+                   trust_remote_code=args.trust_remote_code)
     frozen = dict(dtype=torch.bfloat16 if args.bf16 else torch.float32, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming else args.sft_model_path, **trained).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming and not args.lora_r else args.sft_model_path,
+                                                  **trained).to(device)
     setup_tokenizer(tokenizer, policy)
     kl_in_loss = args.kl_coef > 0 and args.kl_in == "loss"
     kl_in_reward = args.kl_coef > 0 and args.kl_in == "reward"
     with_reference = args.kl_coef > 0 or (args.eval_kl and args.num_eval_prompts > 0)
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device) if with_reference else None
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device) if (
+        with_reference and not args.lora_r) else None  # LoRA: the policy with its adapters off
     if args.kl_coef > 0:
         print(f"KL penalty: {args.kl_coef:g} x {args.kl_estimator} in the {args.kl_in} (--kl-coef 0: none)")
     else:
@@ -633,6 +644,11 @@ def main(args: Args) -> None:
             "the SFT model is loaded for evaluation only (KL and win rate against it; --no-eval-kl: not loaded)"
             if with_reference else "the SFT model is not loaded"))
     check_room(args.output_dir, policy)
+    if args.lora_r:
+        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules, args.sft_model_path,
+                 resume_dir=ckpt_dir if resuming else "")
+        if with_reference:
+            print("LoRA: the reference is the policy with its adapters off, no second copy of the weights")
     reward_fns = [(f"score_{spec.rpartition(':')[2]}_{i}" if len(args.reward_fn) > 1 else
                    f"score_{spec.rpartition(':')[2]}", load_function(spec), weight)
                   for i, (spec, weight) in enumerate(zip(args.reward_fn, reward_fn_weights))]  # (name, fn, weight)
@@ -653,16 +669,17 @@ def main(args: Args) -> None:
     learning_rate = args.learning_rate
     if learning_rate is None:
         tiny = getattr(policy.config, "embedded_tiny_model", False)
-        learning_rate = 1e-4 if tiny else 1e-6
-        print(f"learning rate {learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}; "
-              "--learning-rate to change)")
+        learning_rate = (1e-4 if tiny else 1e-6) * (10 if args.lora_r else 1)  # LoRA needs about 10x
+        print(f"learning rate {learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}"
+              f"{', LoRA: 10x' if args.lora_r else ''}; --learning-rate to change)")
     if args.gradient_checkpointing and hasattr(policy, "activation_checkpointing_enable"):
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # Every pass runs as a wrapper's forward: policy_w(fn, x, ...) computes fn(policy, x, ...) (`Parallel`, in the
     # plumbing: DDP syncs gradients and FSDP2 gathers parameters only around the wrapper's forward). Without torchrun
     # the wrappers only call fn.
     policy_w = distribute([policy], args.strategy, args.bf16)
-    ref_w = distribute([ref_policy], args.strategy, args.bf16, trainable=False) if with_reference else None
+    ref_w = None if not with_reference else WithoutAdapters(policy_w, policy) if args.lora_r else distribute(
+        [ref_policy], args.strategy, args.bf16, trainable=False)
     reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
     policy_w.train()
 
@@ -1143,8 +1160,8 @@ def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple |
     goes to args.json. `training` = (state, parallel, optimizer) makes it a resumable checkpoint: the optimizer through
     torch.distributed.checkpoint (under FSDP2 each process writes its own shard), each process's random generators (so
     that a resumed run samples what the uninterrupted one would have) and `state` (step, scheduler...). args.json is
-    written last: it marks a whole save. Non-finite weights are never written. Under torchrun every process hands over
-    its shards and rank 0 writes."""
+    written last: it marks a whole save. Non-finite weights are never written. A LoRA model is saved merged, with its
+    adapter in `adapter/`. Under torchrun every process hands over its shards and rank 0 writes."""
     states = [full_state_dict(model) for _, model in models]
     rank = dist.get_rank() if dist.is_initialized() else 0
     bad = [k for state in states for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -1159,6 +1176,9 @@ def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple |
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             for (name, model), state in zip(models, states):
+                if hasattr(model, "peft_config"):  # LoRA: the adapter in peft's format, and the weights merged
+                    save_adapter(model, state, os.path.join(tmp, name, "adapter"), tokenizer)
+                    state = merge_lora(state, model.peft_config["default"])
                 if hasattr(model, "save_pretrained"):
                     model.save_pretrained(os.path.join(tmp, name), state_dict=state)
                 else:
@@ -1380,6 +1400,101 @@ def keep_freed_memory(device: torch.device) -> None:
             libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GB free at the heap's top
 
 
+# LoRA (Hu et al. 2021), through the optional peft package: only with --lora-r > 0
+
+
+def add_lora(model, r: int, alpha: float, target_modules: str, base: str, head: str = "", resume_dir: str = ""):
+    """Rank-r adapters, dropout off, on `target_modules` of `model` ('all-linear': every linear layer of its decoder,
+    never an LM or score head); every other weight frozen except `head`, a reward or value model's score head, trained
+    whole. `model` changes in place and keeps its layout, so every pass runs as before; `save_model` writes it merged,
+    with the adapter in peft's format (on `base`) in `adapter/`. `resume_dir`: the adapter saved there is loaded."""
+    if importlib.util.find_spec("peft") is None:
+        raise SystemExit("error: --lora-r needs the optional peft package: pip install peft")
+    import peft
+
+    backbone = getattr(model, model.base_model_prefix)
+    linear = sorted({name.rpartition(".")[2] for name, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)})
+    targets = linear if target_modules == "all-linear" else target_modules.split(",")
+    if set(targets) - set(linear):  # peft adapts the names it finds and skips the others
+        raise SystemExit(f"error: --lora-target-modules {target_modules}: this model has no linear layer named "
+                         f"{', '.join(sorted(set(targets) - set(linear)))} (it has {', '.join(linear)})")
+    with warnings.catch_warnings():  # transformers' deprecation notices, raised inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                                                   base_model_name_or_path=base))  # adapters put into `model` itself
+    config = model.peft_config["default"]  # as saved: loads with peft's AutoPeftModelForCausalLM / ...SequenceClassification
+    config.task_type, config.modules_to_save = ("SEQ_CLS", [head]) if head else ("CAUSAL_LM", None)
+    if head:  # fp32, trained whole (the adapters are fp32 too: peft upcasts them beside a bf16 base)
+        getattr(model, head).float().requires_grad_(True)
+    if resume_dir:  # peft's names -> the model's: no wrapper prefix, the adapter's name inside its layers
+        saved = load_file(os.path.join(resume_dir, "adapter", "adapter_model.safetensors"))
+        state = {k.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(
+            ".lora_B.", ".lora_B.default."): v for k, v in saved.items()}
+        if model.load_state_dict(state, strict=False).unexpected_keys:
+            raise SystemExit(f"error: {resume_dir}/adapter does not fit this model: start again with --no-resume")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"LoRA r {r}, alpha {alpha:g} on {', '.join(targets)}: {trainable / 1e6:.2f}M trainable parameters of "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
+    return model
+
+
+def merge_lora(state: dict, config) -> dict:
+    """A LoRA model's state dict -> the plain model's, fp32: each adapted weight W + (alpha / r) B A, as peft merges it."""
+    merged = {}
+    for name, value in state.items():
+        if ".lora_" in name:
+            continue
+        if name.endswith(".base_layer.weight"):
+            layer = name.removesuffix(".base_layer.weight")
+            value = value + (config.lora_alpha / config.r) * (
+                state[f"{layer}.lora_B.default.weight"] @ state[f"{layer}.lora_A.default.weight"])
+        merged[name.replace(".base_layer.", ".")] = value.float() if value.is_floating_point() else value  # bf16 base
+    return merged
+
+
+def save_adapter(model, state: dict, folder: str, tokenizer) -> None:
+    """The adapter (and a score head; the embeddings too if they grew by a pad token) in peft's format, with the
+    tokenizer: `AutoPeftModelForCausalLM.from_pretrained(folder)` rebuilds the trained model from its base."""
+    import peft
+
+    config = model.peft_config["default"]
+    adapter = peft.get_peft_model_state_dict(model, state_dict=state, save_embedding_layers="auto")
+    adapter |= {k: v for k, v in state.items() if k.partition(".")[0] in (config.modules_to_save or [])}
+    seen = set()  # tied weights (input and output embeddings) once
+    adapter = {k: v for k, v in adapter.items() if not (v.data_ptr() in seen or seen.add(v.data_ptr()))}
+    os.makedirs(folder)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.items()},
+              os.path.join(folder, "adapter_model.safetensors"))
+    config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """LoRA's adapters switched off in `model` for the block: the model it started from, exactly."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # and trainable again
+
+
+class WithoutAdapters:
+    """The reference for free: called like the `Parallel` of a LoRA policy alone (`ref_w(fn, x)` = fn(policy, x)), it
+    runs fn on the policy of `parallel` (its first model) with the adapters off: no second copy of the weights."""
+
+    def __init__(self, parallel, policy):
+        self.parallel, self.policy = parallel, policy
+
+    def __call__(self, fn, *args, **kwargs):
+        with adapters_off(self.policy):
+            return self.parallel(lambda policy, *others: fn(policy, *others[len(others) - len(args):], **kwargs), *args)
+
+
 # torch.distributed, launched by torchrun: without it these are single-process no-ops and every number is as before
 
 
@@ -1443,6 +1558,10 @@ def gathered(parallel):
     """Yields the `Parallel` to generate with. Under FSDP2 its parameters are all-gathered once for the whole decode
     loop and freed after it (a full copy per process meanwhile): processes stop decoding at different steps, so the
     usual all-gather per forward would leave some waiting on the others. Under DDP, the replica without its hooks."""
+    if isinstance(parallel, WithoutAdapters):  # a LoRA policy's reference: the policy gathered, its adapters off
+        with gathered(parallel.parallel) as inner:
+            yield WithoutAdapters(inner, parallel.policy)
+        return
     if isinstance(parallel, DistributedDataParallel):
         yield parallel.module
         return

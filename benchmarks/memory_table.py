@@ -1,6 +1,7 @@
-"""Memory per GPU for SFT and PPO under DDP and FSDP2, computed (not measured) from the model shapes.
+"""Memory per GPU for SFT and PPO under DDP and FSDP2, and on one GPU with and without LoRA, computed (not measured)
+from the model shapes.
 
-    python benchmarks/memory_table.py            # prints the Markdown tables of the README's "Scaling out"
+    python benchmarks/memory_table.py            # prints the Markdown tables of docs/scaling.md
 
 Bytes per parameter with --bf16 (mixed precision): a trained model keeps fp32 weights (4), fp32 gradients (4) and
 AdamW's two fp32 moments (8) = 16; a frozen one (PPO's reference and reward model) is held in bf16 (2). DDP holds all
@@ -15,6 +16,14 @@ keeps only its input (2h bytes per token) and one layer is recomputed at a time.
 micro-batch. Its rollouts (no activations kept) hold a KV cache of 2 x layers x kv_heads x head_dim x 2 bytes per
 token and, under FSDP2, the whole policy gathered in bf16 (2 bytes per parameter) for the decode loop. The peak is the
 larger of the update phase (states + activations) and the rollout phase (states + KV cache + gathered policy).
+
+One GPU, full fine-tuning against LoRA (--lora-r 16 on every linear layer of the decoder, --bf16, gradient
+checkpointing). Full: a trained model 16 bytes per parameter, a frozen one 2; SFT 16, DPO 16 + 2 (the reference),
+PPO 36 as above. LoRA: each model's frozen base in bf16 (2), the adapters trained at 16 bytes per adapter parameter,
+r (9h + 2 kv + 3i) of them per decoder layer (q and o: h -> h, k and v: h -> kv, gate and up: h -> i, down: i -> h,
+each r (in + out)); the reference is the policy with its adapters off, so SFT and DPO hold one base and PPO three (the
+policy's, the value model's and the reward model's). Activations as above (LoRA's own, r values per token and layer,
+left out); PPO's rollout holds its KV cache.
 """
 
 GIB = 2**30
@@ -24,6 +33,12 @@ MODELS = {  # name: (parameters, hidden h, intermediate i, layers, vocab V, kv h
     "Llama-2-7B": (6.74e9, 4096, 11008, 32, 32000, 32 * 128),
     "Llama-2-70B": (69.0e9, 8192, 28672, 80, 32000, 8 * 128),
 }
+ONE_GPU = {  # the models of the LoRA table
+    "Llama-3.2-1B": (1.24e9, 2048, 8192, 16, 128256, 8 * 64),
+    "Llama-3.1-8B": (8.03e9, 4096, 14336, 32, 128256, 8 * 128),
+    "Llama-3.1-70B": (70.6e9, 8192, 28672, 80, 128256, 8 * 128),
+}
+LORA_R = 16
 GPUS = 8
 TOKENS = 8 * 512  # a micro-batch per GPU: 8 sequences of 512 tokens
 ROLLOUT_TOKENS = 64 * 512  # PPO's rollout per GPU: 64 prompts, prompt + response up to 512 tokens
@@ -51,7 +66,32 @@ def row(name, stage: str, strategy: str, checkpointing: bool) -> list[str]:
     return [f"{states / GIB:.1f}", f"{act / GIB:.1f}", f"{rollout / GIB:.1f}", f"{peak / GIB:.0f}"]
 
 
+def one_gpu(name, stage: str, lora: bool) -> tuple[float, float]:
+    """-> (weights and optimizer state, peak) in GiB on one GPU, gradient checkpointing on."""
+    params, h, i, layers, vocab, kv = ONE_GPU[name]
+    adapters = LORA_R * (9 * h + 2 * kv + 3 * i) * layers
+    trained, bases = {"sft": (1, 1), "dpo": (1, 1), "ppo": (2, 3)}[stage]
+    if lora:
+        states = 2 * params * bases + 16 * adapters * trained
+    else:
+        states = {"sft": 16, "dpo": 16 + 2, "ppo": 36}[stage] * params
+    act = trained * activations(h, i, layers, vocab, True)
+    rollout = 2 * layers * kv * 2 * ROLLOUT_TOKENS if stage == "ppo" else 0
+    return states / GIB, (states + max(act, rollout)) / GIB
+
+
 if __name__ == "__main__":
+    print(f"\nOne 80 GB GPU, --bf16, gradient checkpointing, micro-batch {TOKENS} tokens; LoRA rank {LORA_R} on every "
+          "linear layer. GiB: weights and optimizer state / peak\n")
+    print("| model | SFT full | SFT LoRA | DPO full | DPO LoRA | PPO full | PPO LoRA |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ONE_GPU:
+        cells = []
+        for stage in ("sft", "dpo", "ppo"):
+            for lora in (False, True):
+                states, peak = one_gpu(name, stage, lora)
+                cells.append(f"{states:.0f} / {peak:.0f}" + (" fits" if peak <= 80 * 1e9 / GIB else ""))
+        print(f"| {name} | " + " | ".join(cells) + " |")
     for stage in ("sft", "ppo"):
         print(f"\n{stage.upper()}, GiB per GPU on {GPUS} GPUs, micro-batch {TOKENS} tokens"
               + (f", rollout {ROLLOUT_TOKENS} tokens" if stage == "ppo" else "") + "\n")

@@ -101,6 +101,7 @@ def test_label_copied_alone(sft_dir, tmp_path):
                                   "StopSignals", "user_errors_in_one_line", "stop_if_not_finite", "Metrics",
                                   "keep_freed_memory", "disable_dropout", "init_distributed", "Parallel", "distribute",
                                   "gathered", "all_reduce", "sync_gradients", "decay_groups", "full_state_dict",
+                                  "add_lora", "merge_lora", "save_adapter", "adapters_off", "WithoutAdapters",
                                   # the RL scripts' own shared pieces
                                   "truncate_after_eos", "logprobs_and_entropy", "layout", "with_score_suffix",
                                   "score_texts", "load_reward_models", "stutters", "record_caller",

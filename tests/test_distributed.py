@@ -18,17 +18,18 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 def one_step(script, task_dir, model_dir, sft_dir, out, batch):
     """One optimizer step on `batch` examples per process, and the loss it logs."""
-    if script == "sft.py":
+    if script.startswith("sft.py"):  # sft.py+lora: LoRA adapters, the saved model merged
         return ["--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl", "--eval-dataset", "none",
                 "--output-dir", out, "--max-steps", "1", "--per-device-train-batch-size", batch, "--num-samples", "0",
-                "--num-eval-generations", "0"], model_dir, "train/sft/loss"
+                "--num-eval-generations", "0", *(["--lora-r", "8"] if script.endswith("+lora") else [])
+                ], model_dir, "train/sft/loss"
     return ["--model-name-or-path", sft_dir, "--dataset", task_dir / "preference_train.jsonl", "--eval-dataset",
             "none", "--output-dir", out, "--max-steps", "1", "--per-device-train-batch-size", batch, "--normalize-on",
             "none"], sft_dir, "train/rm/loss"
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("script", ["sft.py", "reward_model.py"])
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "sft.py+lora"])
 def test_two_processes_step_like_one_with_twice_the_batch(script, strategy, task_dir, model_dir, sft_dir, tmp_path):
     """Each process takes its half of the global batch and the loss is normalised by the global count (tokens,
     pairs), so the step is the one-process step on the whole batch: the same loss to 1e-6, the same update to 0.1% of
@@ -36,7 +37,8 @@ def test_two_processes_step_like_one_with_twice_the_batch(script, strategy, task
     for name, launch, batch in (("one", run_script, 16), ("two", run_torchrun, 8)):
         (tmp_path / name).mkdir()
         args, start, metric = one_step(script, task_dir, model_dir, sft_dir, tmp_path / name / "out", batch)
-        launch(script, *args, *(["--strategy", strategy] if name == "two" else []), cwd=tmp_path / name)
+        launch(script.removesuffix("+lora"), *args, *(["--strategy", strategy] if name == "two" else []),
+               cwd=tmp_path / name)
     (loss_one,), (loss_two,) = (read_metrics(tmp_path / name, metric) for name in ("one", "two"))
     assert abs(loss_one[1] - loss_two[1]) < 1e-6, (loss_one, loss_two)
     before = load_file(start / "model.safetensors")
@@ -54,10 +56,13 @@ def ppo_args(task_dir, sft_dir, out, *extra):
             "--learning-rate", "1e-3", *extra]
 
 
-@pytest.mark.parametrize("strategy, value_model", [("ddp", "shared"), ("fsdp", "separate")])
+@pytest.mark.parametrize("strategy, value_model", [("ddp", "shared"), ("fsdp", "separate"), ("ddp", "separate+lora")])
 def test_ppo_on_two_processes(strategy, value_model, task_dir, sft_dir, tmp_path):
+    """separate+lora: LoRA on policy and value model, the reference the policy with its adapters off."""
+    lora = ["--lora-r", "8"] if value_model.endswith("+lora") else []
+    value_model = value_model.removesuffix("+lora")
     run_torchrun("ppo_rlhf.py", *ppo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "2", "--strategy",
-                                          strategy, "--value-model", value_model), cwd=tmp_path)
+                                          strategy, "--value-model", value_model, *lora), cwd=tmp_path)
     # nothing is updated before the first minibatch: its ratio is exactly 1 on every process (the logged figure is
     # the largest deviation over processes)
     assert read_metrics(tmp_path, "val/first_ratio_max_dev") == [(1, 0.0), (2, 0.0)]

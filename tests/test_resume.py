@@ -38,7 +38,8 @@ def stage_args(script, task_dir, model_dir, sft_dir, out, variant=""):
             task_dir / "prompts_eval.jsonl", "--output-dir", out, "--rollout-batch-size", "8", "--response-length",
             "8", "--num-iterations", "9", "--save-steps", "3", "--eval-steps", "2", "--num-eval-prompts", "4",
             "--reward-fn", "reward_functions.py:positivity", "--learning-rate", "1e-3", "--eval-reward-fn", "",
-            "--value-model", variant], "loss/policy_avg"
+            "--value-model", variant.removesuffix("+lora"), *(["--lora-r", "8"] if variant.endswith("+lora") else [])
+            ], "loss/policy_avg"
 
 
 def logged_after(cwd, metric, step) -> bool:
@@ -50,7 +51,8 @@ def logged_after(cwd, metric, step) -> bool:
 
 
 @pytest.mark.parametrize("script, variant", [("sft.py", ""), ("reward_model.py", ""), ("ppo_rlhf.py", "separate"),
-                                             ("ppo_rlhf.py", "shared"), ("dpo.py", ""), ("grpo.py", "")])
+                                             ("ppo_rlhf.py", "shared"), ("dpo.py", ""), ("grpo.py", ""),
+                                             ("ppo_rlhf.py", "separate+lora")])  # LoRA: base + adapters, value head
 def test_interrupted_run_resumes_where_it_stopped(script, variant, task_dir, model_dir, sft_dir, tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "x").mkdir()
