@@ -154,3 +154,33 @@ def test_unknown_target_modules_stop_with_one_line(model_dir):
     message = "error: --lora-target-modules q_proj,qkv_fused: this model has no linear layer named qkv_fused"
     with pytest.raises(SystemExit, match=message):
         add_lora(model, 4, 8.0, "q_proj,qkv_fused", str(model_dir))
+
+
+def test_bf16_base_keeps_adapters_and_head_in_fp32(model_dir, tmp_path):
+    """--bf16 with LoRA: the frozen base is held in bf16, what trains (adapters, score head) and AdamW's state in fp32;
+    the merged save is fp32 and gives the trained model's outputs (to bf16's precision)."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.bfloat16)
+    add_lora(model, 8, 32.0, "all-linear", str(model_dir), head="score")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    optimizer = torch.optim.AdamW(decay_groups(Parallel(model), 0.0), lr=1e-2)
+    ids = torch.tensor([[5, 9, 12, 7]])
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids).logits.float().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_model(str(tmp_path / "out"), AutoTokenizer.from_pretrained(model_dir), {}, ("", model))
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.float32}
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", num_labels=1, dtype=torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = model(input_ids=ids).logits.float()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=2e-2, atol=2e-2)
+
+
+def test_without_peft_the_flag_stops_with_the_pip_line(model_dir, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"error: --lora-r needs the optional peft package: pip install peft"):
+        add_lora(AutoModelForCausalLM.from_pretrained(model_dir), 4, 8.0, "all-linear", str(model_dir))
