@@ -284,6 +284,30 @@ if __name__ == "__main__":
     else:
         print("no grpo_smollm2_arith run: skipping smollm2_grpo_arithmetic.png")
 
+    # 4f. the tiny model on arithmetic: GRPO, RLOO and PPO against the verifier, 3 seeds each (docs/verifiable.md;
+    #     --exp-name grpo_arith, rloo_arith, ppo_arith with --seed 1 to 3)
+    arith = {}  # (algorithm, seed) -> the latest run
+    for name in ("grpo_arith", "rloo_arith", "ppo_arith"):
+        for path in sorted(glob.glob(os.path.join(args.runs, f"{name}__*", "metrics.jsonl")), key=os.path.getmtime):
+            arith[name, path.split("__")[-2]] = [json.loads(line) for line in open(path)]
+    if arith:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+        colors = {"grpo_arith": "C0", "rloo_arith": "C2", "ppo_arith": "C3"}
+        for (name, seed), rows in sorted(arith.items()):
+            label = name.split("_")[0].upper() if seed == "1" else None
+            axes[0].plot(*series(rows, "eval/pass@1_greedy"), "o-", ms=3, color=colors[name], alpha=0.7, label=label)
+            axes[1].plot(*series(rows, "eval/kl"), "o-", ms=3, color=colors[name], alpha=0.7, label=label)
+            seconds = max(r["time"] for r in rows) / 60
+            axes[2].plot(seconds, series(rows, "eval/pass@1_greedy")[1][-1], "o", color=colors[name], label=label)
+        axes[0].set(title="held-out greedy accuracy (200 problems)", xlabel="iteration", ylim=(0, 1))
+        axes[1].set(title="KL to the SFT model (nats)", xlabel="iteration")
+        axes[2].set(title="final accuracy against wall time", xlabel="minutes (2 CPU cores)", ylim=(0, 1), xlim=(0, None))
+        for ax in axes:
+            ax.legend(fontsize=7)
+        save(fig, "tiny_arithmetic.png")
+    else:
+        print("no grpo_arith, rloo_arith or ppo_arith run: skipping tiny_arithmetic.png")
+
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")
     if sft:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The experiments of docs/experiments.md (sections 1-4) and docs/human_feedback.md (5-6), on the embedded task, after
+# The experiments of docs/experiments.md (sections 1-4), docs/human_feedback.md (5-6) and docs/verifiable.md (7), after
 # the default chain has made models/sft and models/reward_model (python sft.py && python reward_model.py). About 50
 # minutes on 2 CPU cores for sections 1-4, 80 more for 5-6. Then
 #   python docs/make_figures.py        # runs/*/metrics.jsonl -> docs/figures/*.png
@@ -46,3 +46,17 @@ for k in 0 1; do
 done
 python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-steps 20 --reward-model-path models/reward_model \
   --reward-fn reward_functions.py:repetition_penalty --reward-fn-weights 3 --exp-name hf_hybrid_kl0 --output-dir models/hf_hybrid_kl0
+# 7. checkable answers (docs/verifiable.md): the tiny model learns the arithmetic task in SFT (20 epochs, 11 minutes),
+#    then GRPO, RLOO and PPO against the verifier, seeds 1-3 (about 35 minutes)
+python arithmetic_task.py
+python sft.py --dataset data/arithmetic/sft_train.jsonl --eval-dataset data/arithmetic/sft_eval.jsonl --num-epochs 20 \
+  --output-dir models/sft_arith --exp-name sft_arith
+ARITH="--sft-model-path models/sft_arith --dataset data/arithmetic/prompts_train.jsonl --eval-dataset data/arithmetic/prompts_eval.jsonl
+  --reward-fn arithmetic_task.py:verify --eval-reward-fn arithmetic_task.py:verify --response-length 48 --num-eval-prompts 200
+  --eval-steps 10 --num-iterations 40 --eval-pass-k 4"
+for seed in 1 2 3; do
+  python grpo.py $ARITH --seed $seed --exp-name grpo_arith --output-dir models/grpo_arith_s$seed
+  python grpo.py $ARITH --advantage rloo --seed $seed --exp-name rloo_arith --output-dir models/rloo_arith_s$seed
+  python ppo_rlhf.py $ARITH --rollout-batch-size 128 --num-ppo-epochs 1 --num-mini-batches 4 --kl-coef 0 --seed $seed \
+    --exp-name ppo_arith --output-dir models/ppo_arith_s$seed
+done

@@ -2,11 +2,15 @@
 generated files hold what the stages read."""
 
 import filecmp
+import json
+import os
 
 import pytest
 import torch
+from conftest import REPO, read_metrics, run_script, write_jsonl
 
 import arithmetic_task
+import reviews_task
 from arithmetic_task import parse_final_answer, verify
 from common import read_jsonl
 from grpo import pass_rates, record_caller, scored
@@ -108,3 +112,35 @@ def test_pass_rates_greedy_and_pass_at_k_by_hand():
     assert out["eval/pass@1"].item() == pytest.approx(3 / 12)
     assert out["eval/pass@4"].item() == pytest.approx(2 / 3)
     assert set(pass_rates(generate, judge, records, 1)) == {"eval/pass@1_greedy"}  # k 1: greedy only
+
+
+def test_grpo_with_the_verifier_learns_to_answer(tokenizer, tmp_path):
+    """SFT on one-operation problems (numbers 0 to 3) where every problem is demonstrated twice, once answered and once
+    declined ("I am not sure.", which the verifier cannot read: None, a parse failure scored 0). The SFT model's greedy
+    response declines; GRPO with the verifier as its only reward learns to answer: greedy accuracy on the problems rises
+    by at least 20 points and the share of unreadable responses falls to near 0. (The same mechanism, choosing the way
+    of answering that the verifier rewards, is what raised the embedded tiny model's held-out accuracy: docs/
+    verifiable.md. This test model is too small to generalise to unseen problems, so it is scored on its own.)"""
+    data = tmp_path / "arith"
+    arithmetic_task.generate(str(data), seed=0, max_operand=3, min_steps=1, max_steps=1, sizes=arithmetic_task.Sizes(
+        sft_train=28, sft_eval=4, prompts_train=0, prompts_eval=0))
+    with open(data / "sft_train.jsonl") as f:
+        problems = [{k: r[k] for k in ("prompt", "answer")} for r in map(json.loads, f)]
+    demos = [dict(p, completion=c) for p in problems for c in (f" The answer is {p['answer']}.", " I am not sure.")]
+    reviews_task.build_tiny_model(tokenizer, hidden_size=128, num_layers=2).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    run_script("sft.py", "--model-name-or-path", tmp_path / "model", "--dataset", write_jsonl(tmp_path / "demos.jsonl",
+               demos), "--eval-dataset", data / "sft_eval.jsonl", "--output-dir", tmp_path / "sft", "--max-steps", "200",
+               "--learning-rate", "3e-3", "--per-device-train-batch-size", "16", "--eval-steps", "1000",
+               "--num-eval-generations", "4", "--eval-reward-fn", "", cwd=tmp_path)
+    (tmp_path / "rl").mkdir()
+    verifier, prompts = f"{os.path.join(REPO, 'arithmetic_task.py')}:verify", write_jsonl(tmp_path / "p.jsonl", problems)
+    run_script("grpo.py", "--sft-model-path", tmp_path / "sft", "--dataset", prompts, "--eval-dataset", prompts,
+               "--reward-fn", verifier, "--eval-reward-fn", verifier, "--eval-pass-k", "1", "--num-eval-prompts", "28",
+               "--response-length", "24", "--rollout-batch-size", "8", "--num-generations", "8", "--num-iterations",
+               "20", "--learning-rate", "3e-4", "--eval-steps", "1000", "--output-dir", tmp_path / "rl" / "out",
+               cwd=tmp_path / "rl")
+    accuracy = [v for _, v in read_metrics(tmp_path / "rl", "eval/pass@1_greedy")]
+    unreadable = [v for _, v in read_metrics(tmp_path / "rl", "objective/parse_failures")]
+    assert accuracy[-1] >= accuracy[0] + 0.2, accuracy
+    assert unreadable[0] > 0.2 and max(unreadable[-3:]) < 0.05, unreadable
