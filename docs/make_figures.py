@@ -32,6 +32,12 @@ def load(runs: str, name: str) -> list[dict] | None:
     return [json.loads(line) for line in open(found[-1])] if found else None
 
 
+def load_seeds(runs: str, name: str) -> dict[str, list[dict]]:
+    """{seed: rows} of the latest run of each seed named `name` (runs/{name}__{seed}__{time})."""
+    found = sorted(glob.glob(os.path.join(runs, f"{name}__*", "metrics.jsonl")), key=os.path.getmtime)
+    return {path.split("__")[-2]: [json.loads(line) for line in open(path)] for path in found}
+
+
 def distinct(rows: list[dict], key: str = "samples") -> tuple[list, list]:
     """(steps, share of distinct responses) from the evaluation tables logged as text ("... 'prompt' -> 'response'")."""
     points = {}
@@ -263,9 +269,7 @@ if __name__ == "__main__":
 
     # 4e. a real model on checkable answers: SmolLM2-135M-Instruct, GRPO against arithmetic_task.py:verify
     #     (docs/verifiable.md; the run's --exp-name is grpo_smollm2_arith)
-    smol_seeds = {}  # seed -> the latest run of that seed
-    for path in sorted(glob.glob(os.path.join(args.runs, "grpo_smollm2_arith__*", "metrics.jsonl")), key=os.path.getmtime):
-        smol_seeds[path.split("__")[1]] = [json.loads(line) for line in open(path)]
+    smol_seeds = load_seeds(args.runs, "grpo_smollm2_arith")
     if smol_seeds:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
         for i, (seed, smol) in enumerate(sorted(smol_seeds.items())):
@@ -286,10 +290,8 @@ if __name__ == "__main__":
 
     # 4f. the tiny model on arithmetic: GRPO, RLOO and PPO against the verifier, 3 seeds each (docs/verifiable.md;
     #     --exp-name grpo_arith, rloo_arith, ppo_arith with --seed 1 to 3)
-    arith = {}  # (algorithm, seed) -> the latest run
-    for name in ("grpo_arith", "rloo_arith", "ppo_arith"):
-        for path in sorted(glob.glob(os.path.join(args.runs, f"{name}__*", "metrics.jsonl")), key=os.path.getmtime):
-            arith[name, path.split("__")[-2]] = [json.loads(line) for line in open(path)]
+    arith = {(name, seed): rows for name in ("grpo_arith", "rloo_arith", "ppo_arith")
+             for seed, rows in load_seeds(args.runs, name).items()}
     if arith:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
         colors = {"grpo_arith": "C0", "rloo_arith": "C2", "ppo_arith": "C3"}
@@ -297,8 +299,8 @@ if __name__ == "__main__":
             label = name.split("_")[0].upper() if seed == "1" else None
             axes[0].plot(*series(rows, "eval/pass@1_greedy"), "o-", ms=3, color=colors[name], alpha=0.7, label=label)
             axes[1].plot(*series(rows, "eval/kl"), "o-", ms=3, color=colors[name], alpha=0.7, label=label)
-            seconds = max(r["time"] for r in rows) / 60
-            axes[2].plot(seconds, series(rows, "eval/pass@1_greedy")[1][-1], "o", color=colors[name], label=label)
+            minutes = max(r["time"] for r in rows) / 60
+            axes[2].plot(minutes, series(rows, "eval/pass@1_greedy")[1][-1], "o", color=colors[name], label=label)
         axes[0].set(title="held-out greedy accuracy (200 problems)", xlabel="iteration", ylim=(0, 1))
         axes[1].set(title="KL to the SFT model (nats)", xlabel="iteration")
         axes[2].set(title="final accuracy against wall time", xlabel="minutes (2 CPU cores)", ylim=(0, 1), xlim=(0, None))
