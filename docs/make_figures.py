@@ -288,15 +288,17 @@ if __name__ == "__main__":
     else:
         print("no grpo_smollm2_arith run: skipping smollm2_grpo_arithmetic.png")
 
-    # 4f. the tiny model on arithmetic: GRPO, RLOO and PPO against the verifier, 3 seeds each (docs/verifiable.md;
-    #     --exp-name grpo_arith, rloo_arith, ppo_arith with --seed 1 to 3)
-    arith = {(name, seed): rows for name in ("grpo_arith", "rloo_arith", "ppo_arith")
-             for seed, rows in load_seeds(args.runs, name).items()}
+    # 4f. the tiny model on arithmetic: GRPO (without and with a KL penalty in the loss), RLOO and PPO against the
+    #     verifier, 3 seeds each (docs/verifiable.md; --exp-name grpo_arith_kl_loss, grpo_arith, rloo_arith, ppo_arith
+    #     with --seed 1 to 3)
+    names = {"grpo_arith_kl_loss": ("GRPO, KL 0.05 in the loss", "C1"), "grpo_arith": ("GRPO", "C0"),
+             "rloo_arith": ("RLOO", "C2"), "ppo_arith": ("PPO", "C3")}
+    arith = {(name, seed): rows for name in names for seed, rows in load_seeds(args.runs, name).items()}
     if arith:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-        colors = {"grpo_arith": "C0", "rloo_arith": "C2", "ppo_arith": "C3"}
+        colors = {name: color for name, (_, color) in names.items()}
         for (name, seed), rows in sorted(arith.items()):
-            label = name.split("_")[0].upper() if seed == "1" else None
+            label = names[name][0] if seed == "1" else None
             axes[0].plot(*series(rows, "eval/pass@1_greedy"), "o-", ms=3, color=colors[name], alpha=0.7, label=label)
             axes[1].plot(*series(rows, "eval/kl"), "o-", ms=3, color=colors[name], alpha=0.7, label=label)
             minutes = max(r["time"] for r in rows) / 60
@@ -308,7 +310,7 @@ if __name__ == "__main__":
             ax.legend(fontsize=7)
         save(fig, "tiny_arithmetic.png")
     else:
-        print("no grpo_arith, rloo_arith or ppo_arith run: skipping tiny_arithmetic.png")
+        print("no grpo_arith(_kl_loss), rloo_arith or ppo_arith run: skipping tiny_arithmetic.png")
 
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")

@@ -47,7 +47,7 @@ done
 python ppo_rlhf.py --kl-coef 0 --num-iterations 200 --eval-steps 20 --reward-model-path models/reward_model \
   --reward-fn reward_functions.py:repetition_penalty --reward-fn-weights 3 --exp-name hf_hybrid_kl0 --output-dir models/hf_hybrid_kl0
 # 7. checkable answers (docs/verifiable.md): the tiny model learns the arithmetic task in SFT (20 epochs, 11 minutes),
-#    then GRPO, RLOO and PPO against the verifier, seeds 1-3 (about 35 minutes)
+#    then GRPO (KL in the loss, in the reward, none), RLOO and PPO against the verifier, seeds 1-3 (about an hour)
 python arithmetic_task.py
 python sft.py --dataset data/arithmetic/sft_train.jsonl --eval-dataset data/arithmetic/sft_eval.jsonl --num-epochs 20 \
   --output-dir models/sft_arith --exp-name sft_arith
@@ -55,6 +55,9 @@ ARITH="--sft-model-path models/sft_arith --dataset data/arithmetic/prompts_train
   --reward-fn arithmetic_task.py:verify --eval-reward-fn arithmetic_task.py:verify --response-length 48 --num-eval-prompts 200
   --eval-steps 10 --num-iterations 40 --eval-pass-k 4"
 for seed in 1 2 3; do
+  python grpo.py $ARITH --kl-coef 0.05 --kl-in loss --seed $seed --exp-name grpo_arith_kl_loss \
+    --output-dir models/grpo_arith_kl_loss_s$seed
+  python grpo.py $ARITH --kl-coef 0.05 --seed $seed --exp-name grpo_arith_kl --output-dir models/grpo_arith_kl_s$seed
   python grpo.py $ARITH --seed $seed --exp-name grpo_arith --output-dir models/grpo_arith_s$seed
   python grpo.py $ARITH --advantage rloo --seed $seed --exp-name rloo_arith --output-dir models/rloo_arith_s$seed
   python ppo_rlhf.py $ARITH --rollout-batch-size 128 --num-ppo-epochs 1 --num-mini-batches 4 --kl-coef 0 --seed $seed \
