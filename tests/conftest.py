@@ -55,10 +55,10 @@ def write_jsonl(path, rows):
 
 class ScriptServer:
     """tests/script_server.py, started on first use: each run is a fresh process forked from it (a new interpreter
-    costs seconds of imports, most of a tiny run). Opt-in, SCRIPT_SERVER=1: the suite in about 14 minutes instead of
-    25 on 2 cores, but with it the full suite fails test_label's Ctrl-C test (label.py, a new interpreter the test
-    starts on a terminal of its own, stops reacting to Ctrl-C; cause not found), so by default each run is a new
-    interpreter."""
+    costs seconds of imports, most of a tiny run). Opt-in while new, SCRIPT_SERVER=1: the suite in about 14 minutes
+    instead of 25 on 2 cores. (test_label's Ctrl-C test, which starts label.py itself on a terminal of its own, failed
+    in full runs on the machine this was built on with and without it: label.py stopped reacting to Ctrl-C; cause not
+    found.) By default each run is a new interpreter."""
 
     process = None
 
