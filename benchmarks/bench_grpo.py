@@ -40,7 +40,8 @@ class Args:
     """name of the results file: benchmarks/results/grpo_{label}.json"""
 
 
-FLAGS = {"grpo": [], "rloo": ["--advantage", "rloo", "--kl-coef", "0.05", "--kl-in", "reward", "--kl-estimator", "k1"]}
+FLAGS = {"grpo": ["--kl-coef", "0"],  # TRL's beta 0; ours would default to 0.05 with a reward model
+         "rloo": ["--advantage", "rloo", "--kl-coef", "0.05", "--kl-in", "reward", "--kl-estimator", "k1"]}
 
 
 def run_ours(args: Args, algorithm: str) -> dict:

@@ -55,10 +55,8 @@ def write_jsonl(path, rows):
 
 class ScriptServer:
     """tests/script_server.py, started on first use: each run is a fresh process forked from it (a new interpreter
-    costs seconds of imports, most of a tiny run). Opt-in while new, SCRIPT_SERVER=1: the suite in about 14 minutes
-    instead of 25 on 2 cores. (test_label's Ctrl-C test, which starts label.py itself on a terminal of its own, failed
-    in full runs on the machine this was built on with and without it: label.py stopped reacting to Ctrl-C; cause not
-    found.) By default each run is a new interpreter."""
+    costs seconds of imports, most of a tiny run): the suite in about 11 minutes instead of 25 on 2 cores.
+    SCRIPT_SERVER=0: each run a new interpreter instead."""
 
     process = None
 
@@ -83,11 +81,11 @@ class ScriptServer:
 
 
 def run_script(script, *args, cwd, check=True):
-    """Run one of the stage scripts as a user would, from `cwd` (where runs/ is written): a new interpreter, or with
-    SCRIPT_SERVER=1 a process forked from ScriptServer's warm one (tests/script_server.py: what that changes)."""
+    """Run one of the stage scripts as a user would, from `cwd` (where runs/ is written): a process forked from
+    ScriptServer's warm interpreter (tests/script_server.py: what that changes), or with SCRIPT_SERVER=0 a new one."""
     command = [os.path.join(REPO, script), *map(str, args)]
     env = os.environ | {"TQDM_DISABLE": "1"}
-    if os.environ.get("SCRIPT_SERVER") == "1":
+    if os.environ.get("SCRIPT_SERVER") != "0":
         proc = ScriptServer.run(command[0], command[1:], cwd, env, timeout=900)  # a hang fails
     else:
         proc = subprocess.run([sys.executable, *command], cwd=cwd, timeout=900, capture_output=True, text=True,
@@ -104,7 +102,7 @@ def run_torchrun(script, *args, cwd, nproc=2, check=True, popen=False):
     env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # two processes on two cores
     if popen:
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if os.environ.get("SCRIPT_SERVER") == "1":  # the launcher forked warm; the workers are new interpreters
+    if os.environ.get("SCRIPT_SERVER") != "0":  # the launcher forked warm; the workers are new interpreters
         proc = ScriptServer.run(command[2], command[3:], cwd, env, timeout=900, module=True)  # a hang fails
     else:
         proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
@@ -156,3 +154,4 @@ def pytest_collection_modifyitems(items):
         source = inspect.getsource(item.function)
         if any(call in source for call in SCRIPT_CALLS) or "sft_dir" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
+

@@ -1,6 +1,6 @@
 """Runs the stage scripts for the tests in fresh processes forked from one Python that has already imported torch and
 transformers, so that each of the suite's ~100 script runs skips the seconds of importing them (most of a tiny run).
-Opt-in (SCRIPT_SERVER=1; conftest.ScriptServer says why it is not the default).
+The tests' default (conftest.run_script); SCRIPT_SERVER=0 turns it off.
 
 Each run is still its own process, started as `python script.py args...` would be: `__main__` is the script, sys.argv,
 sys.path[0], the working directory and the environment are the run's own, stdout and stderr go to files, the exit

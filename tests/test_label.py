@@ -81,6 +81,20 @@ class Terminal:
         return self.proc.wait(timeout=timeout)
 
 
+def thread_signals(pid: int) -> str:
+    """Each thread of a process: its state, its signals pending, blocked and caught, and the syscall it waits in, for
+    a failure message."""
+    rows = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f, open(f"/proc/{pid}/task/{tid}/syscall") as g:
+                fields = [line.split()[:2] for line in f if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigCgt"))]
+                rows.append(f"  thread {tid}: " + " ".join(k + v for k, v in fields) + f" syscall {g.read().strip()}")
+        except OSError as e:  # ended meanwhile, or /proc not readable here
+            rows.append(f"  thread {tid}: {e}")
+    return "\n".join(rows)
+
+
 def lines(path):
     if not os.path.exists(path):
         return []
@@ -263,6 +277,7 @@ def test_undo_steps_over_automatic_ties_and_ctrl_c_stops_cleanly(tmp_path):
     term.expect("identical responses: recorded as a tie")
     term.question()
     term.expect(r"quit > ")
+    missed = []  # label.py's threads at each Ctrl-C it did not react to, for the failure message
     for _ in range(10):  # Ctrl-C at the question, again if it went unseen: CPython's input() misses a SIGINT that
         os.write(term.master, b"\x03")  # lands between writing the prompt and reading (seen in the suite, under load)
         try:
@@ -271,7 +286,9 @@ def test_undo_steps_over_automatic_ties_and_ctrl_c_stops_cleanly(tmp_path):
         except AssertionError:
             if term.proc.poll() is not None:
                 break
-    assert term.finish() == 0 and "Traceback" not in term.text, term.text[-1500:]
+            missed.append(thread_signals(term.proc.pid))
+    assert term.finish() == 0 and "Traceback" not in term.text, term.text[-1500:] + "\nat each unseen Ctrl-C:\n" + (
+        "\n".join(missed))
     pairs, ties = lines(out), lines(str(out) + ".ties.jsonl")
     assert [(r["prompt"], r["chosen"]) for r in pairs] == [("p0 was", q0["b"])]
     assert [(r["prompt"], r["label"]) for r in ties] == [("p1 was", "Tie")]
