@@ -4,11 +4,12 @@ hand, never in CI:
     python benchmarks/bench_grpo.py --trl-python /tmp/trl116/bin/python        # see trl_grpo_bench.py for the venv
 
 Same work on both sides: bench_ppo.py's random-init tiny Llama policy (hidden 256, 4 layers: every response runs the
-full length) and a reward model of the same shape, fp32; 8 prompts x 8 responses per iteration, 48-token responses,
-temperature 0.7, 2 optimizer steps per iteration (so both compute the rollout's log-probs in a separate pass). GRPO:
-no KL term (no reference model), token-level loss, group std. RLOO: k1 in the reward with beta 0.05 (a reference
-pass), leave-one-out baseline. Runs interleave (ours, TRL, ours, TRL, ...); each run's first iteration is a warm-up
-and dropped; we report medians over the rest, and the peak RSS of each process.
+full length) and a reward model of the same shape, or with `--models DIR` any DIR/policy and DIR/reward (the default
+chain's models/sft and models/reward_model: responses that end early and unequal), fp32; 8 prompts x 8 responses per
+iteration, at most 48 tokens, temperature 0.7, 2 optimizer steps per iteration (so both compute the rollout's
+log-probs in a separate pass). GRPO: no KL term (no reference model), token-level loss, group std. RLOO: k1 in the
+reward with beta 0.05 (a reference pass), leave-one-out baseline. Runs interleave (ours, TRL, ours, TRL, ...); each
+run's first iteration is a warm-up and dropped; we report medians over the rest, and the peak RSS of each process.
 """
 
 import json
@@ -34,7 +35,7 @@ class Args:
     iterations: int = 5
     """iterations per run, the first dropped as warm-up"""
     models: str = "benchmarks/.models"
-    """where the benchmark's random-init models are written (bench_ppo.py's)"""
+    """policy/ and reward/ here; made (random-init, bench_ppo.py's) when missing"""
     prompts: str = "data/reviews/prompts_train.jsonl"
     label: str = "cpu_fp32"
     """name of the results file: benchmarks/results/grpo_{label}.json"""
