@@ -53,6 +53,9 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+USE_SCRIPT_SERVER = os.environ.get("SCRIPT_SERVER") != "0"
+
+
 class ScriptServer:
     """tests/script_server.py, started on first use: each run is a fresh process forked from it (a new interpreter
     costs seconds of imports, most of a tiny run): the suite in about 11 minutes instead of 25 on 2 cores.
@@ -85,7 +88,7 @@ def run_script(script, *args, cwd, check=True):
     ScriptServer's warm interpreter (tests/script_server.py: what that changes), or with SCRIPT_SERVER=0 a new one."""
     command = [os.path.join(REPO, script), *map(str, args)]
     env = os.environ | {"TQDM_DISABLE": "1"}
-    if os.environ.get("SCRIPT_SERVER") != "0":
+    if USE_SCRIPT_SERVER:
         proc = ScriptServer.run(command[0], command[1:], cwd, env, timeout=900)  # a hang fails
     else:
         proc = subprocess.run([sys.executable, *command], cwd=cwd, timeout=900, capture_output=True, text=True,
@@ -102,7 +105,7 @@ def run_torchrun(script, *args, cwd, nproc=2, check=True, popen=False):
     env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # two processes on two cores
     if popen:
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if os.environ.get("SCRIPT_SERVER") != "0":  # the launcher forked warm; the workers are new interpreters
+    if USE_SCRIPT_SERVER:  # the launcher forked warm; the workers are new interpreters
         proc = ScriptServer.run(command[2], command[3:], cwd, env, timeout=900, module=True)  # a hang fails
     else:
         proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
@@ -154,4 +157,3 @@ def pytest_collection_modifyitems(items):
         source = inspect.getsource(item.function)
         if any(call in source for call in SCRIPT_CALLS) or "sft_dir" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
-
