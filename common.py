@@ -1,12 +1,16 @@
-"""The contract between the three stages and nothing else: the data formats, how prompts and responses become tokens
-(pad rule, end token), where a reward is read, and the distribution sampled from. Copy it with any stage script."""
+"""The contract between the stages, and the part of the shared code a reader does read: the data formats, how prompts
+and responses become tokens (pad rule, end token), where a score is read and how reward functions are called, and the
+distribution sampled from. Copy it and plumbing.py (the machinery) beside any stage script."""
 
 import importlib
+import inspect
 import json
 import os
 import re
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 
 
@@ -203,6 +207,15 @@ def _record(row: dict, kind: str, where: str) -> dict:
     return record
 
 
+def _after_reply(tokenizer) -> list[int]:
+    """The ids the chat template writes after an assistant turn's text (its end-of-turn token, then "\\n" in ChatML)."""
+    marker = "Zq9 reply text"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    tail = text[text.rindex(marker) + len(marker):] if marker in text else ""  # some templates drop it
+    return tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
 def end_token_id(tokenizer) -> int:
     """The token that ends a response: the chat template's end-of-turn token (<|im_end|>, <end_of_turn>, <|eot_id|>)
     where there is a template, else EOS. Found by rendering one assistant turn and taking the first special token
@@ -210,13 +223,8 @@ def end_token_id(tokenizer) -> int:
     if tokenizer.chat_template is None:
         return tokenizer.eos_token_id
     if getattr(tokenizer, "_end_token_key", None) != (tokenizer.chat_template, tokenizer.eos_token_id):
-        marker = "Zq9 reply text"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
-        tail = text[text.rindex(marker) + len(marker):] if marker in text else ""  # some templates drop it
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-        tokenizer._end_token_id = next((i for i in ids if i in special), tokenizer.eos_token_id)
+        tokenizer._end_token_id = next((i for i in _after_reply(tokenizer) if i in special), tokenizer.eos_token_id)
         tokenizer._end_token_key = (tokenizer.chat_template, tokenizer.eos_token_id)
     return tokenizer._end_token_id
 
@@ -229,12 +237,7 @@ def score_suffix(tokenizer) -> list[int]:
     if tokenizer.chat_template is None:
         return []
     if getattr(tokenizer, "_suffix_key", None) != (tokenizer.chat_template, end_token_id(tokenizer)):
-        marker = "Zq9 reply text"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
-        ids = tokenizer(text[text.rindex(marker) + len(marker):] if marker in text else "",
-                        add_special_tokens=False)["input_ids"]
-        end = end_token_id(tokenizer)
+        ids, end = _after_reply(tokenizer), end_token_id(tokenizer)
         tokenizer._suffix = ids[ids.index(end) + 1:] if end in ids else []
         tokenizer._suffix_key = (tokenizer.chat_template, end)
     return tokenizer._suffix
@@ -335,3 +338,119 @@ def sample(model, queries, query_mask, max_new_tokens: int, temperature: float, 
             **how, max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id))
     finally:
         model.generation_config = own
+
+
+def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists of ids -> (B, T) ids and attention mask, padded on `side` ("left" for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """(B, T) sampled ids -> (responses with everything after the first EOS set to pad, (B, T) mask, (B,) has_eos).
+    `eos_id` is the token that ends a response: the chat template's end-of-turn token, or EOS (`end_token_id`).
+
+    The mask keeps the EOS itself: the reward is read there and its log-prob is part of the action sequence.
+    """
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.long().argmax(dim=1), responses.shape[1])  # (B,)
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    response_mask = positions[None, :] <= first_eos[:, None]  # (B, T), True on valid tokens
+    return responses.masked_fill(~response_mask, pad_id), response_mask, has_eos
+
+
+class Rollout(NamedTuple):
+    """Sampled episodes, as `rollout` returns them."""
+    query_responses: torch.Tensor  # (B, Tq + T) left-padded queries, then responses padded after their end token
+    attention_mask: torch.Tensor  # (B, Tq + T)
+    context_length: int  # Tq
+    responses: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) bool, True up to and including the end token
+    has_eos: torch.Tensor  # (B,) bool: the response ended within the length budget
+
+    def rows(self, index) -> "Rollout":
+        """The episodes at `index` (a slice or a tensor of indices)."""
+        return Rollout(*(x[index] if torch.is_tensor(x) else x for x in self))
+
+
+@torch.no_grad()
+def rollout(model, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int):
+    """Prompt ids -> a Rollout: the prompts left-padded, a response to each drawn by `sample`, cut after its first end
+    token."""
+    queries, query_mask = (t.to(model.device) for t in pad(prompts, pad_id, side="left"))  # (B, Tq)
+    out = sample(model, queries, query_mask, response_length, temperature, end_id, pad_id)
+    context_length = queries.shape[1]
+    responses, response_mask, has_eos = truncate_after_eos(out[:, context_length:], end_id, pad_id)  # (B, T)
+    return Rollout(torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask.long()], dim=1),
+                   context_length, responses, response_mask, has_eos)
+
+
+def with_score_suffix(query_responses: torch.Tensor, attention_mask: torch.Tensor, has_eos: torch.Tensor,
+                      suffix: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and mask -> (B, L + k): the k ids of `suffix` (`score_suffix`, the chat template's text after the end
+    token) written after the last real token of each response that ended (has_eos), where a reward model reads its
+    score; the other rows gain only padding."""
+    k = len(suffix)
+    ids, mask = F.pad(query_responses, (0, k)), F.pad(attention_mask, (0, k))
+    rows = has_eos.nonzero().squeeze(1)  # (E,)
+    cols = last_token_index(attention_mask)[rows, None] + 1 + torch.arange(k, device=ids.device)  # (E, k)
+    ids[rows[:, None], cols] = torch.tensor(suffix, device=ids.device)
+    mask[rows[:, None], cols] = 1
+    return ids, mask
+
+
+def score_texts(reward_model, reward_tokenizer, prompts: list, responses: list[str]) -> torch.Tensor:
+    """Score with a reward model that has its own tokenizer: each prompt and response as text, rendered in the reward
+    model's chat template if it has one (the prompt as user turns, the response as the assistant turn) or joined as
+    plain text, tokenized by its tokenizer, right-padded -> (B,) or (B, num_labels) outputs. A decoder's head is read
+    at the last real token (`reward_scores`); an encoder classifier (BERT, DeBERTa) pools its own way, so its own
+    forward is used."""
+    texts = []
+    for prompt, response in zip(prompts, responses):
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if reward_tokenizer.chat_template is not None:
+            texts.append(reward_tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}],
+                                                              tokenize=False))
+        else:
+            texts.append((prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)) + response)
+    batch = reward_tokenizer(texts, add_special_tokens=reward_tokenizer.chat_template is None, padding=True,
+                             truncation=True, return_tensors="pt").to(reward_model.device)
+    if hasattr(reward_model, "score"):
+        return reward_scores(reward_model, batch["input_ids"], batch["attention_mask"])
+    return reward_model(**batch).logits.float().squeeze(-1)
+
+
+def record_caller(fn):
+    """A reward function -> call(prompt, response, fields): the function gets the record's fields it names (all of them
+    if it takes **kwargs); fn(prompt, response) is called as before."""
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return lambda prompt, response, fields: fn(prompt, response, **fields)
+    names = {p.name for p in params[2:]}
+    return lambda prompt, response, fields: fn(prompt, response, **{k: v for k, v in fields.items() if k in names})
+
+
+def scored(values: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reward function's results -> (B,) scores and (B,) bool failures: None means "could not score" (a verifier
+    that found no answer to read), scored 0 and counted, so that its share is logged (`parse_failures`) rather than
+    hidden in the mean."""
+    failed = torch.tensor([v is None for v in values], dtype=torch.bool, device=device)
+    return torch.tensor([0.0 if v is None else float(v) for v in values], device=device), failed
+
+
+def check_record_fields(fn, spec: str, records: list, path: str) -> None:
+    """Stop before training if a reward function needs a field (an argument without a default) that a record lacks,
+    naming the file and line."""
+    needed = [p.name for p in list(inspect.signature(fn).parameters.values())[2:]
+              if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for r in records:
+        missing = [name for name in needed if name not in r.get("fields", {})]
+        if missing:
+            raise SystemExit(f"error: {r.get('where', path)}: no field '{missing[0]}', which the reward "
+                             f"function {spec} takes")

@@ -20,8 +20,6 @@ responses are sampled from a policy exactly as stage 3 samples them (`common.sam
    for unattended runs (iterate.py) and tests.
 """
 
-import importlib
-import importlib.util
 import json
 import os
 import random
@@ -32,8 +30,7 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import DataError, encode_prompt, end_token_id, read_data, sample, setup_tokenizer
-
-TASK_DATA = "data/reviews"  # the embedded "reviews" task's files, made by reviews_task.py on first use
+from plumbing import TASK_DATA, load_function
 
 
 @dataclass
@@ -73,21 +70,6 @@ class Args:
     """'cpu', 'cuda', 'cuda:N', or 'auto'"""
     trust_remote_code: bool = False
     """allow a Hub model to run its own code (only for models you trust)"""
-
-
-def load_function(spec: str):
-    """'path/file.py:name' (also looked for beside this script) or 'module:name' -> the function, loaded when used."""
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
-    if not path.endswith(".py"):
-        return getattr(importlib.import_module(path), name)
-    if not os.path.exists(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name)
 
 
 def show(value) -> str:

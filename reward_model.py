@@ -15,46 +15,25 @@ Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this depart
    sequences), and the sequences are packed into rows without padding (`pack`, below).
 """
 
-import atexit
-import contextlib
-import ctypes
-import errno
-import importlib
-import importlib.util
-import json
-import logging
 import math
-import os
-import pickle
 import random
-import shutil
-import signal
-import sys
 import time
-import traceback
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DataError, encode_prompt, encode_response, end_token_id, read_data, reward_scores, sample,
-                    score_suffix, setup_tokenizer)
-
-# the embedded "reviews" task: its files are made by reviews_task.py on first use of the default dataset
-TASK_DATA = "data/reviews"
+from common import (encode_prompt, encode_response, end_token_id, pad, read_data, reward_scores, sample, score_suffix,
+                    setup_tokenizer)
+from plumbing import (TASK_DATA, Metrics, StopSignals, add_lora, all_reduce, batch_indices, check_room, clip_gradients,
+                      decay_groups, default_learning_rate, disable_dropout, distribute, gathered, load_function,
+                      load_state, pack, packing_works, prepare_output, quiet_missing_head, require_stage, resume_point,
+                      save_model, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -250,72 +229,26 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([rx, ry]))[0, 1].item()
 
 
-def disable_dropout(model) -> None:
-    """Dropout off, so every forward pass of the same input gives the same numbers (copied in reward_model.py,
-    ppo_rlhf.py and dpo.py). Three places hold a rate: the config, nn.Dropout modules, and floats that modules copy
-    from the config when built (Llama's and Qwen2's `self.attention_dropout`, applied in train mode whatever the
-    config says)."""
-    for key, value in model.config.to_dict().items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(model.config, key, 0.0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
-                setattr(module, name, 0.0)
-
-
 def main(args: Args) -> None:
-    rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
-    keep_freed_memory(device)  # CPU only
-    if args.track and importlib.util.find_spec("wandb") is None:
-        raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"  # logs in runs/{run_name}
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    # --bf16: fp32 weights and AdamW state, bf16 compute under autocast (FSDP2 instead gathers bf16 copies of the fp32
-    # shards); the frozen SFT policy that samples for the normalisation is held in bf16
-    fsdp = world_size > 1 and args.strategy == "fsdp"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not fsdp)  # noqa: E731
-    if args.model_name_or_path == "models/sft" and not os.path.isdir("models/sft"):
-        raise SystemExit("error: models/sft does not exist: run `python sft.py` first, or point --model-name-or-path "
-                         "at an SFT model")
-    embedded = args.dataset[0] == f"{TASK_DATA}/preference_train.jsonl"  # the embedded task's own data (and more)
-    if rank == 0 and embedded and not os.path.exists(args.dataset[0]):
-        load_function("reviews_task.py:ensure_data")()  # deterministic: the same files every time
-    claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
-    if world_size > 1:
-        dist.barrier()  # the files are written
-    # 'auto': the embedded task's held-out files and judge with its own data, none with the user's
-    eval_dataset = args.eval_dataset if args.eval_dataset != "auto" else (
-        f"{TASK_DATA}/preference_eval.jsonl" if embedded else args.dataset[0] if args.eval_split else "none")
-    eval_reward_fn = args.eval_reward_fn if args.eval_reward_fn != "auto" else (
-        "reviews_task.py:gold_score" if embedded else "")
+    rank, world_size, device, run_name, autocast, trained, frozen = setup(args)  # torchrun, seeds, --bf16's autocast
+    require_stage(args.model_name_or_path, "models/sft", "python sft.py", "--model-name-or-path")
+    _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "preference_train.jsonl",
+                                                     "preference_eval.jsonl")
 
     # 1. the SFT model with a fresh scalar head (or a reward model to continue, or an interrupted run's checkpoint)
-    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
     base = args.continue_from or args.model_name_or_path
     load_from = ckpt_dir if resuming and not args.lora_r else base  # LoRA: the base, then the adapter
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
-    new_head = load_from == args.model_name_or_path  # transformers reports the head missing: expected, so quiet
-    logging.getLogger("transformers.modeling_utils").disabled = new_head
-    model = AutoModelForSequenceClassification.from_pretrained(
-        load_from, num_labels=1, dtype=torch.bfloat16 if args.bf16 and args.lora_r and not fsdp else torch.float32,
-        trust_remote_code=args.trust_remote_code).to(device)  # LoRA with --bf16: the frozen base in bf16
-    logging.getLogger("transformers.modeling_utils").disabled = False
+    new_head = load_from == args.model_name_or_path
+    with quiet_missing_head(new_head):  # transformers reports the head missing: expected
+        model = AutoModelForSequenceClassification.from_pretrained(load_from, num_labels=1, **trained).to(device)
     if new_head and not resuming:
         print(f"reward model: {load_from} with a new scalar head (`score`), randomly initialised")
     setup_tokenizer(tokenizer, model)
     check_room(args.output_dir, model)
     disable_dropout(model)
-    learning_rate = args.learning_rate
-    if learning_rate is None:
-        tiny = getattr(model.config, "embedded_tiny_model", False)
-        learning_rate = (5e-4 if tiny else 1e-5) * (10 if args.lora_r else 1)  # LoRA needs about 10x
-        print(f"learning rate {learning_rate:g} ({'the embedded tiny model' if tiny else 'a pretrained model'}"
-              f"{', LoRA: 10x' if args.lora_r else ''}; --learning-rate to change)")
+    learning_rate = default_learning_rate(args, model, tiny=5e-4, pretrained=1e-5)
     padding_free = args.padding_free and packing_works(model)
     if args.padding_free and not padding_free:
         print("warning: this model lets packed sequences attend to each other; padding instead (--no-padding-free)")
@@ -330,13 +263,10 @@ def main(args: Args) -> None:
 
     # 2. data: bad lines stop the run with file, line and field (or are counted and skipped)
     bad_lines = [] if args.skip_bad_pairs else None
-    try:
-        train_records = [r for path in args.dataset
-                         for r in read_data(path, "preference", bad_lines, args.dataset_config, args.dataset_split)]
-        eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config,
-                                 args.eval_split or "train", True) if eval_dataset != "none" else []
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    train_records = [r for path in args.dataset
+                     for r in read_data(path, "preference", bad_lines, args.dataset_config, args.dataset_split)]
+    eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config, args.eval_split or "train",
+                             True) if eval_dataset != "none" else []
     if bad_lines:
         print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
     train, cut, skipped, responses_cut = encode_pairs(train_records, tokenizer, args)
@@ -367,12 +297,8 @@ def main(args: Args) -> None:
     warmup_steps = int(args.warmup_ratio * num_steps)
 
     def micro_batch(i: int):
-        """This process's share of the i-th global micro-batch: epoch e is a permutation seeded by (seed, e), the same
-        in every process, so the processes split each batch between them and a resumed run replays it."""
-        epoch, j = divmod(i, batches_per_epoch)
-        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(args.seed * 10007 + epoch))
-        first = (j * world_size + rank) * micro_batch_size
-        idx = order[first: first + micro_batch_size]
+        """This process's share of the i-th global micro-batch of comparison groups, collated and on the device."""
+        idx = batch_indices(i, len(groups), micro_batch_size, args.seed, rank, world_size)
         batch, chosen, rejected = collate([train[k] for g in idx for k in groups[g]], tokenizer.pad_token_id,
                                           padding_free)
         return {k: t.to(device) for k, t in batch.items()}, chosen.to(device), rejected.to(device)
@@ -445,8 +371,7 @@ def main(args: Args) -> None:
             stats += torch.stack([loss.detach(), (chosen_rewards > rejected_rewards).float().sum() / num_pairs,
                                   (chosen_rewards - rejected_rewards).sum().detach() / num_pairs])
         stats = all_reduce(stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model_w.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        grad_norm = clip_gradients(model_w.parameters(), args.max_grad_norm)  # the norm before clipping
         stop_if_not_finite(step + 1, args.output_dir, loss=stats[0].item(), grad_norm=grad_norm.item())
         optimizer.step()
         scheduler.step()
@@ -460,13 +385,11 @@ def main(args: Args) -> None:
                                "time/step": step_seconds})
         if (step + 1) % args.eval_steps == 0 and step + 1 < num_steps and evals:
             evaluate(step + 1)
-        stop = signals.requested(device) and step + 1 < num_steps
-        if ((step + 1) % args.save_steps == 0 and step + 1 < num_steps) or stop:
+        if signals.checkpoint_due(step + 1, num_steps, args.save_steps, device):  # periodic, or asked to stop
             state = {"scheduler": scheduler.state_dict(), "step": step + 1, "run_name": run_name,
                      "log_bytes": metrics.position()}
             save_model(ckpt_dir, tokenizer, config, ("", model), training=(state, model_w, optimizer))
-        if stop:
-            signals.stop(ckpt_dir, step + 1)
+            signals.stop_if_asked(ckpt_dir, step + 1)
     signals.restore()
     progress.close()
 
@@ -478,9 +401,7 @@ def main(args: Args) -> None:
     rng = random.Random(args.seed)
     end_id = end_token_id(tokenizer)
     if args.normalize_on == "sft_samples":
-        policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
-                                                      dtype=torch.bfloat16 if args.bf16 else torch.float32)
-        policy = policy.to(device).eval()
+        policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **frozen).to(device).eval()
         setup_tokenizer(tokenizer, policy)
         policy = distribute([policy], args.strategy, args.bf16, trainable=False)
         prompts = {repr(r["prompt"]): r["prompt"] for r in train_records}  # distinct prompts, in file order
@@ -563,629 +484,6 @@ def main(args: Args) -> None:
     print(f"logs in runs/{run_name}")
     if world_size > 1:
         dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plumbing, the same in sft.py, reward_model.py, ppo_rlhf.py, dpo.py and grpo.py: copied rather than shared, so that a
-# stage script and common.py are all a user copies (tests/test_copy.py holds the copies equal).
-
-
-def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged lists of ids -> (B, T) ids and attention mask, padded on `side` ("left" for generation)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
-def pack(seqs: list[list[int]], pad_value: int, room: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ragged lists of ids -> padding-free rows: (R, T) ids, (R, T) position ids restarting at 0 with every sequence
-    (so transformers keeps packed sequences apart, with a block-diagonal causal mask), and (N, 2) the row and column
-    where each sequence starts. Longest first, each into the first row with room; a row holds `room` tokens, by default
-    the longest sequence or twice that, whichever costs less as tokens fed x (1 + row length / 640) (longer rows pack
-    denser, but masked attention costs more; fitted on CPU by benchmarks/bench_pack_width.py)."""
-    lengths = [len(s) for s in seqs]
-
-    def first_fit(room: int):  # -> columns used in each row, (row, start column) of each sequence
-        used, starts = [], [None] * len(seqs)
-        for i in sorted(range(len(seqs)), key=lambda i: -lengths[i]):
-            r = next((r for r, u in enumerate(used) if u + lengths[i] <= room), len(used))
-            used += [0] * (r == len(used))
-            starts[i], used[r] = (r, used[r]), used[r] + lengths[i]
-        return used, starts
-
-    longest = max(lengths)
-    cost = lambda used: len(used) * max(used) * (1 + max(used) / 640)  # noqa: E731
-    used, starts = first_fit(max(room, longest)) if room else min(first_fit(longest), first_fit(2 * longest),
-                                                                  key=lambda layout: cost(layout[0]))
-    width = max(used)
-    ids = torch.full((len(used), width), pad_value, dtype=torch.long)
-    positions = torch.zeros((len(used), width), dtype=torch.long)
-    for s, (r, c) in zip(seqs, starts):
-        ids[r, c: c + len(s)], positions[r, c: c + len(s)] = torch.tensor(s, dtype=torch.long), torch.arange(len(s))
-    for r, u in enumerate(used):
-        positions[r, u:] = torch.arange(width - u)
-    return ids, positions, torch.tensor(starts, dtype=torch.long)
-
-
-@torch.no_grad()
-def packing_works(model) -> bool:
-    """Does `model` keep packed sequences apart in the layout `pack` makes, several rows of several sequences? True
-    for transformers' SDPA and eager attention; false for its flash-attention path, which finds packed sequences only
-    in a batch of one row, and for remote code that ignores position ids."""
-    backbone, was_training = getattr(model, model.base_model_prefix), model.training
-    model.eval()
-    vocab = model.config.get_text_config().vocab_size
-    seqs = [[t % vocab for t in range(k, k + n)] for k, n in ((11, 5), (23, 3), (31, 4), (47, 4))]
-    ids = torch.tensor([seqs[0] + seqs[1], seqs[2] + seqs[3]], device=model.device)  # (2, 8): two rows of two
-    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]], device=model.device)
-    packed = backbone(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state.flatten(0, 1)
-    alone = torch.cat([backbone(input_ids=torch.tensor([s], device=model.device), use_cache=False).last_hidden_state[0]
-                       for s in seqs])
-    model.train(was_training)
-    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2
-    return torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol)
-
-
-def load_function(spec: str):
-    """'path/file.py:name' (also looked for beside this script) or 'module:name' -> the function, loaded when used."""
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
-    if not path.endswith(".py"):
-        return getattr(importlib.import_module(path), name)
-    if not os.path.exists(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-def claim_output_dir(out_dir: str, resume: bool) -> None:
-    """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock
-    `out_dir` against a second run (`{out_dir}.lock`, held with flock while this process lives, so a killed run's
-    lock is free again; removed at exit), and check that a save can be written beside it. Under torchrun, rank 0."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    out_dir = out_dir.rstrip("/")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if getattr(claim_output_dir, "release", None) is not None:  # a previous main() in this process
-        atexit.unregister(claim_output_dir.release)
-        claim_output_dir.release()
-    try:
-        os.makedirs(parent, exist_ok=True)
-        while True:
-            lock = open(out_dir + ".lock", "a+")
-            with contextlib.suppress(ImportError):  # fcntl: not on Windows
-                import fcntl
-
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    lock.seek(0)
-                    raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it "
-                                     "to end, or choose another --output-dir") from None
-            if os.fstat(lock.fileno()).st_nlink:  # not removed meanwhile by the run that held it, as it ended
-                break
-            lock.close()
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                   f"{' '.join(sys.argv)[:200]}\n")
-        lock.flush()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
-
-    def release():  # at exit: the lock file goes, then the lock
-        with contextlib.suppress(OSError):
-            os.remove(lock.name)
-        lock.close()
-    claim_output_dir.release = release
-    atexit.register(release)
-    for folder in (out_dir, os.path.join(out_dir, "checkpoint")):
-        tmp, old = folder + ".tmp", folder + ".old"
-        if not os.path.exists(folder) and os.path.exists(old):  # killed between the two renames of a save
-            if os.path.exists(os.path.join(tmp, "args.json")):  # written last: the new save is whole
-                os.replace(tmp, folder)
-                print(f"{folder}: a save was interrupted after it was written; it is now in place")
-            else:
-                os.replace(old, folder)
-                print(f"{folder}: a save was interrupted; the previous one is back in place")
-        for leftover in (tmp, old):
-            if os.path.exists(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
-                print(f"removed {leftover}, left by an interrupted save")
-    if resume and os.path.isdir(os.path.join(out_dir, "checkpoint")) and not all(
-            os.path.exists(os.path.join(out_dir, "checkpoint", f)) for f in ("args.json", "training_state.pt")):
-        raise SystemExit(f"error: {out_dir}/checkpoint is incomplete (a run of an older version was killed while "
-                         "writing it): remove it, or pass --no-resume, to start over")
-    try:
-        with open(os.path.join(parent, f".write_test_{os.getpid()}"), "wb") as f:
-            f.write(b"\0" * 4096)
-        os.remove(f.name)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
-
-
-def check_room(out_dir: str, *models) -> None:
-    """Stop before training when the disk cannot hold the models' save (fp32 weights as saved); warn when it cannot
-    also hold a checkpoint (the weights and AdamW's two moments)."""
-    need = sum(p.numel() * 4 for model in models for p in model.parameters())
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out_dir.rstrip("/")))).free
-    if free < need:
-        raise SystemExit(f"error: {free / 2**20:.0f} MiB free beside {out_dir}, and the save needs about "
-                         f"{need / 2**20:.0f} MiB: free some space or choose another --output-dir")
-    if free < 4 * need:
-        print(f"warning: {free / 2**20:.0f} MiB free beside {out_dir}; a checkpoint with the model needs about "
-              f"{4 * need / 2**20:.0f} MiB")
-
-
-def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple | None = None) -> None:
-    """Hugging Face folders written whole into `out_dir.tmp`, then swapped in for `out_dir` in one step, so that a kill
-    at any moment leaves the previous folder or the new one, complete. `models` are (name, model) pairs: a subfolder
-    ("" for the top) for a Hugging Face model, a file name for a plain module (safetensors); `config`, the run's flags,
-    goes to args.json. `training` = (state, parallel, optimizer) makes it a resumable checkpoint: the optimizer through
-    torch.distributed.checkpoint (under FSDP2 each process writes its own shard), each process's random generators (so
-    that a resumed run samples what the uninterrupted one would have) and `state` (step, scheduler...). args.json is
-    written last: it marks a whole save. Non-finite weights are never written. A LoRA model is saved merged, with its
-    adapter in `adapter/`. Under torchrun every process hands over its shards and rank 0 writes."""
-    states = [full_state_dict(model) for _, model in models]
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    bad = [k for state in states for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    device = next(models[0][1].parameters()).device
-    if all_reduce(torch.tensor(float(len(bad)), device=device)).item():  # rank 0 holds the gathered weights
-        raise SystemExit(f"error: not saving {out_dir}: non-finite weights ({', '.join(bad[:3])}...), training diverged "
-                         "(a lower --learning-rate?); what was saved before is as it was")
-    out_dir = out_dir.rstrip("/")
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    try:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            for (name, model), state in zip(models, states):
-                if hasattr(model, "peft_config"):  # LoRA: the adapter in peft's format, and the weights merged
-                    save_adapter(model, state, os.path.join(tmp, name, "adapter"), tokenizer)
-                    state = merge_lora(state, model.peft_config["default"])
-                if hasattr(model, "save_pretrained"):
-                    model.save_pretrained(os.path.join(tmp, name), state_dict=state)
-                else:
-                    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, name))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        if training is not None:
-            state, parallel, optimizer = training
-            if dist.is_initialized():
-                dist.barrier()  # the folder exists
-            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.save({"optimizer": get_optimizer_state_dict(parallel, optimizer)},
-                         checkpoint_id=os.path.join(tmp, "optimizer"))
-            torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       os.path.join(tmp, f"rng_{rank}.pt"))
-            if dist.is_initialized():
-                dist.barrier()  # every process has written its part
-            if rank == 0:
-                torch.save(state, os.path.join(tmp, "training_state.pt"))
-        if rank == 0:
-            with open(os.path.join(tmp, "args.json"), "w") as f:
-                json.dump(config, f, indent=2, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-    except (Exception, dcp.CheckpointException) as e:  # a full disk: an OSError, or a library's error after one
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(out_dir))).free
-        shutil.rmtree(tmp, ignore_errors=True)
-        causes = [e, *(cause for cause, _ in getattr(e, "failures", {}).values())]
-        if all(getattr(c, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) for c in causes) and free > 2**20:
-            raise
-        raise SystemExit(f"error: the disk is full: saving {out_dir} failed with {free} bytes free; the partial save "
-                         f"is removed and what was saved before is as it was") from None
-    if rank == 0:
-        exchanged = False
-        if os.path.exists(out_dir):  # Linux: renameat2(RENAME_EXCHANGE) swaps the two folders in one step
-            with contextlib.suppress(OSError, AttributeError):  # elsewhere: two renames, claim_output_dir mends a kill
-                exchanged = ctypes.CDLL(None, use_errno=True).renameat2(-100, tmp.encode(), -100, out_dir.encode(), 2) == 0
-            if not exchanged:
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out_dir, old)
-        if exchanged:
-            shutil.rmtree(tmp, ignore_errors=True)  # the previous folder, now
-        else:
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """torch.distributed.checkpoint's .metadata is a plain pickle: only the classes it is made of may be loaded."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in {("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-                              ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem",
-                                                                       "_StorageInfo")} or (
-                module == "torch.distributed.checkpoint.metadata" and name.isidentifier()) or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"'{module}.{name}' is not part of a checkpoint")
-
-
-class _CheckedLoadPlanner(DefaultLoadPlanner):
-    """torch.distributed.checkpoint's planner reads non-tensor entries with torch.load(weights_only=False): each is
-    read with weights_only=True first, so anything but tensors and plain types is refused."""
-
-    def load_bytes(self, read_item, value) -> None:
-        torch.load(value, weights_only=True)
-        value.seek(0)
-        super().load_bytes(read_item, value)
-
-
-def load_state(ckpt_dir: str, parallel, optimizer) -> dict:
-    """The saved training state (tensors and plain types only), with the optimizer and random generators restored.
-    No file of the checkpoint is unpickled beyond tensors, plain types and checkpoint metadata. The checkpoint must
-    come from as many processes as this run has: each one's share of the data depends on it."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    written_by = len([f for f in os.listdir(ckpt_dir) if f.startswith("rng_")])
-    if written_by != world_size:
-        raise SystemExit(f"error: {ckpt_dir} was written by {written_by} process(es), this run has {world_size}: resume "
-                         "with as many, or start again with --no-resume")
-    try:
-        with open(os.path.join(ckpt_dir, "optimizer", ".metadata"), "rb") as f:
-            _RestrictedUnpickler(f).load()
-        target = {"optimizer": get_optimizer_state_dict(parallel, optimizer)}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(target, checkpoint_id=os.path.join(ckpt_dir, "optimizer"), planner=_CheckedLoadPlanner())
-        set_optimizer_state_dict(parallel, optimizer, target["optimizer"])
-        rng = torch.load(os.path.join(ckpt_dir, f"rng_{rank}.pt"), weights_only=True)
-        state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
-    except (Exception, dcp.CheckpointException) as e:  # the latter wraps what the planner raised
-        if not isinstance(e, pickle.UnpicklingError) and "UnpicklingError" not in str(e):
-            raise
-        raise SystemExit(f"error: {ckpt_dir} holds more than tensors and plain types: refused, unread (remove it to "
-                         "start over)") from None
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
-
-
-class StopSignals:
-    """SIGTERM (a preemption's notice) and Ctrl-C ask the loop to stop at the end of the current step with a checkpoint;
-    a second Ctrl-C stops at once. `requested()` gives every process the same answer."""
-
-    def __init__(self):
-        self.signal = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(self, signum, frame) -> None:
-        if self.signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.signal:
-            print(f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint (Ctrl-C again "
-                  "to stop at once)", file=sys.stderr, flush=True)
-        self.signal = self.signal or signum
-
-    def requested(self, device) -> bool:
-        return all_reduce(torch.tensor(float(self.signal), device=device), "max").item() > 0
-
-    def stop(self, ckpt_dir: str, step: int) -> None:
-        name = signal.Signals(self.signal).name if self.signal else "a signal"
-        print(f"stopped by {name} after step {step}; checkpoint in {ckpt_dir}: run the same command to continue")
-        sys.exit(128 + (self.signal or signal.SIGTERM))
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def user_errors_in_one_line():
-    """What a user can fix ends with one line, not a traceback: Ctrl-C outside the training loop (which stops at the end
-    of a step), a DataError found past reading (a chat template refusing a conversation), a model or tokenizer that
-    cannot load (a wrong path, a Hub name offline, an unknown architecture)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted") from None
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    except (OSError, ValueError) as e:
-        if not any(frame.name == "from_pretrained" for frame in traceback.extract_tb(e.__traceback__)):
-            raise
-        raise SystemExit(f"error: cannot load a model or tokenizer: {' '.join(str(e).split())[:400]}") from None
-
-
-def stop_if_not_finite(step: int, output_dir: str, **values: float) -> None:
-    """A loss or gradient norm that is NaN or infinite ends the run before the optimizer steps on it: nothing is saved,
-    the output folder and its last checkpoint stay as they were."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        raise SystemExit(f"error: step {step}: {', '.join(f'{k} {v}' for k, v in bad.items())}: training diverged "
-                         f"(a lower --learning-rate?); nothing saved: {output_dir} and its last checkpoint are as they were")
-
-
-class Metrics:
-    """Scalars and texts to runs/{run_name}/metrics.jsonl (one JSON object per line), TensorBoard when installed, and
-    Weights & Biases with --track."""
-
-    def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf", resume: dict | None = None):
-        self.on = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 logs for all processes
-        if not self.on:
-            return
-        os.makedirs(run_dir, exist_ok=True)
-        self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
-        if resume and "log_bytes" in resume:  # what was logged after the checkpoint is logged again: drop it
-            self.jsonl.truncate(resume["log_bytes"])
-            self.jsonl.seek(resume["log_bytes"])
-        self.tb = self.wandb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(run_dir, purge_step=resume["step"] + 1 if resume else None)
-        except ImportError:
-            print("tensorboard is not installed: logging to metrics.jsonl only")
-        if track:
-            import wandb  # only with --track
-
-            self.wandb = wandb.init(project=project, config=config, name=os.path.basename(run_dir))
-
-    def log(self, step: int, scalars: dict | None = None, **texts: str) -> None:
-        if not self.on:
-            return
-        row = {k: float(v) for k, v in (scalars or {}).items()} | {k: v[:100_000] for k, v in texts.items()}
-        self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
-        self.jsonl.flush()
-        for k, v in row.items():
-            if self.tb is not None:
-                (self.tb.add_text if isinstance(v, str) else self.tb.add_scalar)(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(row, step=step)
-
-    def position(self) -> int:
-        """Bytes of metrics.jsonl written so far: a checkpoint keeps it, a resumed run cuts the file back to it."""
-        return self.jsonl.tell() if self.on else 0
-
-    def close(self) -> None:
-        if not self.on:
-            return
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def keep_freed_memory(device: torch.device) -> None:
-    """CPU runs: glibc keeps freed memory for reuse instead of unmapping each large block (gradients, activations) and
-    faulting it in again next step, 1.3-2.1x per step on SmolLM2 (benchmarks/README.md). A MALLOC_MMAP_MAX_ set wins."""
-    if device.type == "cpu" and sys.platform == "linux" and "MALLOC_MMAP_MAX_" not in os.environ:
-        with contextlib.suppress(OSError):  # OSError: not glibc (musl)
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: every block from the heap, none with an mmap of its own
-            libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GB free at the heap's top
-
-
-# LoRA (Hu et al. 2021), through the optional peft package: only with --lora-r > 0
-
-
-def add_lora(model, r: int, alpha: float, target_modules: str, base: str, head: str = "", resume_dir: str = ""):
-    """Rank-r adapters, dropout off, on `target_modules` of `model` ('all-linear': every linear layer of its decoder,
-    never an LM or score head); every other weight frozen except `head`, a reward or value model's score head, trained
-    whole. `model` changes in place and keeps its layout, so every pass runs as before; `save_model` writes it merged,
-    with the adapter in peft's format (on `base`) in `adapter/`. `resume_dir`: the adapter saved there is loaded."""
-    if importlib.util.find_spec("peft") is None:
-        raise SystemExit("error: --lora-r needs the optional peft package: pip install peft")
-    import peft
-
-    backbone = getattr(model, model.base_model_prefix)
-    linear = sorted({name.rpartition(".")[2] for name, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)})
-    targets = linear if target_modules == "all-linear" else target_modules.split(",")
-    if set(targets) - set(linear):  # peft adapts the names it finds and skips the others
-        raise SystemExit(f"error: --lora-target-modules {target_modules}: this model has no linear layer named "
-                         f"{', '.join(sorted(set(targets) - set(linear)))} (it has {', '.join(linear)})")
-    with warnings.catch_warnings():  # transformers' deprecation notices, raised inside peft
-        warnings.simplefilter("ignore", FutureWarning)
-        peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                                                   base_model_name_or_path=base))  # adapters put into `model` itself
-    config = model.peft_config["default"]  # as saved: loads with peft's AutoPeftModelForCausalLM / ...SequenceClassification
-    config.task_type, config.modules_to_save = ("SEQ_CLS", [head]) if head else ("CAUSAL_LM", None)
-    if head:  # fp32, trained whole (the adapters are fp32 too: peft upcasts them beside a bf16 base)
-        getattr(model, head).float().requires_grad_(True)
-    if resume_dir:  # peft's names -> the model's: no wrapper prefix, the adapter's name inside its layers
-        saved = load_file(os.path.join(resume_dir, "adapter", "adapter_model.safetensors"))
-        state = {k.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(
-            ".lora_B.", ".lora_B.default."): v for k, v in saved.items()}
-        if model.load_state_dict(state, strict=False).unexpected_keys:
-            raise SystemExit(f"error: {resume_dir}/adapter does not fit this model: start again with --no-resume")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"LoRA r {r}, alpha {alpha:g} on {', '.join(targets)}: {trainable / 1e6:.2f}M trainable parameters of "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
-    return model
-
-
-def merge_lora(state: dict, config) -> dict:
-    """A LoRA model's state dict -> the plain model's, fp32: each adapted weight W + (alpha / r) B A, as peft merges it."""
-    merged = {}
-    for name, value in state.items():
-        if ".lora_" in name:
-            continue
-        if name.endswith(".base_layer.weight"):
-            layer = name.removesuffix(".base_layer.weight")
-            value = value + (config.lora_alpha / config.r) * (
-                state[f"{layer}.lora_B.default.weight"] @ state[f"{layer}.lora_A.default.weight"])
-        merged[name.replace(".base_layer.", ".")] = value.float() if value.is_floating_point() else value  # bf16 base
-    return merged
-
-
-def save_adapter(model, state: dict, folder: str, tokenizer) -> None:
-    """The adapter (and a score head; the embeddings too if they grew by a pad token) in peft's format, with the
-    tokenizer: `AutoPeftModelForCausalLM.from_pretrained(folder)` rebuilds the trained model from its base."""
-    import peft
-
-    config = model.peft_config["default"]
-    adapter = peft.get_peft_model_state_dict(model, state_dict=state, save_embedding_layers="auto")
-    adapter |= {k: v for k, v in state.items() if k.partition(".")[0] in (config.modules_to_save or [])}
-    seen = set()  # tied weights (input and output embeddings) once
-    adapter = {k: v for k, v in adapter.items() if not (v.data_ptr() in seen or seen.add(v.data_ptr()))}
-    os.makedirs(folder)
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.items()},
-              os.path.join(folder, "adapter_model.safetensors"))
-    config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-@contextlib.contextmanager
-def adapters_off(model):
-    """LoRA's adapters switched off in `model` for the block: the model it started from, exactly."""
-    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)  # and trainable again
-
-
-class WithoutAdapters:
-    """The reference for free: called like the `Parallel` of a LoRA policy alone (`ref_w(fn, x)` = fn(policy, x)), it
-    runs fn on the policy of `parallel` (its first model) with the adapters off: no second copy of the weights."""
-
-    def __init__(self, parallel, policy):
-        self.parallel, self.policy = parallel, policy
-
-    def __call__(self, fn, *args, **kwargs):
-        with adapters_off(self.policy):
-            return self.parallel(lambda policy, *others: fn(policy, *others[len(others) - len(args):], **kwargs), *args)
-
-
-# torch.distributed, launched by torchrun: without it these are single-process no-ops and every number is as before
-
-
-def init_distributed(device: str) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) each process joins the
-    process group (NCCL on GPUs, gloo on CPU) on its own device, cuda:LOCAL_RANK; only rank 0 prints (the others'
-    stdout goes to os.devnull; errors still reach stderr). Without torchrun: one process, no group."""
-    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world_size > 1 else device)
-    if world_size == 1:
-        return 0, 1, device
-    with contextlib.suppress(OSError, AttributeError):  # Linux: when the launcher dies, even by SIGKILL, its workers
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # get a SIGTERM (PR_SET_PDEATHSIG) instead of running on
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # held until the interpreter exits: were the group freed with main()'s models (DDP's reducer holds it), its gloo
-    # threads, still releasing the last collective's tensors, would wait for the GIL while freeing it waits for them
-    init_distributed.group = dist.group.WORLD
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")
-    return dist.get_rank(), world_size, device
-
-
-class Parallel(torch.nn.Module):
-    """Models whose computation runs as this module's forward: `parallel(fn, *args)` returns fn(*models, *args). DDP
-    syncs gradients and FSDP2 gathers parameters only around the forward of the module they wrap, and the stages call
-    parts of a model (a backbone, then a head at chosen positions), so every pass goes through here."""
-
-    def __init__(self, *models):
-        super().__init__()
-        self.models = torch.nn.ModuleList(models)
-
-    def forward(self, fn, *args, **kwargs):
-        return fn(*self.models, *args, **kwargs)
-
-
-def distribute(models: list, strategy: str, bf16: bool, trainable: bool = True) -> torch.nn.Module:
-    """`models` -> their `Parallel`, under torchrun replicated or sharded across the processes. 'ddp': a full copy per
-    process, gradients averaged in backward (frozen models are left as they are: nothing to sync). 'fsdp' (FSDP2):
-    parameters, gradients and optimizer state sharded, one unit per decoder layer plus the root (embeddings, final
-    norm, heads), each gathered just for its forward and backward; with --bf16 the gathered copies are bf16 and the
-    fp32 shards, Adam state and gradient reduction stay fp32 (MixedPrecisionPolicy)."""
-    parallel = Parallel(*models)
-    if not dist.is_initialized() or (strategy == "ddp" and not trainable):
-        return parallel
-    if strategy == "ddp":
-        return DistributedDataParallel(parallel, forward_sync_buffers=False)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for model in models:
-        for module in model.modules():  # a model's decoder layer classes are the ones it must not split
-            if type(module).__name__ in (getattr(model, "_no_split_modules", None) or []):
-                fully_shard(module, mp_policy=policy)
-    return fully_shard(parallel, mp_policy=policy)
-
-
-@contextlib.contextmanager
-def gathered(parallel):
-    """Yields the `Parallel` to generate with. Under FSDP2 its parameters are all-gathered once for the whole decode
-    loop and freed after it (a full copy per process meanwhile): processes stop decoding at different steps, so the
-    usual all-gather per forward would leave some waiting on the others. Under DDP, the replica without its hooks."""
-    if isinstance(parallel, WithoutAdapters):  # a LoRA policy's reference: the policy gathered, its adapters off
-        with gathered(parallel.parallel) as inner:
-            yield WithoutAdapters(inner, parallel.policy)
-        return
-    if isinstance(parallel, DistributedDataParallel):
-        yield parallel.module
-        return
-    units = [m for m in parallel.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-        if unit is not parallel:  # the root stays gathered between forwards anyway
-            unit.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield parallel
-    finally:
-        for unit in units:
-            unit.reshard()
-            if unit is not parallel:
-                unit.set_reshard_after_forward(True, recurse=False)
-
-
-def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """The sum (or 'mean', 'max') of a tensor over the processes; itself without torchrun."""
-    if not dist.is_initialized():
-        return x
-    x = x.clone()
-    dist.all_reduce(x, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return x / dist.get_world_size() if op == "mean" else x
-
-
-def sync_gradients(parallel, sync: bool) -> None:
-    """Gradient accumulation: reduce gradients across processes in the last micro-batch's backward only."""
-    if isinstance(parallel, DistributedDataParallel):
-        parallel.require_backward_grad_sync = sync
-    elif isinstance(parallel, FSDPModule):
-        parallel.set_requires_gradient_sync(sync)
-
-
-def decay_groups(parallel, weight_decay: float) -> list[dict]:
-    """AdamW's parameter groups: weight decay on matrices (linear and embedding weights) only, none on biases and norm
-    weights (one-dimensional), as transformers' Trainer exempts them."""
-    params = [p for p in parallel.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def full_state_dict(model) -> dict:
-    """A model's whole state dict on the CPU: gathered from its shards under FSDP2 (every process must call)."""
-    if not dist.is_initialized():
-        return model.state_dict()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return state  # empty: rank 0 holds the gathered copy
-    first_name = {}  # tied parameters (an LM head that is the input embedding) come back as copies: tie them again
-    for name, param in model.named_parameters(remove_duplicate=False):
-        state[name] = state[first_name.setdefault(id(param), name)]
-    return state
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from bench_ppo import build_models  # noqa: E402
 from bench_sft_rm import pairwise_data  # noqa: E402
 from common import encode_prompt, encode_response, reward_scores  # noqa: E402
-from sft import pack, pad  # noqa: E402
+from common import pad  # noqa: E402
+from plumbing import pack  # noqa: E402
 
 if __name__ == "__main__":
     models = os.path.join(REPO, "benchmarks/.models")

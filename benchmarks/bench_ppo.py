@@ -27,8 +27,8 @@ import tyro
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import reviews_task  # noqa: E402
-from common import encode_prompt  # noqa: E402
-from sft import keep_freed_memory, pad  # noqa: E402
+from common import encode_prompt, pad  # noqa: E402
+from plumbing import keep_freed_memory  # noqa: E402
 
 
 @dataclass

@@ -33,7 +33,8 @@ sys.path.insert(0, REPO)
 import reviews_task  # noqa: E402
 from bench_ppo import build_models, run_script  # noqa: E402
 from common import encode_prompt, encode_response, last_token_index  # noqa: E402
-from sft import pack, pad  # noqa: E402
+from common import pad  # noqa: E402
+from plumbing import pack  # noqa: E402
 
 
 @dataclass

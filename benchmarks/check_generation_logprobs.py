@@ -23,7 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import encode_prompt, end_token_id, read_jsonl, setup_tokenizer  # noqa: E402
-from ppo_rlhf import disable_dropout, forward, layout, pad, truncate_after_eos  # noqa: E402
+from common import pad, truncate_after_eos  # noqa: E402
+from plumbing import disable_dropout, layout  # noqa: E402
+from ppo_rlhf import forward  # noqa: E402
 
 
 @dataclass

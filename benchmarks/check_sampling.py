@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import encode_prompt, end_token_id, read_jsonl, sample, setup_tokenizer  # noqa: E402
-from sft import pad  # noqa: E402
+from common import pad  # noqa: E402
 
 
 @dataclass

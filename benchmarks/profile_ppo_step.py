@@ -26,7 +26,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import encode_prompt, sample  # noqa: E402
-from ppo_rlhf import disable_dropout, forward, keep_freed_memory, layout, logprobs_and_entropy, masked_mean, pad  # noqa: E402
+from common import pad  # noqa: E402
+from plumbing import disable_dropout, keep_freed_memory, layout  # noqa: E402
+from ppo_rlhf import forward, logprobs_and_entropy, masked_mean  # noqa: E402
 
 
 @dataclass

@@ -9,7 +9,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Lla
                           LlamaForSequenceClassification)
 
 import reviews_task
-from ppo_rlhf import score_texts
+from common import score_texts
 
 
 def build_reward_model(tmp_path_factory, task_dir, name, num_labels, chat):

@@ -13,7 +13,8 @@ import arithmetic_task
 import reviews_task
 from arithmetic_task import parse_final_answer, verify
 from common import read_jsonl
-from grpo import pass_rates, record_caller, scored
+from common import record_caller, scored
+from plumbing import pass_rates
 
 
 @pytest.mark.parametrize("text, expected", [

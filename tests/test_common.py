@@ -9,10 +9,9 @@ from conftest import CHATML, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reviews_task
-from common import (DataError, encode_prompt, encode_response, end_token_id, last_token_index, read_jsonl, sample,
+from common import (DataError, encode_prompt, encode_response, end_token_id, last_token_index, pad, read_jsonl, sample,
                     setup_tokenizer)
-from ppo_rlhf import disable_dropout
-from sft import pack, packing_works, pad
+from plumbing import disable_dropout, pack, packing_works
 
 
 def test_formats_are_normalised(tmp_path):

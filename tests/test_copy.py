@@ -1,7 +1,7 @@
-"""Copy one file and go: a stage script and common.py, alone in an empty folder, run on a model and data of the
-user's (no reviews_task.py beside them, no VADER importable) and save a model that loads."""
+"""Copy three files and go: a stage script, common.py and plumbing.py, alone in an empty folder, run on a model and
+data of the user's (no reviews_task.py beside them, no VADER importable) and save a model that loads."""
 
-import inspect
+import ast
 import json
 import os
 import re
@@ -13,19 +13,15 @@ import pytest
 from conftest import REPO, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import dpo
-import grpo
-import label
-import ppo_rlhf
-import reward_model
-import sft
+SHARED = ("common.py", "plumbing.py")
 
 
 def run_copy(script, tmp_path, *args):
-    """Copy `script` and common.py into tmp_path/copy and run it there, where the embedded task cannot be found."""
+    """Copy `script`, common.py and plumbing.py into tmp_path/copy and run it there, where the embedded task cannot be
+    found."""
     folder = tmp_path / "copy"
     folder.mkdir(exist_ok=True)
-    for name in (script, "common.py"):
+    for name in (script, *SHARED):
         shutil.copy(os.path.join(REPO, name), folder)
     blocked = tmp_path / "blocked" / "vaderSentiment"  # the embedded task's judge must not be needed
     blocked.mkdir(parents=True, exist_ok=True)
@@ -33,7 +29,7 @@ def run_copy(script, tmp_path, *args):
     env = os.environ | {"TQDM_DISABLE": "1", "PYTHONPATH": str(tmp_path / "blocked")}
     proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=folder, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert set(os.listdir(folder)) <= {script, "common.py", "runs", "out", "__pycache__"}  # no data/, no models/
+    assert set(os.listdir(folder)) <= {script, *SHARED, "runs", "out", "__pycache__"}  # no data/, no models/
     return folder
 
 
@@ -87,7 +83,7 @@ def test_grpo_copied_alone(sft_dir, tmp_path):
 
 
 def test_label_copied_alone(sft_dir, tmp_path):
-    """label.py and common.py: sample pairs from the user's model and label them with the user's function."""
+    """label.py with the shared files: sample pairs from the user's model and label them with the user's function."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was"} for w in ("pasta", "soup", "plot")])
     (tmp_path / "judge.py").write_text("def pick(prompt, a, b):\n    return 'A' if len(a) >= len(b) else 'B'\n")
     folder = run_copy("label.py", tmp_path, "--policy-path", sft_dir, "--prompts", prompts, "--output",
@@ -96,28 +92,37 @@ def test_label_copied_alone(sft_dir, tmp_path):
         assert all(len(r["chosen"]) >= len(r["rejected"]) for r in map(json.loads, f))
 
 
-@pytest.mark.parametrize("name", ["pad", "pack", "packing_works", "load_function", "claim_output_dir", "check_room",
-                                  "save_model", "_RestrictedUnpickler", "_CheckedLoadPlanner", "load_state",
-                                  "StopSignals", "user_errors_in_one_line", "stop_if_not_finite", "Metrics",
-                                  "keep_freed_memory", "disable_dropout", "init_distributed", "Parallel", "distribute",
-                                  "gathered", "all_reduce", "sync_gradients", "decay_groups", "full_state_dict",
-                                  "add_lora", "merge_lora", "save_adapter", "adapters_off", "WithoutAdapters",
-                                  # the RL scripts' own shared pieces
-                                  "truncate_after_eos", "logprobs_and_entropy", "layout", "with_score_suffix",
-                                  "score_texts", "load_reward_models", "stutters", "record_caller",
-                                  "check_record_fields", "scored", "pass_rates", "exact_div"])
-def test_copied_helpers_stay_identical(name):
-    """The plumbing each script carries for itself is one text in all of them, so a fix reaches every copy."""
-    modules = [m for m in (sft, reward_model, ppo_rlhf, dpo, grpo, label) if hasattr(m, name)]
-    assert len(modules) >= 2
-    assert len({inspect.getsource(getattr(module, name)) for module in modules}) == 1
+def top_level_names(name: str) -> set[str]:
+    """The functions, classes and variables a file defines at its top level."""
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "ppo_rlhf.py", "dpo.py", "grpo.py", "label.py"])
+def test_no_script_defines_again_what_the_shared_files_define(script):
+    """The machinery (plumbing.py) and the contract (common.py) are written once: a script that defined one of their
+    names again would hold a second copy to keep in step, and would shadow the one the others use."""
+    shared = top_level_names("common.py") | top_level_names("plumbing.py")
+    assert not top_level_names(script) & shared
+
+
+def test_the_shared_files_define_each_name_once():
+    assert not top_level_names("common.py") & top_level_names("plumbing.py")
 
 
 def test_readme_file_map_counts_lines_right():
     """The README's file map tells a reader how long each script is; the counts follow the files."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         counted = dict(re.findall(r"^\| `([\w.]+\.py)` \| (\d+) \|", f.read(), flags=re.M))
-    assert {"common.py", "sft.py", "reward_model.py", "ppo_rlhf.py", "dpo.py"} <= set(counted)
+    assert {"common.py", "plumbing.py", "sft.py", "reward_model.py", "ppo_rlhf.py", "dpo.py", "grpo.py"} <= set(counted)
     for name, lines in counted.items():
         with open(os.path.join(REPO, name), encoding="utf-8") as f:
             assert sum(1 for _ in f) == int(lines), name

@@ -10,8 +10,10 @@ import torch
 from conftest import REPO, read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from grpo import (Args, Episodes, Parallel, Rollout, backward_minibatch, clipped_surrogate, group_advantages, kl_penalty,
-                  loss_normaliser, loss_sum, pad)
+from common import Rollout, pad
+from grpo import (Args, Episodes, backward_minibatch, clipped_surrogate, group_advantages, kl_penalty, loss_normaliser,
+                  loss_sum)
+from plumbing import Parallel
 
 
 def test_group_advantages_by_hand():
@@ -129,14 +131,15 @@ sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import grpo
+import plumbing
 from test_grpo import episodes_for
-rank, world_size, device = grpo.init_distributed("cpu")
+rank, world_size, device = plumbing.init_distributed("cpu")
 tokenizer = AutoTokenizer.from_pretrained({model!r})
 episodes = episodes_for(tokenizer)
 for strategy in ("ddp", "fsdp"):
     for aggregation in ("token", "sequence", "constant"):
         model = AutoModelForCausalLM.from_pretrained({model!r})
-        wrapped = grpo.distribute([model], strategy, False)
+        wrapped = plumbing.distribute([model], strategy, False)
         args = grpo.Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3",
                          response_length=6, cliprange=0.2, cliprange_high=0.28)
         half = torch.arange(rank * 4, rank * 4 + 4)  # this process's half of the batch, in 2 micro-batches of 2

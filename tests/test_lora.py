@@ -10,7 +10,7 @@ from test_user_path import chat_model_dir  # noqa: F401  (a fixture: a chat mode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 pytest.importorskip("peft")
-from sft import Parallel, WithoutAdapters, add_lora, decay_groups, save_model  # noqa: E402
+from plumbing import Parallel, WithoutAdapters, add_lora, decay_groups, save_model  # noqa: E402
 
 
 def perturb_adapters(model, seed=0):

@@ -7,9 +7,10 @@ import torch
 from conftest import read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from common import reward_scores
-from ppo_rlhf import (ValueHead, compute_gae, forward, kl_shaped_rewards, layout, masked_mean, masked_whiten, pad,
-                      policy_loss, truncate_after_eos, value_loss)
+from common import pad, reward_scores, truncate_after_eos
+from ppo_rlhf import (ValueHead, compute_gae, forward, kl_shaped_rewards, masked_mean, masked_whiten, policy_loss,
+                      value_loss)
+from plumbing import layout
 
 
 def test_gae_matches_a_direct_double_sum():

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import read_metrics, run_script, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import encode_prompt, encode_response, last_token_index, reward_scores
-from reward_model import collate, group_pairs, init_score_head, pad
+from common import encode_prompt, encode_response, last_token_index, pad, reward_scores
+from reward_model import collate, group_pairs, init_score_head
 
 
 @pytest.fixture(scope="module")

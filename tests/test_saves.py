@@ -19,6 +19,7 @@ from conftest import REPO, read_metrics, run_script, wait_for_logged, write_json
 from transformers import AutoModelForCausalLM
 
 import common
+import plumbing
 import sft
 from common import DataError, read_jsonl
 
@@ -45,7 +46,7 @@ def make_training(model_dir, value: float):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(value)
-    parallel = sft.Parallel(model)
+    parallel = plumbing.Parallel(model)
     optimizer = torch.optim.AdamW(parallel.parameters(), lr=1e-3)
     for p in parallel.parameters():
         p.grad = torch.full_like(p, value)
@@ -59,19 +60,19 @@ def make_training(model_dir, value: float):
 
 def save(folder, model_dir, value, training=True):
     model, parallel, optimizer, state = make_training(model_dir, value)
-    sft.save_model(str(folder), None, {}, ("", model), training=(state, parallel, optimizer) if training else None)
+    plumbing.save_model(str(folder), None, {}, ("", model), training=(state, parallel, optimizer) if training else None)
     return model, parallel, optimizer
 
 
 WRITES = [("os", "replace"), ("os", "makedirs"), ("shutil", "rmtree"), ("torch", "save"), ("dcp", "save"),
-          ("json", "dump"), ("sft", "save_file")]
+          ("json", "dump"), ("plumbing", "save_file")]
 
 
 def count_writes(monkeypatch, kill_at: int | None):
     """Wrap each file-system write save_model makes; raise Killed before the `kill_at`-th. Writes made inside another
     (the files of torch.distributed.checkpoint's save, of save_pretrained) are not counted. Returns the call log."""
     calls, depth = [], [0]
-    modules = {"os": os, "shutil": sft.shutil, "torch": torch, "dcp": dcp, "json": json, "sft": sft}
+    modules = {"os": os, "shutil": plumbing.shutil, "torch": torch, "dcp": dcp, "json": json, "plumbing": plumbing}
     for module, name in WRITES:
         real = getattr(modules[module], name)
 
@@ -101,7 +102,7 @@ def test_a_kill_at_any_write_leaves_a_whole_save(model_dir, tmp_path, monkeypatc
 
             def __getattr__(self, name):
                 raise AttributeError(name)
-        monkeypatch.setattr(sft.ctypes, "CDLL", NoExchange)
+        monkeypatch.setattr(plumbing.ctypes, "CDLL", NoExchange)
     save(tmp_path / "count", model_dir, 1.0, training)
     with monkeypatch.context() as m:  # how many writes a save over a previous one makes
         calls = count_writes(m, None)
@@ -116,7 +117,7 @@ def test_a_kill_at_any_write_leaves_a_whole_save(model_dir, tmp_path, monkeypatc
             with pytest.raises(BaseException) as killed:  # torch.distributed.checkpoint wraps what it catches
                 save(folder, model_dir, 2.0, training)
             assert killed.type is Killed or "Killed" in str(killed.value), killed.value
-        sft.claim_output_dir(str(out), resume=True)  # the next run starts: mends, cleans
+        plumbing.claim_output_dir(str(out), resume=True)  # the next run starts: mends, cleans
         assert not os.path.exists(str(folder) + ".tmp") and not os.path.exists(str(folder) + ".old"), kill_at
         model = AutoModelForCausalLM.from_pretrained(folder)
         step = model.lm_head.weight.flatten()[0].item()
@@ -124,11 +125,11 @@ def test_a_kill_at_any_write_leaves_a_whole_save(model_dir, tmp_path, monkeypatc
         assert all(torch.all(p == step) for p in model.parameters()), kill_at
         if training:
             fresh, parallel, optimizer, _ = make_training(model_dir, 0.0)
-            state = sft.load_state(str(folder), parallel, optimizer)
+            state = plumbing.load_state(str(folder), parallel, optimizer)
             assert state["step"] == step, (kill_at, state["step"], step)
             moments = [s["exp_avg"] for s in optimizer.state.values()]
             assert all(torch.allclose(mo, torch.full_like(mo, 0.1 * step)) for mo in moments), kill_at
-    sft.claim_output_dir.release()
+    plumbing.claim_output_dir.release()
 
 
 def test_crafted_checkpoint_files_are_refused(model_dir, tmp_path):
@@ -146,14 +147,14 @@ def test_crafted_checkpoint_files_are_refused(model_dir, tmp_path):
             with open(path, "wb") as f:
                 pickle.dump(Payload(), f)
         elif target.endswith(".distcp"):  # an optimizer hyperparameter (a pickled entry) replaced by the payload
-            state = sft.get_optimizer_state_dict(parallel, optimizer)
+            state = plumbing.get_optimizer_state_dict(parallel, optimizer)
             state["param_groups"][0]["lr"] = Payload()
             dcp.save({"optimizer": state}, checkpoint_id=str(ckpt / "optimizer"))
         else:
             torch.save({"torch": Payload()}, path)
         _, parallel, optimizer, _ = make_training(model_dir, 0.0)
         with pytest.raises(SystemExit, match="refused"):
-            sft.load_state(str(ckpt), parallel, optimizer)
+            plumbing.load_state(str(ckpt), parallel, optimizer)
         assert not marker.exists(), target
 
 
@@ -168,7 +169,7 @@ def test_crafted_optimizer_entries_are_refused(tmp_path):
     dcp.save({"optimizer": {"lr": Payload(), "w": torch.ones(2)}}, checkpoint_id=str(tmp_path / "c"))
     target = {"optimizer": {"lr": 0.0, "w": torch.zeros(2)}}
     with pytest.raises(dcp.CheckpointException, match="UnpicklingError"):
-        dcp.load(target, checkpoint_id=str(tmp_path / "c"), planner=sft._CheckedLoadPlanner())
+        dcp.load(target, checkpoint_id=str(tmp_path / "c"), planner=plumbing._CheckedLoadPlanner())
     assert not marker.exists()
     dcp.load(target, checkpoint_id=str(tmp_path / "c"))  # the default planner runs it: this is what is refused
     assert marker.exists()
@@ -182,7 +183,7 @@ def test_non_finite_weights_are_never_saved(model_dir, tmp_path):
     with torch.no_grad():
         next(model.parameters())[0] = float("nan")
     with pytest.raises(SystemExit, match="non-finite"):
-        sft.save_model(str(folder), None, {}, ("", model))
+        plumbing.save_model(str(folder), None, {}, ("", model))
     assert tree_digest(folder) == before and not os.path.exists(str(folder) + ".tmp")
 
 
@@ -201,27 +202,27 @@ def test_a_full_disk_is_reported_and_the_previous_save_kept(model_dir, tmp_path,
 
 def test_no_room_or_no_write_access_stops_before_training(model_dir, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    monkeypatch.setattr(sft.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    monkeypatch.setattr(plumbing.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     with pytest.raises(SystemExit, match="MiB free"):
-        sft.check_room(str(tmp_path / "out"), model)
+        plumbing.check_room(str(tmp_path / "out"), model)
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="cannot write beside"):  # its parent is a file
-        sft.claim_output_dir(str(tmp_path / "file" / "out"), resume=True)
+        plumbing.claim_output_dir(str(tmp_path / "file" / "out"), resume=True)
 
 
 def test_a_second_run_on_one_folder_is_refused(tmp_path):
     """The lock names its holder; a lock whose holder has died (SIGKILL) is free again."""
     out = str(tmp_path / "out")
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import sft; "
-                               f"sft.claim_output_dir({out!r}, True); print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import plumbing; "
+                               f"plumbing.claim_output_dir({out!r}, True); print('held', flush=True); "
                                "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(SystemExit, match=f"in use by another run \\(pid {holder.pid} "):
-        sft.claim_output_dir(out, resume=True)
+        plumbing.claim_output_dir(out, resume=True)
     holder.kill()
     holder.wait()
-    sft.claim_output_dir(out, resume=True)  # stale: taken over
-    sft.claim_output_dir.release()  # what exit does
+    plumbing.claim_output_dir(out, resume=True)  # stale: taken over
+    plumbing.claim_output_dir.release()  # what exit does
     assert not os.path.exists(out + ".lock")
 
 

@@ -151,7 +151,7 @@ def test_keep_freed_memory_keeps_large_blocks_off_mmap():
     code = """
 import ctypes, os, sys, torch
 sys.path.insert(0, sys.argv[1])
-from sft import keep_freed_memory
+from plumbing import keep_freed_memory
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -197,8 +197,9 @@ def test_a_reward_model_scores_where_transformers_reads_it(chat_model_dir, tmp_p
 def test_ppo_reads_a_reward_model_where_transformers_does(chat_model_dir, padding_free):
     """PPO's responses stop at the end token; their score is read after the template's suffix, as on the rendered
     conversation. A response cut at --response-length (no end token) is read at its last token, unchanged."""
-    from common import encode_prompt, end_token_id, reward_scores, score_suffix, setup_tokenizer
-    from ppo_rlhf import layout, truncate_after_eos, with_score_suffix
+    from common import (encode_prompt, end_token_id, reward_scores, score_suffix, setup_tokenizer, truncate_after_eos,
+                        with_score_suffix)
+    from plumbing import layout
     tok = setup_tokenizer(AutoTokenizer.from_pretrained(chat_model_dir))
     rm = AutoModelForSequenceClassification.from_pretrained(chat_model_dir, num_labels=1).eval()
     setup_tokenizer(tok, rm)
