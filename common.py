@@ -19,8 +19,6 @@ class DataError(ValueError):
 
 
 FIELDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
-
-
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -353,10 +351,8 @@ def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[tor
 
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     """(B, T) sampled ids -> (responses with everything after the first EOS set to pad, (B, T) mask, (B,) has_eos).
-    `eos_id` is the token that ends a response: the chat template's end-of-turn token, or EOS (`end_token_id`).
-
-    The mask keeps the EOS itself: the reward is read there and its log-prob is part of the action sequence.
-    """
+    `eos_id` is the token that ends a response (`end_token_id`). The mask keeps the EOS itself: the reward is read
+    there and its log-prob is part of the action sequence."""
     is_eos = responses == eos_id
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(has_eos, is_eos.long().argmax(dim=1), responses.shape[1])  # (B,)
@@ -427,8 +423,7 @@ def score_texts(reward_model, reward_tokenizer, prompts: list, responses: list[s
 
 
 def record_caller(fn):
-    """A reward function -> call(prompt, response, fields): the function gets the record's fields it names (all of them
-    if it takes **kwargs); fn(prompt, response) is called as before."""
+    """A reward function -> call(prompt, response, fields): fn gets the record's fields it names (all with **kwargs)."""
     params = list(inspect.signature(fn).parameters.values())
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return lambda prompt, response, fields: fn(prompt, response, **fields)
@@ -437,9 +432,8 @@ def record_caller(fn):
 
 
 def scored(values: list, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reward function's results -> (B,) scores and (B,) bool failures: None means "could not score" (a verifier
-    that found no answer to read), scored 0 and counted, so that its share is logged (`parse_failures`) rather than
-    hidden in the mean."""
+    """A reward function's results -> (B,) scores and (B,) bool failures: None, "could not score" (a verifier finding no
+    answer), is scored 0 and counted, its share logged (`parse_failures`), not hidden in the mean."""
     failed = torch.tensor([v is None for v in values], dtype=torch.bool, device=device)
     return torch.tensor([0.0 if v is None else float(v) for v in values], device=device), failed
 

@@ -342,6 +342,63 @@ def backward_minibatch(policy_w, episodes: Episodes, mb: torch.Tensor, micro_bat
     return stats
 
 
+class Models(NamedTuple):
+    """What `load_models` returns."""
+    tokenizer: object
+    policy: torch.nn.Module
+    policy_w: torch.nn.Module  # policy_w(fn, x, ...) = fn(policy, x, ...), under torchrun DDP or FSDP2
+    ref_w: object  # ref_w(fn, x, ...) = fn(reference, x, ...); None when nothing needs the reference
+    reward_ws: list  # (reward model wrapper, its tokenizer, whether it is the policy's tokenizer) per reward model
+    padding_free: bool
+
+
+def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, resume_dir: str) -> Models:
+    """The policy (`resume_dir`: an interrupted run's checkpoint to continue from), the reward models, and the SFT model
+    as the reference when a KL term or the evaluation needs it (with LoRA, the policy with its adapters off); dropout
+    off in all of them (the same log-probs in rollout and update), the frozen ones in eval mode, each wrapped for
+    torchrun: every pass runs as a wrapper's forward, policy_w(fn, x, ...) computing fn(policy, x, ...) (`Parallel`, in
+    plumbing.py: DDP syncs gradients and FSDP2 gathers parameters only around the wrapper's forward)."""
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
+    policy = AutoModelForCausalLM.from_pretrained(resume_dir if resume_dir and not args.lora_r else args.sft_model_path,
+                                                  **trained).to(device)
+    setup_tokenizer(tokenizer, policy)
+    with_reference = args.kl_coef > 0 or (args.eval_kl and args.num_eval_prompts > 0)
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device) if (
+        with_reference and not args.lora_r) else None  # LoRA: the policy with its adapters off
+    if args.kl_coef > 0:
+        print(f"KL penalty: {args.kl_coef:g} x {args.kl_estimator} in the {args.kl_in} (--kl-coef 0: none)")
+    else:
+        print("kl_coef 0: no KL penalty and no reference pass in training; " + (
+            "the SFT model is loaded for evaluation only (KL and win rate against it; --no-eval-kl: not loaded)"
+            if with_reference else "the SFT model is not loaded"))
+    check_room(args.output_dir, policy)
+    if args.lora_r:
+        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules, args.sft_model_path,
+                 resume_dir=resume_dir)
+        if with_reference:
+            print("LoRA: the reference is the policy with its adapters off, no second copy of the weights")
+    reward_members, _ = load_reward_models(reward_paths, tokenizer, policy, args, frozen, device)
+    reward_models = [m for m, _, _ in reward_members]
+    for model in (policy, ref_policy, *reward_models):
+        if model is not None and hasattr(model, "config"):
+            disable_dropout(model)
+    for model in (ref_policy, *reward_models):
+        if model is not None:
+            model.eval().requires_grad_(False)
+    packed = [policy] + [m for m, _, same in reward_members if same]
+    padding_free = args.padding_free and all(packing_works(m) for m in packed)
+    if args.padding_free and not padding_free:
+        print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
+    if args.gradient_checkpointing and hasattr(policy, "activation_checkpointing_enable"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy_w = distribute([policy], args.strategy, args.bf16)
+    ref_w = None if not with_reference else WithoutAdapters(policy_w, policy) if args.lora_r else distribute(
+        [ref_policy], args.strategy, args.bf16, trainable=False)
+    reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
+    policy_w.train()
+    return Models(tokenizer, policy, policy_w, ref_w, reward_ws, padding_free)
+
+
 def main(args: Args) -> None:
     if args.num_generations < 2:
         raise SystemExit(f"--num-generations {args.num_generations}: a group needs at least 2 responses to be its own "
@@ -358,50 +415,11 @@ def main(args: Args) -> None:
     # 1. models: the policy, the reward model(s) and/or reward functions, and the SFT model as the reference when a KL
     #    term or the evaluation needs it
     ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming and not args.lora_r else args.sft_model_path,
-                                                  **trained).to(device)
-    setup_tokenizer(tokenizer, policy)
     kl_in_loss = args.kl_coef > 0 and args.kl_in == "loss"
     kl_in_reward = args.kl_coef > 0 and args.kl_in == "reward"
-    with_reference = args.kl_coef > 0 or (args.eval_kl and args.num_eval_prompts > 0)
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device) if (
-        with_reference and not args.lora_r) else None  # LoRA: the policy with its adapters off
-    if args.kl_coef > 0:
-        print(f"KL penalty: {args.kl_coef:g} x {args.kl_estimator} in the {args.kl_in} (--kl-coef 0: none)")
-    else:
-        print("kl_coef 0: no KL penalty and no reference pass in training; " + (
-            "the SFT model is loaded for evaluation only (KL and win rate against it; --no-eval-kl: not loaded)"
-            if with_reference else "the SFT model is not loaded"))
-    check_room(args.output_dir, policy)
-    if args.lora_r:
-        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules, args.sft_model_path,
-                 resume_dir=ckpt_dir if resuming else "")
-        if with_reference:
-            print("LoRA: the reference is the policy with its adapters off, no second copy of the weights")
-    reward_members, _ = load_reward_models(reward_paths, tokenizer, policy, args, frozen, device)
-    reward_models = [m for m, _, _ in reward_members]
-    for model in (policy, ref_policy, *reward_models):
-        if model is not None and hasattr(model, "config"):
-            disable_dropout(model)  # the same log-probs in rollout and update
-    for model in (ref_policy, *reward_models):
-        if model is not None:
-            model.eval().requires_grad_(False)
-    packed = [policy] + [m for m, _, same in reward_members if same]
-    padding_free = args.padding_free and all(packing_works(m) for m in packed)
-    if args.padding_free and not padding_free:
-        print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
+    tokenizer, policy, policy_w, ref_w, reward_ws, padding_free = load_models(args, trained, frozen, device,
+                                                                              reward_paths, ckpt_dir if resuming else "")
     learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=1e-6)
-    if args.gradient_checkpointing and hasattr(policy, "activation_checkpointing_enable"):
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # Every pass runs as a wrapper's forward: policy_w(fn, x, ...) computes fn(policy, x, ...) (`Parallel`, in
-    # plumbing.py: DDP syncs gradients and FSDP2 gathers parameters only around the wrapper's forward). Without
-    # torchrun the wrappers only call fn.
-    policy_w = distribute([policy], args.strategy, args.bf16)
-    ref_w = None if not with_reference else WithoutAdapters(policy_w, policy) if args.lora_r else distribute(
-        [ref_policy], args.strategy, args.bf16, trainable=False)
-    reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
-    policy_w.train()
 
     # 2. prompts (ids, left-padded per batch for generation), and how the batch of responses splits
     train_records, train_prompts, eval_records, eval_prompts = load_prompts(args, tokenizer, eval_dataset,

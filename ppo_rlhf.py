@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -349,20 +349,28 @@ def load_value_model(args, policy, reward_model_path: str | None, trained: dict,
     return value_net
 
 
-def main(args: Args) -> None:
-    if args.dual_clip != 0 and args.dual_clip <= 1:
-        raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
-                         "loss), or 0 to turn dual clipping off")
-    rank, world_size, device, run_name, autocast, trained, frozen = setup(args)  # torchrun, seeds, --bf16's autocast
-    reward_paths = reward_model_paths(args)  # 'auto': models/reward_model, unless reward functions are given alone
-    reward_fns = load_reward_fns(args)  # (name, fn, weight) per --reward-fn
-    _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "prompts_train.jsonl", "prompts_eval.jsonl")
+class Models(NamedTuple):
+    """What `load_models` returns."""
+    tokenizer: object
+    policy: torch.nn.Module
+    value_net: torch.nn.Module  # a sequence classifier, or a ValueHead on the policy
+    policy_w: torch.nn.Module  # policy_w(fn, x, ...) = fn(policy, value_net, x, ...), under torchrun DDP or FSDP2
+    ref_w: object  # ref_w(fn, x, ...) = fn(reference, x, ...)
+    reward_ws: list  # (reward model wrapper, its tokenizer, whether it is the policy's tokenizer) per reward model
+    padding_free: bool
 
-    # 1. four models: policy, frozen reference, frozen reward model(s) (and/or reward functions), value network
-    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+
+def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, resume_dir: str) -> Models:
+    """The four models (`resume_dir`: an interrupted run's checkpoint to continue from), dropout off in all of them
+    (PPO needs identical log-probs in rollout and update: N+ details, #2), the frozen ones in eval mode, each wrapped
+    for torchrun. Every pass runs as a wrapper's forward: policy_w(fn, x, ...) computes fn(policy, value_net, x, ...),
+    ref_w(fn, x) fn(ref_policy, x). DDP syncs gradients and FSDP2 gathers parameters only around the forward of the
+    module they wrap, and a pass calls parts of a model (`forward` puts the LM head at response positions only), so the
+    pass is handed to the wrapper (`Parallel`, in plumbing.py). Without torchrun the wrappers only call fn; under it
+    the frozen models are sharded too with --strategy fsdp, and replicated with ddp."""
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
     policy_from = args.init_policy_path or args.sft_model_path
-    policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming and not args.lora_r else policy_from,
+    policy = AutoModelForCausalLM.from_pretrained(resume_dir if resume_dir and not args.lora_r else policy_from,
                                                   **trained).to(device)
     # LoRA on a policy that starts from the SFT model: the reference is the policy with its adapters off, no second copy
     shared_reference = args.lora_r > 0 and os.path.abspath(policy_from) == os.path.abspath(args.sft_model_path)
@@ -372,41 +380,51 @@ def main(args: Args) -> None:
         setup_tokenizer(tokenizer, model)
     check_room(args.output_dir, policy)
     if args.lora_r:
-        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules, policy_from,
-                 resume_dir=ckpt_dir if resuming else "")
+        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules, policy_from, resume_dir=resume_dir)
         if shared_reference:
             print("LoRA: the reference is the policy with its adapters off, no second copy of the weights")
     reward_members, value_from_reward_model = load_reward_models(reward_paths, tokenizer, policy, args, frozen, device)
     value_net = load_value_model(args, policy, reward_paths[0] if value_from_reward_model else None, trained, device,
-                                 ckpt_dir if resuming else "")
-    if not resuming and reward_members and not value_from_reward_model and args.value_model == "separate":
+                                 resume_dir)
+    if not resume_dir and reward_members and not value_from_reward_model and args.value_model == "separate":
         print("value model: from the SFT model, not the reward model (another tokenizer, width or label layout)")
     reward_models = [m for m, _, _ in reward_members]
     hf_models = [m for m in (policy, ref_policy, *reward_models, value_net) if isinstance(m, torch.nn.Module) and
                  hasattr(m, "config")]  # the Hugging Face models among the four
     for model in hf_models:
-        disable_dropout(model)  # PPO needs identical log-probs in rollout and update (N+ details, #2)
+        disable_dropout(model)
     for model in [m for m in (ref_policy, *reward_models) if m is not None]:
         model.eval().requires_grad_(False)
     packed = [m for m in hf_models if m is not ref_policy and all(m is not r or same for r, _, same in reward_members)]
     padding_free = args.padding_free and all(packing_works(m) for m in packed)
     if args.padding_free and not padding_free:
         print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
-    learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=3e-6)
     if args.gradient_checkpointing:
         for model in (policy, value_net):
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # Every pass runs as a wrapper's forward: policy_w(fn, x, ...) computes fn(policy, value_net, x, ...), ref_w(fn, x)
-    # fn(ref_policy, x). DDP syncs gradients and FSDP2 gathers parameters only around the forward of the module they
-    # wrap, and a pass calls parts of a model (`forward` puts the LM head at response positions only), so the pass is
-    # handed to the wrapper (`Parallel`, in plumbing.py). Without torchrun the wrappers only call fn. Under torchrun
-    # the frozen two are sharded too with --strategy fsdp, and replicated with ddp.
     policy_w = distribute([policy, value_net], args.strategy, args.bf16)
     ref_w = WithoutAdapters(policy_w, policy) if shared_reference else distribute([ref_policy], args.strategy,
                                                                                    args.bf16, trainable=False)
     reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
     policy_w.train()
+    return Models(tokenizer, policy, value_net, policy_w, ref_w, reward_ws, padding_free)
+
+
+def main(args: Args) -> None:
+    if args.dual_clip != 0 and args.dual_clip <= 1:
+        raise SystemExit(f"--dual-clip {args.dual_clip}: c must be > 1 (the bound -c * A must lie beyond the clipped "
+                         "loss), or 0 to turn dual clipping off")
+    rank, world_size, device, run_name, autocast, trained, frozen = setup(args)  # torchrun, seeds, --bf16's autocast
+    reward_paths = reward_model_paths(args)  # 'auto': models/reward_model, unless reward functions are given alone
+    reward_fns = load_reward_fns(args)  # (name, fn, weight) per --reward-fn
+    _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "prompts_train.jsonl", "prompts_eval.jsonl")
+
+    # 1. four models: the policy and the value network (trained), the reference and the reward model(s) (frozen)
+    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    tokenizer, policy, value_net, policy_w, ref_w, reward_ws, padding_free = load_models(
+        args, trained, frozen, device, reward_paths, ckpt_dir if resuming else "")
+    learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=3e-6)
 
     # 2. prompts (ids, left-padded per batch for generation), and how the rollout batch splits
     train_records, train_prompts, eval_records, eval_prompts = load_prompts(args, tokenizer, eval_dataset,
