@@ -365,6 +365,8 @@ def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, 
     with_reference = args.kl_coef > 0 or (args.eval_kl and args.num_eval_prompts > 0)
     ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **frozen).to(device) if (
         with_reference and not args.lora_r) else None  # LoRA: the policy with its adapters off
+    if ref_policy is not None:
+        setup_tokenizer(tokenizer, ref_policy)  # its embeddings grown by a pad token as the policy's were
     if args.kl_coef > 0:
         print(f"KL penalty: {args.kl_coef:g} x {args.kl_estimator} in the {args.kl_in} (--kl-coef 0: none)")
     else:

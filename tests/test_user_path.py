@@ -23,20 +23,32 @@ def assistant(text):
     return {"role": "assistant", "content": text}
 
 
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory, tokenizer):
+def make_chat_model(tok, out):
     """A stand-in for a Hub chat model: a ChatML template, pad == eos == <|im_end|> (SmolLM2's trap), and no mark of
     the embedded task, so the scripts must treat it as a pretrained model."""
-    tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.eos_token = tok.pad_token = "<|im_end|>"
     tok.chat_template = CHATML
     model = reviews_task.build_tiny_model(tok, hidden_size=64, num_layers=2)
     del model.config.embedded_tiny_model
-    out = tmp_path_factory.mktemp("chat_model")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, tokenizer):
+    """A chat model whose vocabulary has a `<pad>` token the scripts can take as their pad."""
+    return make_chat_model(copy.deepcopy(tokenizer), tmp_path_factory.mktemp("chat_model"))
+
+
+@pytest.fixture(scope="module")
+def unpadded_chat_model_dir(tmp_path_factory, task_dir):
+    """A chat model with no `<pad>` in its vocabulary (SmolLM2's case): the scripts add one and grow the embeddings."""
+    with open(task_dir / "sft_train.jsonl") as f:
+        texts = [r["prompt"] + r["completion"] for r in map(json.loads, f)]
+    return make_chat_model(reviews_task.build_tokenizer(texts, vocab_size=400, with_pad=False),
+                           tmp_path_factory.mktemp("unpadded_chat_model"))
 
 
 def test_a_users_chat_model_and_files_run_the_whole_chain(chat_model_dir, tmp_path):
@@ -243,3 +255,16 @@ def test_grpo_on_a_users_chat_model_with_a_verifier(chat_model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "grpo")
     assert tok.pad_token == "<pad>" and tok.eos_token == "<|im_end|>"
     AutoModelForCausalLM.from_pretrained(tmp_path / "grpo")
+
+
+def test_grpo_grows_the_references_embeddings_too(unpadded_chat_model_dir, tmp_path):
+    """A model whose vocabulary has no pad token gets one, in the policy and in the reference alike: the final
+    evaluation samples the reference on left-padded prompts (the win rate against it), so its embeddings must hold the
+    new pad id."""
+    write_jsonl(tmp_path / "problems.jsonl", [{"prompt": [user(f"Compute {a} + {b}." + " Show your work." * a)],
+                                               "answer": str(a + b)} for a in range(3) for b in range(3)])
+    run_script("grpo.py", "--sft-model-path", unpadded_chat_model_dir, "--dataset", tmp_path / "problems.jsonl",
+               "--reward-fn", "arithmetic_task.py:verify", "--eval-reward-fn", "arithmetic_task.py:verify",
+               "--output-dir", tmp_path / "grpo", "--num-iterations", "1", "--num-generations", "2",
+               "--num-mini-batches", "1", cwd=tmp_path)
+    assert len(read_metrics(tmp_path, "eval/gold_win_rate_vs_sft")) == 1
