@@ -506,7 +506,7 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
 
 
 def load_function(spec: str):
-    """'path/file.py:name' (also looked for beside this script) or 'module:name' -> the function, loaded when used."""
+    """'path/file.py:name' (also looked for beside the scripts) or 'module:name' -> the function, loaded when used."""
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")

@@ -16,7 +16,7 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
 3. The KL penalty's estimator is k1 (log pi - log pi_ref) or k3 ((r - 1) - log r, r = pi_ref / pi), by flag;
    both are always logged. k3 is never negative per token; k1 can be, per token, and is unbiased.
 4. Forward passes are padding-free by default: each query+response is stripped of its padding and packed into rows
-   with other sequences (`pack`, below); log-probs and values come back in the usual (B, T) layout.
+   with other sequences (`plumbing.pack`); log-probs and values come back in the usual (B, T) layout.
 """
 
 import os

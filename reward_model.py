@@ -12,7 +12,7 @@ Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this depart
 3. After training the scores are normalised: mean 0 over the SFT policy's own samples, so a given --kl-coef in
    stage 3 means the same thing across reward models (Ziegler et al. 2019, sec. 2.2).
 4. Each distinct response of a micro-batch is forwarded once (a ranking of K responses gives K(K-1)/2 pairs from K
-   sequences), and the sequences are packed into rows without padding (`pack`, below).
+   sequences), and the sequences are packed into rows without padding (`plumbing.pack`).
 """
 
 import math
