@@ -215,10 +215,12 @@ def group_advantages(scores: torch.Tensor, num_generations: int, advantage: str,
         advantages = advantages / (grouped.std(1, keepdim=True) + 1e-4)  # the sample std, as the GRPO paper's
     elif (advantage == "grpo" and scale_rewards == "batch") or advantage == "reinforce_pp":
         values = scores if advantage == "grpo" else advantages.flatten()  # REINFORCE++: the centred scores'
-        sums = all_reduce(torch.stack([values.sum(), (values ** 2).sum(), torch.tensor(values.numel(), device=values.device,
-                                                                                         dtype=values.dtype)]))
-        mean = sums[0] / sums[2]
-        std = ((sums[1] / sums[2] - mean ** 2).clamp(min=0) * sums[2] / (sums[2] - 1).clamp(min=1)).sqrt()
+        # two passes over every process's values, the mean first: E[x^2] - mean^2 in float32 cancels catastrophically
+        # when the scores sit far from 0 against their spread (0.7 + 1e-3 n)
+        total = all_reduce(torch.stack([values.sum(), torch.tensor(values.numel(), device=values.device,
+                                                                   dtype=values.dtype)]))
+        mean = total[0] / total[1]
+        std = (all_reduce(((values - mean) ** 2).sum()) / (total[1] - 1).clamp(min=1)).sqrt()  # with n - 1
         advantages = advantages / (std + 1e-4)  # centred scores have mean 0 per group: only divided
     equal = grouped.max(1, keepdim=True).values == grouped.min(1, keepdim=True).values  # (P, 1)
     return torch.where(equal, 0.0, advantages).flatten()

@@ -89,37 +89,51 @@ def test_grpo_on_two_processes(strategy, task_dir, sft_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
-WHITEN_WORKER = """
+STATISTICS_WORKER = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
+from grpo import group_advantages
 from ppo_rlhf import masked_whiten
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 data = torch.load({data!r})
-half = slice(rank * 6, (rank + 1) * 6)  # this process's share of the rollout
-torch.save(masked_whiten(data["advantages"][half], data["mask"][half]), os.path.join({out!r}, f"whitened_{{rank}}.pt"))
+half = slice(rank * 6, (rank + 1) * 6)  # this process's share of the rollout (3 groups of 2 for GRPO's)
+torch.save({{"whitened": masked_whiten(data["advantages"][half], data["mask"][half]),
+             "grpo": group_advantages(data["scores"][half], 2, "grpo", "batch"),
+             "reinforce_pp": group_advantages(data["scores"][half], 2, "reinforce_pp", "batch")}},
+           os.path.join({out!r}, f"statistics_{{rank}}.pt"))
 dist.destroy_process_group()
 """
 
 
-def test_advantages_are_whitened_with_global_statistics(tmp_path):
-    """Each process whitens its share of a rollout with the statistics of the whole rollout: the two halves put
-    together are what one process makes of the whole batch."""
+def test_batch_statistics_are_those_of_every_process(tmp_path):
+    """Each process whitens its share of a PPO rollout, and scales its share of GRPO's advantages ('batch' scaling,
+    REINFORCE++), with the statistics of the whole batch: the halves put together are what one process makes of it."""
+    from grpo import group_advantages
+    from ppo_rlhf import masked_whiten
+
     torch.manual_seed(0)
     advantages = torch.cat([torch.randn(6, 5) * 3 + 2, torch.randn(6, 5) * 0.5 - 1])  # the halves differ in scale
     mask = (torch.rand(12, 5) < 0.8).float()
-    torch.save({"advantages": advantages, "mask": mask}, tmp_path / "data.pt")
+    scores = torch.cat([50 + torch.randn(6), 50 + 0.1 * torch.randn(6)])  # offset, and a spread that differs by half
+    torch.save({"advantages": advantages, "mask": mask, "scores": scores}, tmp_path / "data.pt")
     worker = tmp_path / "worker.py"
-    worker.write_text(WHITEN_WORKER.format(repo=REPO, data=str(tmp_path / "data.pt"), out=str(tmp_path)))
+    worker.write_text(STATISTICS_WORKER.format(repo=REPO, data=str(tmp_path / "data.pt"), out=str(tmp_path)))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker)],
                    check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    two = torch.cat([torch.load(tmp_path / f"whitened_{r}.pt") for r in (0, 1)])
-    from ppo_rlhf import masked_whiten
-
+    halves = [torch.load(tmp_path / f"statistics_{r}.pt") for r in (0, 1)]
+    two = torch.cat([h["whitened"] for h in halves])
     one = masked_whiten(advantages, mask)
     assert torch.allclose(two, one, atol=1e-6)
     per_process = torch.cat([masked_whiten(advantages[:6], mask[:6]), masked_whiten(advantages[6:], mask[6:])])
     assert not torch.allclose(two, per_process, atol=1e-2)  # the test can tell global from per-process statistics
+    for advantage in ("grpo", "reinforce_pp"):
+        two = torch.cat([h[advantage] for h in halves])
+        one = group_advantages(scores, 2, advantage, "batch")
+        assert torch.allclose(two, one, atol=1e-4), advantage
+        per_process = torch.cat([group_advantages(scores[:6], 2, advantage, "batch"),
+                                 group_advantages(scores[6:], 2, advantage, "batch")])
+        assert not torch.allclose(two, per_process, atol=1e-2), advantage
 
 
 def children(pid: int) -> list[int]:
