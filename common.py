@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 class DataError(ValueError):
@@ -323,19 +323,45 @@ def reward_scores(model, input_ids, attention_mask=None, position_ids=None, last
     return model.score(hidden[last[:, 0], last[:, 1]]).squeeze(-1).float() - getattr(model.config, "reward_offset", 0.0)
 
 
+class _SampledLogprobs(LogitsProcessor):
+    """Records, step by step, log softmax(logits / temperature) at the token drawn: the sampler's own log-probs. It
+    sees the logits before generate's temperature warper; a step's token is known at the next call (or at the end)."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.pending, self.logprobs = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        self.take(input_ids)
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V), one step at a time
+        return scores
+
+    def take(self, input_ids):
+        if self.pending is not None:
+            self.logprobs.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+            self.pending = None
+
+
 @torch.no_grad()
-def sample(model, queries, query_mask, max_new_tokens: int, temperature: float, end_id: int, pad_id: int):
+def sample(model, queries, query_mask, max_new_tokens: int, temperature: float, end_id: int, pad_id: int,
+           with_logprobs: bool = False):
     """Left-padded (B, Tq) queries -> (B, Tq + T) queries + responses, T <= max_new_tokens, drawn from exactly
     softmax(logits / temperature), the distribution PPO computes log-probs of (and the reward model normalises on);
     temperature 0: greedy. generate() fills each field its config leaves unset from the model's
-    generation_config.json (repetition_penalty, top_k, suppress_tokens...), so that config is set aside for the call."""
+    generation_config.json (repetition_penalty, top_k, suppress_tokens...), so that config is set aside for the call.
+    `with_logprobs` (temperature > 0): also the (B, T) log-probs the sampler drew each token with."""
     own, model.generation_config = model.generation_config, GenerationConfig()  # nothing left to inherit
     how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    recorder = _SampledLogprobs(temperature) if with_logprobs and temperature > 0 else None
     try:
-        return model.generate(input_ids=queries, attention_mask=query_mask, generation_config=GenerationConfig(
-            **how, max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id))
+        out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=GenerationConfig(
+            **how, max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id),
+            logits_processor=LogitsProcessorList([recorder] if recorder else []))
     finally:
         model.generation_config = own
+    if recorder is None:
+        return out
+    recorder.take(out)
+    return out, torch.stack(recorder.logprobs[: out.shape[1] - queries.shape[1]], dim=1)
 
 
 def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +395,7 @@ class Rollout(NamedTuple):
     responses: torch.Tensor  # (B, T)
     response_mask: torch.Tensor  # (B, T) bool, True up to and including the end token
     has_eos: torch.Tensor  # (B,) bool: the response ended within the length budget
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) the log-probs the sampler drew them with (0 past the end)
 
     def rows(self, index) -> "Rollout":
         """The episodes at `index` (a slice or a tensor of indices)."""
@@ -376,15 +403,18 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(model, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int):
+def rollout(model, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int,
+            with_logprobs: bool = False) -> Rollout:
     """Prompt ids -> a Rollout: the prompts left-padded, a response to each drawn by `sample`, cut after its first end
     token."""
     queries, query_mask = (t.to(model.device) for t in pad(prompts, pad_id, side="left"))  # (B, Tq)
-    out = sample(model, queries, query_mask, response_length, temperature, end_id, pad_id)
+    out = sample(model, queries, query_mask, response_length, temperature, end_id, pad_id, with_logprobs)
+    out, sampler_logprobs = out if isinstance(out, tuple) else (out, None)
     context_length = queries.shape[1]
     responses, response_mask, has_eos = truncate_after_eos(out[:, context_length:], end_id, pad_id)  # (B, T)
     return Rollout(torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask.long()], dim=1),
-                   context_length, responses, response_mask, has_eos)
+                   context_length, responses, response_mask, has_eos,
+                   None if sampler_logprobs is None else sampler_logprobs.masked_fill(~response_mask, 0.0))
 
 
 def with_score_suffix(query_responses: torch.Tensor, attention_mask: torch.Tensor, has_eos: torch.Tensor,

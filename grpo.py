@@ -21,6 +21,11 @@ token-level loss, overlong masking); Ahmadian et al. 2024 (RLOO); Hu 2025 (REINF
   --kl-in reward|loss       the KL penalty subtracted from the score before the baseline (RLOO, REINFORCE++; k1: it
                             follows the gradient of KL(pi || ref)) or added as a loss term at every token (GRPO; k3:
                             it follows that of KL(ref || pi)); docs/grpo.md shows both
+  --importance-sampling-level sequence   GSPO (Zheng et al. 2025): one ratio per response, clipped as a whole
+  --policy-loss cispo       CISPO (MiniMax-M1 2025): REINFORCE weighted by the capped ratio, no token's gradient lost
+  --delta, --top-entropy-quantile, --kl-bias-correction, --tis-cap: two-sided clipping, the gradient on the most
+                            uncertain tokens only, the importance-weighted KL, truncated importance sampling against
+                            the sampler's own log-probs
 Where this departs from the papers:
 1. The KL penalty's default depends on the reward: 0.05 (k1, in the reward) against a learned reward model, which the
    policy can otherwise exploit; 0 against reward functions alone (a verifier), as TRL and verl default, and then no
@@ -30,6 +35,7 @@ Where this departs from the papers:
 3. A group whose rewards are all equal has advantage exactly 0 (no std of 0 divided, no rounding residue).
 4. Sampling is the stages' own (softmax at --temperature, nothing from the model's generation config); a response ends
    at the chat template's end token.
+5. The entropy mask is taken once per rollout over every process's loss tokens (TRL's, per micro-batch).
 """
 
 import math
@@ -45,11 +51,11 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import Rollout, end_token_id, setup_tokenizer
-from plumbing import (TASK_DATA, Metrics, StopSignals, WithoutAdapters, add_lora, all_reduce, batch_indices, check_room,
-                      clip_gradients, decay_groups, default_learning_rate, disable_dropout, distribute, evaluate_policy,
-                      exact_div, generate, layout, load_prompts, load_reward_fns, load_reward_models, load_state,
-                      packing_works, prepare_output, resume_point, reward_model_paths, save_model, score_responses,
-                      setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
+from plumbing import (TASK_DATA, Metrics, StopSignals, WithoutAdapters, add_lora, all_gather_1d, all_reduce,
+                      batch_indices, check_room, clip_gradients, decay_groups, default_learning_rate, disable_dropout,
+                      distribute, evaluate_policy, exact_div, generate, layout, load_prompts, load_reward_fns,
+                      load_reward_models, load_state, packing_works, prepare_output, resume_point, reward_model_paths,
+                      save_model, score_responses, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -152,6 +158,24 @@ class Args:
     """epsilon: the ratio is clipped below at 1 - cliprange"""
     cliprange_high: float | None = None
     """the ratio's upper clip, 1 + cliprange_high (DAPO's clip-higher, e.g. 0.28); default: cliprange"""
+    policy_loss: Literal["clip", "cispo"] = "clip"
+    """'clip': PPO's clipped surrogate (GRPO, DAPO); 'cispo': REINFORCE weighted by the ratio capped at
+    1 + cliprange_high, without its gradient (MiniMax-M1's CISPO: a capped token keeps its gradient)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """'token': a ratio per token; 'sequence': GSPO's, one per response, the geometric mean of its token ratios,
+    clipped as a whole (Zheng et al. 2025; steadier for mixture-of-experts models)"""
+    delta: float | None = None
+    """two-sided clipping: the unclipped ratio capped at delta (> 1 + cliprange_high), so a negative advantage's loss
+    is bounded (INTELLECT-2; TRL's delta); None: off"""
+    top_entropy_quantile: float = 1.0
+    """q: the policy gradient only on the loss tokens whose entropy at rollout is in the top q of the batch (Wang et al.
+    2025, "Beyond the 80/20 rule": q = 0.2); 1: every token"""
+    kl_bias_correction: bool = False
+    """with --kl-in loss: the KL estimate weighted by the ratio pi / pi_old, unbiased when the update is off-policy
+    (DeepSeek-V3.2; TRL's use_bias_correction_kl)"""
+    tis_cap: float = 0.0
+    """C > 0: truncated importance sampling against the sampler, each token's policy loss weighted by
+    min(pi_old / pi_sampler, C), pi_sampler the log-probs generation drew with (Yao et al. 2025); 0: off"""
     num_updates_per_batch: int = 1
     """mu: passes over each rollout batch; 1, with --num-mini-batches 1, is on-policy: the ratio is 1 and no
     old-log-prob pass runs"""
@@ -234,17 +258,53 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     return -logr if estimator == "k1" else torch.exp(logr) - 1 - logr
 
 
-def clipped_surrogate(new_logprobs, old_logprobs, advantages, cliprange: float, cliprange_high: float):
-    """PPO's clipped objective per token as a loss, with the upper clip apart (DAPO): -min(ratio * A, clip(ratio,
-    1 - cliprange, 1 + cliprange_high) * A), A the (B,) response advantage at each of its tokens.
+def importance_ratio(new_logprobs, old_logprobs, loss_mask, level: str) -> torch.Tensor:
+    """(B, T) log-probs of the current and the rollout's policy -> (B, T) ratio pi / pi_old: per token ('token'), or
+    per response ('sequence', GSPO): exp of the mean log-ratio over its loss tokens, the same at each of them."""
+    log_ratio = new_logprobs - old_logprobs
+    if level == "sequence":
+        log_ratio = ((log_ratio * loss_mask).sum(1, keepdim=True) / loss_mask.sum(1, keepdim=True).clamp(min=1)
+                     ).expand_as(log_ratio)
+    return torch.exp(log_ratio)
 
-    Returns (per_token_loss, ratio, clipped_low, clipped_high), each (B, T); clipped_* mark tokens whose gradient the
-    clip removes (ratio below 1 - cliprange with A < 0; above 1 + cliprange_high with A > 0).
+
+def clipped_surrogate(ratio, advantages, cliprange: float, cliprange_high: float, delta: float | None = None):
+    """PPO's clipped objective per token as a loss, with the upper clip apart (DAPO): -min(ratio * A, clip(ratio,
+    1 - cliprange, 1 + cliprange_high) * A), A the (B,) response advantage at each of its tokens; with `delta`, the
+    unclipped ratio capped at delta (two-sided clipping: a negative advantage's loss is bounded by -delta * A).
+
+    Returns (per_token_loss, clipped_low, clipped_high), each (B, T); clipped_* mark tokens whose gradient the clip
+    removes (ratio below 1 - cliprange with A < 0; above 1 + cliprange_high with A > 0, or above delta with A < 0).
     """
-    ratio = torch.exp(new_logprobs - old_logprobs)
     adv = advantages[:, None]
-    per_token_loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - cliprange, 1 + cliprange_high) * adv)
-    return per_token_loss, ratio, (ratio < 1 - cliprange) & (adv < 0), (ratio > 1 + cliprange_high) & (adv > 0)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token_loss = -torch.min(capped * adv, torch.clamp(ratio, 1 - cliprange, 1 + cliprange_high) * adv)
+    clipped_high = ((ratio > 1 + cliprange_high) & (adv > 0)) | ((ratio > (delta or float("inf"))) & (adv < 0))
+    return per_token_loss, (ratio < 1 - cliprange) & (adv < 0), clipped_high
+
+
+def cispo_loss(ratio, new_logprobs, advantages, cliprange_high: float):
+    """CISPO (MiniMax-M1, 2025) per token: -sg(min(ratio, 1 + cliprange_high)) * A * log pi. The capped ratio only
+    weighs the REINFORCE term, so unlike the clip no token loses its gradient; at ratio 1 it is the clip's gradient.
+    Returns (per_token_loss, capped), each (B, T)."""
+    weight = torch.clamp(ratio, max=1 + cliprange_high).detach()
+    return -weight * advantages[:, None] * new_logprobs, ratio > 1 + cliprange_high
+
+
+def truncated_importance_weights(old_logprobs, sampler_logprobs, cap: float) -> torch.Tensor:
+    """(B, T) -> min(pi_old / pi_sampler, cap) per token (Yao et al. 2025): the trainer's log-probs of the tokens over
+    the ones the sampler drew them with, which differ when the two compute differently (bf16, a KV cache, vLLM); the
+    cap keeps a rare token's weight from blowing up the gradient's variance."""
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap)
+
+
+def top_entropy_mask(entropy, loss_mask, quantile: float) -> torch.Tensor:
+    """(B, T) entropies at rollout -> (B, T) float mask of the loss tokens whose entropy is in the top `quantile` of
+    every process's loss tokens: the "forking" tokens where the policy is unsure (Wang et al. 2025)."""
+    values = all_gather_1d(entropy[loss_mask.bool()].float())  # every process's loss tokens
+    if values.numel() == 0:
+        return torch.zeros_like(loss_mask)
+    return ((entropy >= torch.quantile(values, 1 - quantile)) & loss_mask.bool()).float()
 
 
 def loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -303,6 +363,7 @@ class Episodes(NamedTuple):
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor | None  # (B, T) from the rollout's policy; None when on-policy (the ratio is then 1)
     ref_logprobs: torch.Tensor | None  # (B, T) the SFT model's; None without a KL term in the loss
+    pg_weights: torch.Tensor | None = None  # (B, T) on each token's policy loss (entropy mask, TIS); None: 1
 
 
 def backward_minibatch(policy_w, episodes: Episodes, mb: torch.Tensor, micro_batch_size: int, args: Args,
@@ -323,13 +384,22 @@ def backward_minibatch(policy_w, episodes: Episodes, mb: torch.Tensor, micro_bat
         batch_layout = layout(batch.query_responses[idx], batch.attention_mask[idx], batch.context_length, padding_free)
         with autocast():
             new_logprobs, entropy = policy_w(forward, batch_layout, batch.responses[idx], args.temperature)
-        # 8b. the clipped surrogate per token; on-policy the old log-probs are the new ones, detached: ratio 1
+        # 8b. the policy loss per token; on-policy the old log-probs are the new ones, detached: ratio 1
         old_logprobs = new_logprobs.detach() if episodes.old_logprobs is None else episodes.old_logprobs[idx]
-        per_token_loss, ratio, clip_low, clip_high = clipped_surrogate(new_logprobs, old_logprobs, episodes.advantages[idx],
-                                                                       args.cliprange, cliprange_high)
+        ratio = importance_ratio(new_logprobs, old_logprobs, loss_mask, args.importance_sampling_level)  # (b, T)
+        if args.policy_loss == "cispo":
+            per_token_loss, clip_high = cispo_loss(ratio, new_logprobs, episodes.advantages[idx], cliprange_high)
+            clip_low = torch.zeros_like(clip_high)
+        else:
+            per_token_loss, clip_low, clip_high = clipped_surrogate(ratio, episodes.advantages[idx], args.cliprange,
+                                                                    cliprange_high, args.delta)
+        if episodes.pg_weights is not None:  # the entropy mask, truncated importance weights against the sampler
+            per_token_loss = per_token_loss * episodes.pg_weights[idx]
         kl_loss = torch.zeros((), device=new_logprobs.device)
         if episodes.ref_logprobs is not None:  # --kl-in loss: kl_coef * the KL estimate at every token
             kl = kl_penalty(new_logprobs, episodes.ref_logprobs[idx], args.kl_estimator)
+            if args.kl_bias_correction:  # the tokens were sampled from pi_old: importance-weighted, it estimates KL(pi)
+                kl = kl * ratio
             per_token_loss = per_token_loss + args.kl_coef * kl
             kl_loss = loss_sum(kl, loss_mask, args.loss_aggregation).detach() / normaliser
         # 8c. this micro-batch's share: DDP and FSDP2 average gradients over processes, so world_size undoes the 1/N
@@ -407,12 +477,22 @@ def main(args: Args) -> None:
     if args.num_generations < 2:
         raise SystemExit(f"--num-generations {args.num_generations}: a group needs at least 2 responses to be its own "
                          "baseline")
+    cliprange_high = args.cliprange if args.cliprange_high is None else args.cliprange_high
+    for bad, why in [(args.delta is not None and args.delta <= 1 + cliprange_high, "--delta must exceed 1 + "
+                      "cliprange_high (it caps the unclipped ratio beyond the clip)"),
+                     (args.delta is not None and args.policy_loss == "cispo", "--delta is for --policy-loss clip"),
+                     (not 0 < args.top_entropy_quantile <= 1, "--top-entropy-quantile must be in (0, 1]"),
+                     (args.tis_cap < 0, "--tis-cap must be > 0, or 0 for off")]:
+        if bad:
+            raise SystemExit(f"error: {why}")
     rank, world_size, device, run_name, autocast, trained, frozen = setup(args)  # torchrun, seeds, --bf16's autocast
     reward_paths = reward_model_paths(args)  # 'auto': models/reward_model, unless reward functions are given alone
     # kl_coef 'auto': a penalty against a learned reward model, none for reward functions alone
     args = replace(args, kl_coef=(0.05 if reward_paths else 0.0) if args.kl_coef is None else
                                args.kl_coef, kl_estimator={"reward": "k1", "loss": "k3"}[args.kl_in]
                                if args.kl_estimator == "auto" else args.kl_estimator)
+    if args.kl_bias_correction and not (args.kl_coef > 0 and args.kl_in == "loss"):
+        raise SystemExit("error: --kl-bias-correction weights the KL term of the loss: give --kl-in loss and a kl_coef")
     reward_fns = load_reward_fns(args)  # (name, fn, weight) per --reward-fn
     _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "prompts_train.jsonl", "prompts_eval.jsonl")
 
@@ -466,26 +546,28 @@ def main(args: Args) -> None:
                            "rollout_batch_size": rollout_batch_size}
     metrics = Metrics(f"runs/{run_name}", config, args.track, args.wandb_project,
                       state | {"step": start_iteration} if resuming else None)
-    old_pass = args.num_updates_per_batch > 1 or args.num_mini_batches > 1 or kl_in_reward  # else ratio 1 on-policy
+    # the rollout policy's log-probs (and entropies) from a pass of their own; else the update is on-policy: ratio 1
+    old_pass = (args.num_updates_per_batch > 1 or args.num_mini_batches > 1 or kl_in_reward
+                or args.top_entropy_quantile < 1 or args.tis_cap > 0)
     generate_batch = partial(generate, response_length=args.response_length, temperature=args.temperature,
                              end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast)
     score = partial(score_responses, tokenizer=tokenizer, reward_ws=reward_ws, reward_fns=reward_fns, args=args,
                     padding_free=padding_free, autocast=autocast)  # (B,) scores and their parts
 
-    def logprobs_of(model_w, batch: Rollout) -> torch.Tensor:
-        """(B, T) log-probs of a rollout's responses under a model, in micro-batches of the training size (so that the
-        first minibatch of the update reproduces the policy's exactly)."""
+    def logprobs_of(model_w, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs and entropies of a rollout's responses under a model, in micro-batches of the training size
+        (so that the first minibatch of the update reproduces the policy's exactly)."""
         chunks = []
         for k in range(0, len(batch.responses), micro_batch_size):
             chunk = slice(k, k + micro_batch_size)
             batch_layout = layout(batch.query_responses[chunk], batch.attention_mask[chunk], batch.context_length,
                                   padding_free)
             with autocast():
-                chunks.append(model_w(forward, batch_layout, batch.responses[chunk], args.temperature)[0])
-        return torch.cat(chunks)
+                chunks.append(model_w(forward, batch_layout, batch.responses[chunk], args.temperature))
+        return tuple(torch.cat(c) for c in zip(*chunks))
 
     def eval_kl(batch):  # (B,) KL of each held-out response to the SFT model, summed over the response
-        return None if ref_w is None else ((logprobs_of(policy_w, batch) - logprobs_of(ref_w, batch))
+        return None if ref_w is None else ((logprobs_of(policy_w, batch)[0] - logprobs_of(ref_w, batch)[0])
                                            * batch.response_mask).sum(1)
     evaluate = partial(evaluate_policy, policy_w=policy_w, ref_w=ref_w, records=eval_records, prompts=eval_prompts,
                        generate=generate_batch, score=score, kl=eval_kl, tokenizer=tokenizer,
@@ -504,7 +586,7 @@ def main(args: Args) -> None:
                for _ in range(G)]
         records, prompts = [train_records[i] for i in idx], [train_prompts[i] for i in idx]
         policy_w.eval()
-        batch = generate_batch(policy_w, prompts)
+        batch = generate_batch(policy_w, prompts, with_logprobs=old_pass)  # the sampler's log-probs, to compare
         response_mask = batch.response_mask.float()  # (B, T), 1 on valid tokens
         t_generate = time.time() - t0
 
@@ -514,11 +596,11 @@ def main(args: Args) -> None:
             scores, score_parts = score(batch, records)  # (B,)
             raw_scores = scores.clone()
             scores = scores - args.missing_eos_penalty * (~batch.has_eos).float()
-            old_logprobs = logprobs_of(policy_w, batch) if old_pass else None  # (B, T)
-            ref_logprobs = logprobs_of(ref_w, batch) if args.kl_coef > 0 else None  # (B, T)
+            old_logprobs, old_entropy = logprobs_of(policy_w, batch) if old_pass else (None, None)  # (B, T) each
+            ref_logprobs = logprobs_of(ref_w, batch)[0] if args.kl_coef > 0 else None  # (B, T)
             kl_k1 = kl_k3 = None
             if ref_logprobs is not None:  # each (B,) summed over the response
-                logprobs = old_logprobs if old_logprobs is not None else logprobs_of(policy_w, batch)
+                logprobs = old_logprobs if old_logprobs is not None else logprobs_of(policy_w, batch)[0]
                 kl_k1 = (kl_penalty(logprobs, ref_logprobs, "k1") * response_mask).sum(1)
                 kl_k3 = (kl_penalty(logprobs, ref_logprobs, "k3") * response_mask).sum(1)
             if kl_in_reward:  # 6a. the KL in the reward: the response's summed estimate, before the baseline
@@ -527,7 +609,15 @@ def main(args: Args) -> None:
             # 6. advantages: each response's score against its group's
             advantages = group_advantages(scores, G, args.advantage, args.scale_rewards)  # (B,)
             loss_mask = response_mask * (batch.has_eos | (not args.mask_truncated)).float()[:, None]  # (B, T)
-        episodes = Episodes(batch, loss_mask, advantages, old_logprobs, ref_logprobs if kl_in_loss else None)
+
+            # 6b. weights on each token's policy loss: only the high-entropy tokens; the sampler's bias truncated
+            pg_weights = torch.ones_like(loss_mask)
+            if args.top_entropy_quantile < 1:
+                pg_weights = pg_weights * top_entropy_mask(old_entropy, loss_mask, args.top_entropy_quantile)
+            if args.tis_cap > 0:  # min(pi_old / pi_sampler, C): what generation computed is off from the trainer's
+                pg_weights = pg_weights * truncated_importance_weights(old_logprobs, batch.sampler_logprobs, args.tis_cap)
+        episodes = Episodes(batch, loss_mask, advantages, old_logprobs, ref_logprobs if kl_in_loss else None,
+                            pg_weights if args.top_entropy_quantile < 1 or args.tis_cap > 0 else None)
         t_score = time.time() - t0 - t_generate
 
         # 7. update: num_updates_per_batch passes over minibatches, one optimizer step each (`backward_minibatch`);
@@ -569,6 +659,13 @@ def main(args: Args) -> None:
             first_ratios = torch.cat(stats[0]["ratio"])
             row["val/first_ratio_max_dev"] = all_reduce((first_ratios - 1).abs().max() if first_ratios.numel() else
                                                         torch.zeros((), device=device), "max")
+            # the sampler's log-probs against the trainer's, same weights and tokens: 0 but for how each computed them
+            gap = (old_logprobs - batch.sampler_logprobs).abs() * response_mask  # (bf16, a KV cache against packing)
+            row["val/sampler_logprob_gap"] = all_reduce(gap.sum()) / all_reduce(response_mask.sum()).clamp(min=1)
+            row["val/sampler_logprob_gap_max"] = all_reduce(gap.max(), "max")
+        if args.tis_cap > 0:  # the share of loss tokens whose importance weight the cap truncated
+            capped = (torch.exp(old_logprobs - batch.sampler_logprobs) > args.tis_cap).float() * loss_mask
+            row["policy/tis_capped"] = all_reduce(capped.sum()) / all_reduce(loss_mask.sum()).clamp(min=1)
         if kl_k1 is not None:
             row.update({"objective/kl": kl_k1.mean(), "objective/kl_k3": kl_k3.mean()})
         if kl_in_loss:

@@ -422,11 +422,12 @@ def score_responses(batch: Rollout, records: list[dict], tokenizer, reward_ws: l
 
 @torch.no_grad()
 def generate(model_w, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int,
-             autocast) -> Rollout:
+             autocast, with_logprobs: bool = False) -> Rollout:
     """`common.rollout` from the first model of a `distribute`d wrapper (a policy, or its reference), its parameters
     gathered once for the whole decode loop (`gathered`)."""
     with autocast(), gathered(model_w) as generator:
-        return generator(lambda model, *_: rollout(model, prompts, response_length, temperature, end_id, pad_id))
+        return generator(lambda model, *_: rollout(model, prompts, response_length, temperature, end_id, pad_id,
+                                                   with_logprobs))
 
 
 def stutters(text: str) -> bool:
@@ -1041,6 +1042,18 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x / dist.get_world_size() if op == "mean" else x
+
+
+def all_gather_1d(x: torch.Tensor) -> torch.Tensor:
+    """Every process's 1-D tensor, of whatever length, concatenated in rank order; itself without torchrun."""
+    if not dist.is_initialized():
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.numel()], device=x.device))
+    width = int(max(sizes))
+    gathered = [torch.empty(width, dtype=x.dtype, device=x.device) for _ in sizes]
+    dist.all_gather(gathered, F.pad(x, (0, width - x.numel())))
+    return torch.cat([g[: int(n)] for g, n in zip(gathered, sizes)])
 
 
 def sync_gradients(parallel, sync: bool) -> None:

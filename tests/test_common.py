@@ -9,8 +9,8 @@ from conftest import CHATML, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reviews_task
-from common import (DataError, encode_prompt, encode_response, end_token_id, last_token_index, pad, read_jsonl, sample,
-                    setup_tokenizer)
+from common import (DataError, encode_prompt, encode_response, end_token_id, last_token_index, pad, read_jsonl, rollout,
+                    sample, setup_tokenizer)
 from plumbing import disable_dropout, pack, packing_works
 
 
@@ -168,6 +168,25 @@ def test_end_of_turn_token_that_is_not_eos(tokenizer, model_dir):
     model.lm_head.register_forward_hook(prefer_end_of_turn)
     texts, ended = sample_texts(model, tok, ["The pasta was", "The plot was"], 64, 8, "cpu")
     assert texts == ["", ""] and ended == [True, True]
+
+
+def test_the_sampler_reports_the_log_probs_it_drew_with(model_dir):
+    """`rollout(..., with_logprobs=True)`: for each drawn token, log softmax(logits / T) as generation computed it
+    (a KV cache, left padding), which a full forward pass over the sampled sequences reproduces in fp32; 0 past the end
+    token. These are what GRPO's --tis-cap compares the trainer's log-probs against."""
+    policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [[11, 12, 13], [21, 22, 23, 24, 25], [31]]  # unequal: left padding
+    torch.manual_seed(0)
+    batch = rollout(policy, prompts, 12, 0.7, end_id=7, pad_id=0, with_logprobs=True)
+    position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = policy(input_ids=batch.query_responses, attention_mask=batch.attention_mask,
+                        position_ids=position_ids).logits[:, batch.context_length - 1: -1] / 0.7
+    forward = torch.log_softmax(logits, -1).gather(2, batch.responses[..., None]).squeeze(-1)
+    mask = batch.response_mask
+    assert batch.sampler_logprobs.shape == batch.responses.shape and (batch.sampler_logprobs[~mask] == 0).all()
+    assert torch.allclose(batch.sampler_logprobs[mask], forward[mask], atol=1e-5)
+    assert rollout(policy, prompts, 12, 0.7, end_id=7, pad_id=0).sampler_logprobs is None  # only when asked
 
 
 def test_sampling_ignores_the_models_generation_config(sft_dir, monkeypatch):

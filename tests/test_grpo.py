@@ -1,6 +1,7 @@
 """grpo.py: the advantages by hand, the loss against a slow reference, the gradient under every aggregation the same
 however the batch is split (micro-batches, torchrun processes), which KL gradient each placement follows, and learning."""
 
+import math
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from conftest import REPO, read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from common import Rollout, pad
-from grpo import (Args, Episodes, backward_minibatch, clipped_surrogate, group_advantages, kl_penalty, loss_normaliser,
-                  loss_sum)
+from grpo import (Args, Episodes, backward_minibatch, cispo_loss, clipped_surrogate, group_advantages, importance_ratio,
+                  kl_penalty, loss_normaliser, loss_sum, top_entropy_mask, truncated_importance_weights)
 from plumbing import Parallel
 
 
@@ -69,12 +70,106 @@ def test_clipped_surrogate_and_clip_higher_by_hand():
     new = torch.log(torch.tensor([[0.5, 1.0, 1.25, 1.5]]))
     old = torch.zeros(1, 4)
     for adv, low, high in ((1.0, [0, 0, 0, 1], [0, 0, 0, 1]), (-1.0, [1, 0, 0, 0], [1, 0, 0, 0])):
-        loss, ratio, clip_low, clip_high = clipped_surrogate(new, old, torch.tensor([adv]), 0.2, 0.3)
+        ratio = importance_ratio(new, old, torch.ones(1, 4), "token")
+        loss, clip_low, clip_high = clipped_surrogate(ratio, torch.tensor([adv]), 0.2, 0.3)
         expected = [-min(r * adv, max(0.8, min(r, 1.3)) * adv) for r in (0.5, 1.0, 1.25, 1.5)]
         assert torch.allclose(loss, torch.tensor([expected])), (loss, expected)
         assert clip_low.int().tolist() == [[int(adv < 0), 0, 0, 0]]
         assert clip_high.int().tolist() == [[0, 0, 0, int(adv > 0)]]
     assert torch.allclose(ratio, torch.tensor([[0.5, 1.0, 1.25, 1.5]]))
+
+
+def test_sequence_level_ratio_is_the_geometric_mean_of_the_loss_tokens():
+    """GSPO: one ratio per response, exp of the mean log-ratio over its loss tokens (padding left out), at each token."""
+    new = torch.log(torch.tensor([[2.0, 0.5, 4.0, 7.0], [1.5, 9.0, 9.0, 9.0]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # the 7 and the 9s are padding
+    ratio = importance_ratio(new, torch.zeros(2, 4), mask, "sequence")
+    assert torch.allclose(ratio, torch.tensor([[(2 * 0.5 * 4) ** (1 / 3)] * 4, [1.5] * 4]))
+    assert torch.allclose(importance_ratio(new, torch.zeros(2, 4), mask, "token"), new.exp())
+
+
+def slow_policy_loss(new, old, adv, mask, loss, level, cliprange, cliprange_high, delta):
+    """The per-token policy loss and d loss / d new log-prob, token by token, from the papers' formulas."""
+    B, T = new.shape
+    values, grads = torch.zeros(B, T), torch.zeros(B, T)
+    for b in range(B):
+        n = max(1, sum(int(mask[b, t]) for t in range(T)))
+        seq = math.exp(sum(float(new[b, t] - old[b, t]) for t in range(T) if mask[b, t]) / n)
+        for t in range(T):
+            r = seq if level == "sequence" else math.exp(float(new[b, t] - old[b, t]))
+            dr = r / n * mask[b, t] if level == "sequence" else r  # d r / d new[b, t]
+            a = float(adv[b])
+            if loss == "cispo":  # -sg(min(r, 1 + eh)) * A * log pi: the weight is a constant to the gradient
+                w = min(r, 1 + cliprange_high)
+                values[b, t], grads[b, t] = -w * a * float(new[b, t]), -w * a
+                continue
+            capped = min(r, delta) if delta is not None else r
+            clipped = min(max(r, 1 - cliprange), 1 + cliprange_high)
+            if capped * a <= clipped * a:  # the unclipped branch is the min: its gradient, unless delta capped it
+                values[b, t], grads[b, t] = -capped * a, (0.0 if delta is not None and r > delta else -a * dr)
+            else:
+                values[b, t], grads[b, t] = -clipped * a, 0.0
+    return values, grads
+
+
+@pytest.mark.parametrize("loss, level, delta", [("clip", "token", None), ("clip", "sequence", None),
+                                                ("clip", "token", 1.5), ("cispo", "token", None),
+                                                ("cispo", "sequence", None)])
+def test_policy_losses_match_a_slow_reference(loss, level, delta):
+    """Ratios laid out by hand to fall inside the clip, below it, above it and above delta, for advantages of both
+    signs: the loss and its gradient per token, against the formulas computed token by token."""
+    ratios = torch.tensor([[0.5, 0.9, 1.0, 1.1, 1.4, 2.0], [0.5, 0.9, 1.0, 1.1, 1.4, 2.0], [1.25, 0.7, 3.0, 1.0, 1.0, 1.0]])
+    old = -1 - torch.rand(3, 6, generator=torch.Generator().manual_seed(0))
+    new = (old + ratios.log()).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, -0.5])
+    mask = torch.tensor([[1.0] * 6, [1.0] * 6, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+    ratio = importance_ratio(new, old, mask, level)
+    if loss == "cispo":
+        per_token, _ = cispo_loss(ratio, new, adv, 0.3)
+    else:
+        per_token, _, _ = clipped_surrogate(ratio, adv, 0.2, 0.3, delta)
+    (grads,) = torch.autograd.grad((per_token * mask).sum(), new)
+    values, expected = slow_policy_loss(new.detach(), old, adv, mask, loss, level, 0.2, 0.3, delta)
+    if level == "sequence" and loss == "clip":  # every token's loss holds the response's ratio, which each token moves:
+        expected = (expected * mask).sum(1, keepdim=True) * mask  # d(sum of the row) / d token = the row's sum
+    assert torch.allclose(per_token * mask, values * mask, atol=1e-5)
+    assert torch.allclose(grads * mask, expected * mask, atol=1e-5), (grads, expected)
+
+
+def test_top_entropy_mask_keeps_the_top_quantile_of_the_loss_tokens():
+    """q = 0.25 of 8 loss tokens: the 2 most uncertain ones, wherever they sit; padding, however uncertain, never."""
+    entropy = torch.tensor([[0.1, 2.0, 0.3, 9.0], [1.5, 0.2, 0.4, 0.6], [3.0, 0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])  # 8 loss tokens
+    kept = top_entropy_mask(entropy, mask, 0.25)
+    assert kept.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    assert top_entropy_mask(entropy, mask, 1.0).tolist() == mask.tolist()
+
+
+def test_truncated_importance_weights_by_hand():
+    """Yao et al. 2025: the weight is pi_old / pi_sampler (trainer over sampler), capped at C."""
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))
+    assert torch.allclose(truncated_importance_weights(old, sampler, 3.0), torch.tensor([[2.0, 0.5, 3.0]]))
+
+
+def test_bias_corrected_kl_estimates_the_current_policy_from_old_samples():
+    """Off-policy tokens drawn from pi_old: k3 weighted by pi / pi_old estimates KL(pi || ref), value and gradient,
+    by Monte Carlo on a categorical distribution; the plain k3 of those tokens estimates neither."""
+    torch.manual_seed(0)
+    ref_logp = torch.log_softmax(torch.tensor([0.0, 1.0, 0.0, -1.0, 0.5]), 0)
+    theta = torch.tensor([2.0, 0.0, -1.0, 0.5, 1.0], requires_grad=True)
+    old_logp = torch.log_softmax(torch.tensor([0.5, 0.5, 0.0, 0.0, 1.5]), 0)  # the rollout's policy, not the current
+    logp_all = torch.log_softmax(theta, 0)
+    kl = (logp_all.exp() * (logp_all - ref_logp)).sum()  # KL(pi || ref), exactly
+    exact_grad = torch.autograd.grad(kl, theta, retain_graph=True)[0]
+    x = torch.multinomial(old_logp.exp(), 400_000, replacement=True)
+    logp, ref, old = logp_all[x][:, None], ref_logp[x][:, None], old_logp[x][:, None]
+    ratio = importance_ratio(logp, old, torch.ones_like(logp), "token")
+    corrected = (kl_penalty(logp, ref, "k3") * ratio).mean()
+    plain = kl_penalty(logp, ref, "k3").mean()
+    assert abs(corrected.item() - kl.item()) < 0.02 * kl.item() and abs(plain.item() - kl.item()) > 0.2 * kl.item()
+    grad = torch.autograd.grad(corrected, theta)[0]
+    assert (grad - exact_grad).norm() < 0.05 * exact_grad.norm(), (grad, exact_grad)
 
 
 def slow_loss(per_token, mask, aggregation, response_length):
@@ -100,9 +195,17 @@ def test_loss_split_in_micro_batches_matches_a_slow_reference(aggregation):
     assert torch.allclose(split, torch.as_tensor(slow_loss(per_token, mask, aggregation, 6), dtype=torch.float))
 
 
-def episodes_for(tokenizer, seed=0, B=8, T=6):
-    """A batch of B responses of unequal lengths to prompts of unequal lengths, with advantages, old log-probs a
-    little off the policy's (so the clip acts) and reference log-probs."""
+# the policy losses and weights of the update, each a set of flags; "pg_weights": the entropy mask and the truncated
+# importance weights against the sampler, both per-token weights the episodes carry
+VARIANTS = {"clip": {}, "gspo": {"importance_sampling_level": "sequence"}, "cispo": {"policy_loss": "cispo"},
+            "delta": {"delta": 1.3}, "kl_bias_correction": {"kl_bias_correction": True}, "pg_weights": {}}
+
+
+def episodes_for(tokenizer, seed=0, B=8, T=6, pg_weights=False):
+    """A batch of B responses of unequal lengths to prompts of unequal lengths, with advantages, old log-probs off
+    the policy's (~ -6 for the tiny model) both ways (so both clips act) and reference log-probs; with `pg_weights`,
+    weights on each token's policy loss, some 0 (as an entropy mask makes them), the others spread (as truncated
+    importance weights)."""
     g = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
     prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 5, 3, 2, 4)[:B]]
@@ -113,13 +216,15 @@ def episodes_for(tokenizer, seed=0, B=8, T=6):
     responses = responses.masked_fill(~response_mask, tokenizer.pad_token_id)
     rollout = Rollout(torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask.long()], 1),
                       queries.shape[1], responses, response_mask, lengths < T)
+    weights = (torch.rand(B, T, generator=g) < 0.6) * 2 * torch.rand(B, T, generator=g)
     return Episodes(rollout, response_mask.float(), torch.randn(B, generator=g),
-                    -3 - torch.rand(B, T, generator=g), -3 - torch.rand(B, T, generator=g))
+                    -9 + 6 * torch.rand(B, T, generator=g), -3 - torch.rand(B, T, generator=g),  # ratios ~e^-3 to e^3
+                    weights if pg_weights else None)
 
 
-def gradient(model, episodes, aggregation, micro, padding_free=True):
+def gradient(model, episodes, aggregation, micro, padding_free=True, variant="clip"):
     args = Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3", response_length=6,
-                cliprange=0.2, cliprange_high=0.28)
+                cliprange=0.2, cliprange_high=0.28, **VARIANTS[variant])
     model.zero_grad()
     backward_minibatch(Parallel(model), episodes, torch.arange(len(episodes.advantages)), micro, args, padding_free,
                        lambda: torch.autocast("cpu", enabled=False))
@@ -130,16 +235,19 @@ def relative_gap(a, b):
     return max(((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)).item() for k in b)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
-def test_micro_batches_give_the_gradient_of_the_whole_batch(aggregation, model_dir):
+def test_micro_batches_give_the_gradient_of_the_whole_batch(aggregation, variant, model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    episodes = episodes_for(tokenizer)
-    whole = gradient(model, episodes, aggregation, micro=8)
-    assert relative_gap(gradient(model, episodes, aggregation, micro=2), whole) < 1e-5
-    assert relative_gap(gradient(model, episodes, aggregation, micro=8, padding_free=False), whole) < 1e-5
+    episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights")
+    whole = gradient(model, episodes, aggregation, micro=8, variant=variant)
+    assert relative_gap(gradient(model, episodes, aggregation, micro=2, variant=variant), whole) < 1e-5
+    assert relative_gap(gradient(model, episodes, aggregation, micro=8, padding_free=False, variant=variant), whole) < 1e-5
+    if variant != "clip":  # the flags change the gradient: the test can tell them apart
+        assert relative_gap(gradient(model, episodes_for(tokenizer), aggregation, micro=8), whole) > 1e-3
 
 
 GRADIENT_WORKER = """
@@ -149,28 +257,30 @@ sys.path.insert(0, {tests!r})
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import grpo
 import plumbing
-from test_grpo import episodes_for
+from test_grpo import CASES, VARIANTS, episodes_for
 rank, world_size, device = plumbing.init_distributed("cpu")
 tokenizer = AutoTokenizer.from_pretrained({model!r})
-episodes = episodes_for(tokenizer)
 for strategy in ("ddp", "fsdp"):
-    for aggregation in ("token", "sequence", "constant"):
+    for aggregation, variant in CASES:
+        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights")
         model = AutoModelForCausalLM.from_pretrained({model!r})
         wrapped = plumbing.distribute([model], strategy, False)
         args = grpo.Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3",
-                         response_length=6, cliprange=0.2, cliprange_high=0.28)
+                         response_length=6, cliprange=0.2, cliprange_high=0.28, **VARIANTS[variant])
         half = torch.arange(rank * 4, rank * 4 + 4)  # this process's half of the batch, in 2 micro-batches of 2
         grpo.backward_minibatch(wrapped, episodes, half, 2, args, True, lambda: torch.autocast("cpu", enabled=False))
         grads = {{n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                   for n, p in wrapped.named_parameters()}}
         if rank == 0:
-            torch.save(grads, os.path.join({out!r}, f"{{strategy}}_{{aggregation}}.pt"))
+            torch.save(grads, os.path.join({out!r}, f"{{strategy}}_{{aggregation}}_{{variant}}.pt"))
 """
+# every aggregation with the clipped surrogate; the other losses and weights with the token aggregation
+CASES = [(a, "clip") for a in ("token", "sequence", "constant")] + [("token", v) for v in VARIANTS if v != "clip"]
 
 
 def test_two_processes_give_the_gradient_of_the_whole_batch(model_dir, tmp_path):
     """torchrun, 2 processes x 2 micro-batches of unequal lengths, DDP and FSDP2: the gradient of one optimizer step
-    is the one-process gradient of the whole batch, for every aggregation."""
+    is the one-process gradient of the whole batch, for every aggregation and every policy loss and weight."""
     from transformers import AutoTokenizer
 
     worker = tmp_path / "worker.py"
@@ -180,13 +290,13 @@ def test_two_processes_give_the_gradient_of_the_whole_batch(model_dir, tmp_path)
                    check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    episodes = episodes_for(tokenizer)
-    for aggregation in ("token", "sequence", "constant"):
-        whole = {f"models.0.{k}": v for k, v in gradient(model, episodes, aggregation, micro=8).items()}
+    for aggregation, variant in CASES:
+        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights")
+        whole = {f"models.0.{k}": v for k, v in gradient(model, episodes, aggregation, micro=8, variant=variant).items()}
         for strategy in ("ddp", "fsdp"):
-            two = torch.load(tmp_path / f"{strategy}_{aggregation}.pt", weights_only=True)
+            two = torch.load(tmp_path / f"{strategy}_{aggregation}_{variant}.pt", weights_only=True)
             two = {k.replace("module.", ""): v for k, v in two.items()}
-            assert relative_gap(two, whole) < 1e-5, (strategy, aggregation)
+            assert relative_gap(two, whole) < 1e-5, (strategy, aggregation, variant)
 
 
 def test_kl_placements_follow_the_gradients_docs_grpo_states():
@@ -214,12 +324,13 @@ def test_kl_placements_follow_the_gradients_docs_grpo_states():
     # k1 in the reward: score -beta * k1, a leave-one-out baseline, the clipped surrogate at ratio 1
     scores = -beta * kl_penalty(logp.detach(), ref, "k1")[:, 0]
     advantages = group_advantages(scores, G, "rloo", "none")
-    per_token, *_ = clipped_surrogate(logp, logp.detach(), advantages, 0.2, 0.2)
+    per_token, *_ = clipped_surrogate(torch.exp(logp - logp.detach()), advantages, 0.2, 0.2)
     in_reward = torch.autograd.grad(loss_sum(per_token, mask, "token") / loss_normaliser(mask, "token", 1), theta,
                                     retain_graph=True)[0]
     # the group mean as the baseline (GRPO without std scaling) includes the response itself: the same direction,
     # shrunk by (G - 1) / G
-    per_token, *_ = clipped_surrogate(logp, logp.detach(), group_advantages(scores, G, "grpo", "none"), 0.2, 0.2)
+    per_token, *_ = clipped_surrogate(torch.exp(logp - logp.detach()), group_advantages(scores, G, "grpo", "none"), 0.2,
+                                      0.2)
     group_mean = torch.autograd.grad(loss_sum(per_token, mask, "token") / N, theta, retain_graph=True)[0]
     # k3 and k1 as loss terms
     in_loss = {est: torch.autograd.grad(beta * loss_sum(kl_penalty(logp, ref, est), mask, "token") / N, theta,
@@ -279,6 +390,31 @@ def test_updates_off_policy_start_at_ratio_one_and_kl_is_measured(task_dir, sft_
     assert [v for _, v in read_metrics(tmp_path, "val/first_ratio_max_dev")] == [0.0, 0.0, 0.0]
     kl = [v for _, v in read_metrics(tmp_path, "objective/kl")]
     assert kl[0] == 0.0 and kl[-1] != 0.0
+
+
+@pytest.mark.parametrize("flags", [
+    ["--policy-loss", "cispo", "--cliprange-high", "4", "--importance-sampling-level", "sequence",
+     "--top-entropy-quantile", "0.2", "--tis-cap", "2", "--kl-coef", "0.1", "--kl-in", "loss", "--kl-bias-correction"],
+    ["--delta", "1.5", "--num-updates-per-batch", "2", "--num-mini-batches", "1"]], ids=["cispo-gspo-entropy-tis", "delta"])
+def test_the_2025_flags_run_and_start_on_policy(flags, task_dir, sft_dir, tmp_path):
+    """grpo.py with GSPO, CISPO, entropy masking, truncated importance sampling and the bias-corrected KL together (and
+    with two-sided clipping): the first minibatch repeats the rollout exactly; in fp32 on the CPU the sampler's log-probs
+    are the trainer's within rounding, so no importance weight reaches the cap."""
+    run_script("grpo.py", *grpo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "2",
+                                     "--reward-fn", "reward_functions.py:positivity", *flags), cwd=tmp_path)
+    assert [v for _, v in read_metrics(tmp_path, "val/first_ratio_max_dev")] == [0.0, 0.0]
+    assert all(v < 1e-4 for _, v in read_metrics(tmp_path, "val/sampler_logprob_gap_max"))
+    assert read_metrics(tmp_path, "policy/tis_capped") == ([(1, 0.0), (2, 0.0)] if "--tis-cap" in flags else [])
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("flags, message", [(["--delta", "1.1"], "--delta must exceed 1 + cliprange_high"),
+                                            (["--top-entropy-quantile", "0"], "--top-entropy-quantile must be in (0, 1]"),
+                                            (["--kl-bias-correction"], "--kl-bias-correction weights the KL term")])
+def test_the_2025_flags_refuse_what_cannot_work(flags, message, task_dir, sft_dir, tmp_path):
+    proc = run_script("grpo.py", *grpo_args(task_dir, sft_dir, tmp_path / "out", "--reward-fn",
+                                            "reward_functions.py:positivity", *flags), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_grpo_raises_the_reward_and_the_gold_score(task_dir, sft_dir, tmp_path):
