@@ -114,10 +114,11 @@ def generate(out_dir: str = DATA_DIR, seed: int = 0, sizes: Sizes = Sizes(), max
     for name, rows in files.items():
         with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows)} rows to {os.path.join(out_dir, name)}.jsonl")
     return {name: len(rows) for name, rows in files.items()}
 
 
 if __name__ == "__main__":
     import tyro
 
-    print(tyro.cli(generate))
+    tyro.cli(generate)

@@ -241,16 +241,38 @@ def score_suffix(tokenizer) -> list[int]:
     return tokenizer._suffix
 
 
+def _spare_token(tokenizer) -> str | None:
+    """A special token the tokenizer has and never writes: its unk token (SmolLM2's <|endoftext|>), or a reserved or
+    unused one (Llama 3's <|reserved_special_token_0|>, Gemma's <unused0>), and not one its chat template writes."""
+    written = {tokenizer.eos_token_id, end_token_id(tokenizer), tokenizer.bos_token_id}
+    if tokenizer.chat_template is not None:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+                                              {"role": "assistant", "content": "c"}], tokenize=False)
+        written |= set(tokenizer(text, add_special_tokens=False)["input_ids"])
+    candidates = [tokenizer.unk_token] + [t.content for t in tokenizer.added_tokens_decoder.values()
+                                          if t.special and ("reserved" in t.content or "unused" in t.content)]
+    return next((c for c in candidates if c is not None and tokenizer.convert_tokens_to_ids(c) not in written), None)
+
+
 def setup_tokenizer(tokenizer, model=None):
-    """A pad token distinct from EOS and the end token, added if needed (growing `model`'s embeddings). With pad == eos
-    (GPT-2, SmolLM2, Llama 3) masking padding out of a loss masks the EOS too, and the model never learns to stop."""
-    added = tokenizer.pad_token is None or tokenizer.pad_token_id in (tokenizer.eos_token_id, end_token_id(tokenizer))
-    if added:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    """A pad token distinct from EOS and the end token. With pad == eos (GPT-2, SmolLM2, Llama 3) masking padding out
+    of a loss masks the EOS too, and the model never learns to stop. A spare token the tokenizer has is taken first
+    (`_spare_token`): the vocabulary, and so a LoRA adapter's base, stays as it is; else a new <pad> is added (growing
+    `model`'s embeddings). Padding is read from attention masks and lengths, never from the pad id."""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id in (tokenizer.eos_token_id, end_token_id(tokenizer)):
+        added = _spare_token(tokenizer) or "<pad>"
+        if added == "<pad>":
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        else:
+            tokenizer.pad_token = added
+    else:
+        added = None
     if not getattr(tokenizer, "_told", False):  # once per tokenizer: the two tokens every stage's masks depend on
         tokenizer._told = True
         print(f"end token {tokenizer.convert_ids_to_tokens(end_token_id(tokenizer))!r}, pad token {tokenizer.pad_token!r}"
-              + (" (added: the tokenizer had none, or one equal to the end token)" if added else ""))
+              + ("" if added is None else " (added: the tokenizer had none, or one equal to the end token)"
+                 if added == "<pad>" else " (a spare token of the tokenizer's: it had no pad, or one equal to the end "
+                 "token)"))
     tokenizer.padding_side = "right"
     if model is not None:
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):

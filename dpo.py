@@ -32,15 +32,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import encode_prompt, encode_response, end_token_id, pad, read_data, setup_tokenizer
-from plumbing import (TASK_DATA, Metrics, StopSignals, WithoutAdapters, add_lora, all_reduce, batch_indices, check_room,
-                      clip_gradients, decay_groups, default_learning_rate, disable_dropout, distribute, generate,
-                      load_function, load_state, pack, packing_works, prepare_output, require_stage, resume_point,
-                      save_model, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
+from plumbing import (TASK_DATA, Clock, Metrics, StopSignals, WithoutAdapters, add_lora, all_reduce, batch_indices,
+                      check_room, cli, clip_gradients, decay_groups, default_learning_rate, disable_dropout, distribute,
+                      generate, load_function, load_state, pack, packing_works, prepare_output, require_stage,
+                      resume_point, save_model, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -80,8 +79,8 @@ class Args:
     """prompt/chosen/rejected, or chosen/rejected conversations (what reward_model.py reads): a JSONL, JSON,
     Parquet or CSV file, a `save_to_disk` folder or a Hub dataset id (docs/details.md#data-sources)"""
     eval_dataset: str = "auto"
-    """held-out preferences, for the implicit reward's accuracy; 'auto': the embedded task's held-out file with its
-    training file, with yours --eval-split's split of --dataset or none; 'none' to skip"""
+    """held-out preferences, for the implicit reward's accuracy, or 'none'. 'auto': for the embedded task's data its
+    held-out file; for yours the --eval-split of --dataset if given, else none"""
     dataset_config: str | None = None
     """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
     dataset_split: str = "train"
@@ -265,6 +264,16 @@ def main(args: Args) -> None:
     embedded, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "preference_train.jsonl",
                                                             "preference_eval.jsonl")
     eval_prompts_file = f"{TASK_DATA}/prompts_eval.jsonl" if args.eval_prompts == "auto" and embedded else args.eval_prompts
+    # the data and the judge first: bad lines stop the run with file, line and field (or are counted and skipped)
+    # before a model loads
+    bad_lines = [] if args.skip_bad_pairs else None
+    train_records = read_data(args.dataset, "preference", bad_lines, args.dataset_config, args.dataset_split)
+    eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config, args.eval_split or "train",
+                             True) if eval_dataset != "none" else []
+    prompt_records = read_data(eval_prompts_file, "prompt") if eval_prompts_file not in ("auto", "none") else []
+    if bad_lines:
+        print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
+    judge = load_function(eval_reward_fn) if eval_reward_fn else None
 
     # 1. two models: the policy (trained) and the reference (frozen), both from the SFT model; with LoRA the reference
     #    is the policy with its adapters off, no second copy
@@ -294,13 +303,6 @@ def main(args: Args) -> None:
                                                                              trainable=False)
 
     # 2. data: the preference pairs of stage 2 (rankings kept together as comparison groups), held-out pairs and prompts
-    bad_lines = [] if args.skip_bad_pairs else None
-    train_records = read_data(args.dataset, "preference", bad_lines, args.dataset_config, args.dataset_split)
-    eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config, args.eval_split or "train",
-                             True) if eval_dataset != "none" else []
-    prompt_records = read_data(eval_prompts_file, "prompt") if eval_prompts_file not in ("auto", "none") else []
-    if bad_lines:
-        print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
     train, cut, skipped, responses_cut = encode_pairs(train_records, tokenizer, args)
     for count, total, what, flag in [
             (cut, len(train_records), "prompts were cut from the left", "--max-prompt-length"),
@@ -386,7 +388,6 @@ def main(args: Args) -> None:
                            "eval_reward_fn": eval_reward_fn, "learning_rate": learning_rate, "padding_free": padding_free,
                            "per_device_train_batch_size": micro_batch_size, "batch_size": batch_size}
     metrics = Metrics(f"runs/{run_name}", config, args.track, args.wandb_project, state if resuming else None)
-    judge = load_function(eval_reward_fn) if eval_reward_fn else None
     sample_batch = partial(generate, response_length=args.response_length, temperature=args.temperature,  # a Rollout
                            end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast)
 
@@ -395,6 +396,8 @@ def main(args: Args) -> None:
         """Held-out pairs: the implicit reward's accuracy. Held-out prompts, sampled as PPO evaluates: gold score, KL
         to the reference at the sampling temperature, length; at the end the gold win rate against the SFT policy.
         Every process runs it (its own draws); the figures are the means over processes."""
+        started = time.time()
+        tqdm.write(f"eval @ {step}: {len(evals)} held-out pairs, {len(eval_prompts)} prompts to sample...")
         policy_w.eval()
         out = {}
         if evals:
@@ -429,7 +432,8 @@ def main(args: Args) -> None:
             table = "\n".join(f"  {p!r:.300} -> {t!r}" for p, t in zip(prompts, texts))
         out = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=device), "mean") for k, v in out.items()}
         metrics.log(step, out, samples=table)
-        tqdm.write(f"eval @ {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in out.items()) + "\n"
+        tqdm.write(f"eval @ {step} ({time.time() - started:.0f} s): "
+                   + "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in out.items()) + "\n"
                    + "\n".join(table.split("\n")[: args.num_sample_rows]))
         policy_w.train()
 
@@ -439,7 +443,7 @@ def main(args: Args) -> None:
     policy_w.train()
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="dpo",
                     disable=rank != 0 or None)  # None: on in a terminal, off in a log file
-    step_end = time.perf_counter()
+    step_end, clock = time.perf_counter(), Clock(start_step, num_steps)
     signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the step, then exit
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
@@ -473,7 +477,7 @@ def main(args: Args) -> None:
         step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[3]:.2f}")
         if progress.disable and (step + 1) % args.eval_steps == 0:  # no progress bar (a log file): the loss here
-            print(f"step {step + 1}/{num_steps}: train loss {stats[0]:.4f}, accuracy {stats[3]:.3f}")
+            print(f"step {step + 1}/{num_steps}: train loss {stats[0]:.4f}, accuracy {stats[3]:.3f}  {clock(step + 1)}")
         metrics.log(step + 1, {"train/dpo/loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2],
                                "rewards/margins": stats[1] - stats[2], "rewards/accuracies": stats[3],
                                "logps/chosen": stats[4], "logps/rejected": stats[5], "train/dpo/grad_norm": grad_norm,
@@ -501,4 +505,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     with user_errors_in_one_line():
-        main(tyro.cli(Args))
+        main(cli(Args))  # the flags; on the CPU, glibc keeps freed memory (plumbing.cli)

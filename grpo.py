@@ -46,16 +46,16 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
-import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import Rollout, end_token_id, setup_tokenizer
-from plumbing import (TASK_DATA, Metrics, StopSignals, WithoutAdapters, add_lora, all_gather_1d, all_reduce,
-                      batch_indices, check_room, clip_gradients, decay_groups, default_learning_rate, disable_dropout,
-                      distribute, evaluate_policy, exact_div, generate, layout, load_prompts, load_reward_fns,
-                      load_reward_models, load_state, packing_works, prepare_output, resume_point, reward_model_paths,
-                      save_model, score_responses, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
+from plumbing import (TASK_DATA, Clock, Metrics, StopSignals, WithoutAdapters, add_lora, all_gather_1d, all_reduce,
+                      batch_indices, check_room, cli, clip_gradients, decay_groups, default_learning_rate,
+                      disable_dropout, distribute, evaluate_policy, exact_div, generate, layout, load_prompts,
+                      load_reward_fns, load_reward_models, load_state, packing_works, parts_to_log, prepare_output,
+                      resume_point, reward_model_paths, save_model, score_responses, setup, stop_if_not_finite,
+                      sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -114,8 +114,8 @@ class Args:
     """prompts (prompt-only, or any format with a prompt; other fields reach reward functions):
     a JSONL, JSON, Parquet or CSV file, a `save_to_disk` folder or a Hub dataset id (docs/details.md#data-sources)"""
     eval_dataset: str = "auto"
-    """held-out prompts for evaluation; 'auto': the embedded task's held-out prompts with its training prompts, with
-    yours --eval-split's split of --dataset or none (evaluation then samples training prompts); 'none' likewise"""
+    """held-out prompts for evaluation, or 'none'. 'auto': for the embedded task's prompts its held-out ones; for yours
+    the --eval-split of --dataset if given, else none (evaluation then samples training prompts)"""
     dataset_config: str | None = None
     """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
     dataset_split: str = "train"
@@ -416,7 +416,6 @@ def backward_minibatch(policy_w, episodes: Episodes, mb: torch.Tensor, micro_bat
 
 class Models(NamedTuple):
     """What `load_models` returns."""
-    tokenizer: object
     policy: torch.nn.Module
     policy_w: torch.nn.Module  # policy_w(fn, x, ...) = fn(policy, x, ...), under torchrun DDP or FSDP2
     ref_w: object  # ref_w(fn, x, ...) = fn(reference, x, ...); None when nothing needs the reference
@@ -424,13 +423,12 @@ class Models(NamedTuple):
     padding_free: bool
 
 
-def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, resume_dir: str) -> Models:
+def load_models(args, tokenizer, trained: dict, frozen: dict, device, reward_paths: tuple, resume_dir: str) -> Models:
     """The policy (`resume_dir`: an interrupted run's checkpoint to continue from), the reward models, and the SFT model
     as the reference when a KL term or the evaluation needs it (with LoRA, the policy with its adapters off); dropout
     off in all of them (the same log-probs in rollout and update), the frozen ones in eval mode, each wrapped for
     torchrun: every pass runs as a wrapper's forward, policy_w(fn, x, ...) computing fn(policy, x, ...) (`Parallel`, in
     plumbing.py: DDP syncs gradients and FSDP2 gathers parameters only around the wrapper's forward)."""
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(resume_dir if resume_dir and not args.lora_r else args.sft_model_path,
                                                   **trained).to(device)
     setup_tokenizer(tokenizer, policy)
@@ -470,7 +468,7 @@ def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, 
         [ref_policy], args.strategy, args.bf16, trainable=False)
     reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
     policy_w.train()
-    return Models(tokenizer, policy, policy_w, ref_w, reward_ws, padding_free)
+    return Models(policy, policy_w, ref_w, reward_ws, padding_free)
 
 
 def main(args: Args) -> None:
@@ -496,18 +494,21 @@ def main(args: Args) -> None:
     reward_fns = load_reward_fns(args)  # (name, fn, weight) per --reward-fn
     _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "prompts_train.jsonl", "prompts_eval.jsonl")
 
-    # 1. models: the policy, the reward model(s) and/or reward functions, and the SFT model as the reference when a KL
+    # 1. the prompts (ids, left-padded per batch for generation), read and checked before any model loads
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
+    train_records, train_prompts, eval_records, eval_prompts = load_prompts(args, tokenizer, eval_dataset,
+                                                                            eval_reward_fn, reward_fns)
+
+    # 2. models: the policy, the reward model(s) and/or reward functions, and the SFT model as the reference when a KL
     #    term or the evaluation needs it
     ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
     kl_in_loss = args.kl_coef > 0 and args.kl_in == "loss"
     kl_in_reward = args.kl_coef > 0 and args.kl_in == "reward"
-    tokenizer, policy, policy_w, ref_w, reward_ws, padding_free = load_models(args, trained, frozen, device,
-                                                                              reward_paths, ckpt_dir if resuming else "")
+    policy, policy_w, ref_w, reward_ws, padding_free = load_models(args, tokenizer, trained, frozen, device, reward_paths,
+                                                                   ckpt_dir if resuming else "")
     learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=1e-6)
 
-    # 2. prompts (ids, left-padded per batch for generation), and how the batch of responses splits
-    train_records, train_prompts, eval_records, eval_prompts = load_prompts(args, tokenizer, eval_dataset,
-                                                                            eval_reward_fn, reward_fns)
+    # how the batch of responses splits
     G = args.num_generations
     unit = args.num_mini_batches * args.gradient_accumulation_steps  # the batch's responses split into micro-batches
     rollout_batch_size = args.rollout_batch_size  # prompts per process per iteration
@@ -574,12 +575,13 @@ def main(args: Args) -> None:
                        eval_reward_fn=eval_reward_fn, pass_k=args.eval_pass_k, metrics=metrics,
                        num_sample_rows=args.num_sample_rows)  # evaluate(iteration, final)
 
+    if start_iteration == 0:
+        evaluate(0)
     progress = tqdm(range(start_iteration, args.num_iterations), initial=start_iteration, total=args.num_iterations,
                     desc="grpo", disable=rank != 0 or None)  # None: on in a terminal, off in a log file
     signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the iteration, then exit
+    clock = Clock(start_iteration, args.num_iterations)
     for iteration in progress:
-        if iteration % args.eval_steps == 0:
-            evaluate(iteration)
         t0 = time.time()
         # 4. rollout: G responses to each prompt from the current policy, each prompt's G in a consecutive run
         idx = [i for i in batch_indices(iteration, len(train_prompts), rollout_batch_size, args.seed, rank, world_size)
@@ -670,8 +672,7 @@ def main(args: Args) -> None:
             row.update({"objective/kl": kl_k1.mean(), "objective/kl_k3": kl_k3.mean()})
         if kl_in_loss:
             row["loss/kl"] = torch.stack([torch.stack(s["kl_loss"]).sum() for s in stats]).mean()
-        if len(score_parts) > 1:  # a hybrid reward or an ensemble: each part
-            row.update({f"objective/{k}": v.mean() for k, v in score_parts.items()})
+        row.update({f"objective/{k}": v.mean() for k, v in parts_to_log(score_parts).items()})
         row = dict(zip(row, all_reduce(torch.tensor([float(v) for v in row.values()], device=device), "mean").tolist()))
         metrics.log(iteration + 1, row)
         if not all(math.isfinite(v) for v in row.values()):
@@ -681,7 +682,9 @@ def main(args: Args) -> None:
         if progress.disable:  # no progress bar (a log file): a line per iteration
             print(f"iteration {iteration + 1}/{args.num_iterations}: score {row['objective/scores']:.3f}  length "
                   f"{row['val/response_length']:.1f}  zero-std groups {row['objective/zero_std_groups']:.2f}"
-                  + (f"  kl {row['objective/kl']:.2f}" if kl_k1 is not None else ""))
+                  + (f"  kl {row['objective/kl']:.2f}" if kl_k1 is not None else "") + f"  {clock(iteration + 1)}")
+        if (iteration + 1) % args.eval_steps == 0 and iteration + 1 < args.num_iterations:  # the last: after the save
+            evaluate(iteration + 1)  # before the checkpoint, which holds it: a stop asked for meanwhile waits no longer
         if signals.checkpoint_due(iteration + 1, args.num_iterations, args.save_steps, device):  # or asked to stop
             state = {"scheduler": scheduler.state_dict(), "iteration": iteration + 1, "run_name": run_name,
                      "log_bytes": metrics.position()}
@@ -703,4 +706,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     with user_errors_in_one_line():
-        main(tyro.cli(Args))
+        main(cli(Args))  # the flags; on the CPU, glibc keeps freed memory (plumbing.cli)

@@ -37,6 +37,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+import transformers
+import tyro
+import tyro._strings as tyro_strings
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -48,6 +51,21 @@ TASK_DATA, TINY_MODEL = "data/reviews", "models/tiny-llama"
 
 
 # Starting a run
+
+
+def cli(args_class):
+    """`python script.py --flags`: the flags parsed by tyro, each field's docstring one paragraph in --help (tyro keeps
+    the source's line break before an indented line or one that starts with a symbol), and on the CPU glibc told to
+    keep freed memory, a setting of the whole process: made here, as a script starts, never when one is imported."""
+    join = tyro_strings.remove_single_line_breaks
+    tyro_strings.remove_single_line_breaks = lambda text: re.sub(r"\s*\n\s*", " ", text.strip())
+    try:
+        args = tyro.cli(args_class)
+    finally:
+        tyro_strings.remove_single_line_breaks = join
+    keep_freed_memory(torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if args.device == "auto" else args.device))
+    return args
 
 
 class Run(NamedTuple):
@@ -68,7 +86,8 @@ def setup(args) -> Run:
     under `autocast` (FSDP2's MixedPrecisionPolicy casts instead: autocast is then off); frozen models, and with LoRA
     the frozen base, are held in bf16."""
     rank, world_size, device = init_distributed(args.device)  # rank 0 of 1 without torchrun
-    keep_freed_memory(device)  # CPU only
+    if not sys.stderr.isatty():  # a log file: transformers' progress bars ("Loading weights") would fill it
+        transformers.utils.logging.disable_progress_bar()
     if args.track and importlib.util.find_spec("wandb") is None:
         raise SystemExit("error: --track logs to Weights & Biases, which is not installed: pip install wandb")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -90,10 +109,14 @@ def prepare_output(args, rank: int, world_size: int, task_file: str, task_eval_f
     eval_reward_fn)."""
     dataset = args.dataset if isinstance(args.dataset, str) else args.dataset[0]
     embedded = dataset == f"{TASK_DATA}/{task_file}"
-    if rank == 0 and getattr(args, "model_name_or_path", "") == TINY_MODEL and not os.path.isdir(TINY_MODEL):
-        load_function("reviews_task.py:ensure_tiny_model")()  # writes the task's files too
-    elif rank == 0 and embedded and not os.path.exists(dataset):
-        load_function("reviews_task.py:ensure_data")()
+    make = ("ensure_tiny_model" if getattr(args, "model_name_or_path", "") == TINY_MODEL and not os.path.isdir(TINY_MODEL)
+            else "ensure_data" if embedded and not os.path.exists(dataset) else "")  # the tiny model: the files too
+    if make and not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "reviews_task.py")):
+        raise SystemExit("error: the default data and model are the embedded task's, made by reviews_task.py, which is "
+                         "not beside this script (it is in the repository): give --dataset and --model-name-or-path "
+                         "(or --sft-model-path) of your own")
+    if rank == 0 and make:
+        load_function(f"reviews_task.py:{make}")()
     claim_output_dir(args.output_dir, args.resume)  # a lock; an interrupted save mended; a save can be written
     if world_size > 1:
         dist.barrier()  # the files are written
@@ -104,8 +127,29 @@ def prepare_output(args, rank: int, world_size: int, task_file: str, task_eval_f
     return embedded, eval_dataset, eval_reward_fn
 
 
+def load_function(spec: str):
+    """'path/file.py:name' (also looked for beside the scripts) or 'module:name' -> the function, loaded when used."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
+    if not path.endswith(".py"):
+        return getattr(importlib.import_module(path), name)
+    if not os.path.exists(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
 def require_stage(path: str, default: str, command: str, flag: str) -> None:
-    """A stage run out of order says which folder is missing and which command makes it (not a Hub traceback)."""
+    """A model folder that cannot load says why in one line, before anything waits on it: a stage run out of order
+    names the folder and the command that makes it; a folder holding only an interrupted run's checkpoint says so."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        if os.path.isdir(os.path.join(path, "checkpoint")):
+            raise SystemExit(f"error: {path} holds an unfinished run (only its checkpoint/): finish it (rerun "
+                             f"`{command}`) or point {flag} at a finished model")
+        raise SystemExit(f"error: {path} is not a model folder (no config.json): point {flag} at one")
     if path == default and not os.path.isdir(path):
         raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point {flag} at a model")
 
@@ -420,6 +464,13 @@ def score_responses(batch: Rollout, records: list[dict], tokenizer, reward_ws: l
     return scores, parts
 
 
+def parts_to_log(parts: dict) -> dict:
+    """The parts of a score worth logging: every term when there are several (a hybrid reward; an ensemble's members
+    and their spread), and the share a reward function could not score. One term alone would only repeat the score."""
+    terms = {k: v for k, v in parts.items() if k != "parse_failures"}
+    return (terms if len(terms) > 1 else {}) | {k: v for k, v in parts.items() if k == "parse_failures"}
+
+
 @torch.no_grad()
 def generate(model_w, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int,
              autocast, with_logprobs: bool = False) -> Rollout:
@@ -465,6 +516,8 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
     process samples (its own draws); the figures are the means over processes, the table rank 0's."""
     if not prompts:  # --num-eval-prompts 0
         return {}
+    started = time.time()
+    tqdm.write(f"eval @ {step}: {len(prompts)} held-out prompts" + (f", pass@{pass_k}" if pass_k else "") + "...")
     policy_w.eval()
     texts = [r["prompt"] for r in records]
     batch = generate(policy_w, prompts)
@@ -472,11 +525,11 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
     scores, parts = score(batch, records)
     out = {"eval/scores": scores.mean(), "eval/response_length": batch.response_mask.sum(1).float().mean(),
            "eval/eos_rate": batch.has_eos.float().mean()} | ({"eval/kl": kls.mean()} if kls is not None else {})
-    if len(parts) > 1:  # a hybrid reward or an ensemble: each part
-        out.update({f"eval/{k}": v.mean() for k, v in parts.items()})
+    out.update({f"eval/{k}": v.mean() for k, v in parts_to_log(parts).items()})
     decoded = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
     out["eval/distinct_responses"] = len(set(decoded)) / len(decoded)  # falls when the policy collapses to a template
-    out["eval/stutter_rate"] = sum(map(stutters, decoded)) / len(decoded)  # a word pair repeated: degenerate text
+    if "score_rm" in parts:  # a word pair repeated: the degenerate text a learned reward model can come to overrate
+        out["eval/stutter_rate"] = sum(map(stutters, decoded)) / len(decoded)
     if eval_reward_fn:
         judge = record_caller(load_function(eval_reward_fn))
         gold, unscored = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, decoded)], "cpu")
@@ -497,28 +550,14 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
     table = "\n".join(f"  {s:+.2f} | {t!r:.300} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, decoded))
     out = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=scores.device), "mean") for k, v in out.items()}
     metrics.log(step, out, samples=table)
-    tqdm.write(f"eval @ {step}: " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in out.items()) + "\n" +
+    tqdm.write(f"eval @ {step} ({time.time() - started:.0f} s): " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in out.items())
+               + "\n" +
                "\n".join(table.split("\n")[: num_sample_rows]))
     policy_w.train()
     return out
 
 
 # Saves, checkpoints and exact resume
-
-
-def load_function(spec: str):
-    """'path/file.py:name' (also looked for beside the scripts) or 'module:name' -> the function, loaded when used."""
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
-    if not path.endswith(".py"):
-        return getattr(importlib.import_module(path), name)
-    if not os.path.exists(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name)
 
 
 def claim_output_dir(out_dir: str, resume: bool) -> None:
@@ -784,6 +823,22 @@ def user_errors_in_one_line():
         if not any(frame.name == "from_pretrained" for frame in traceback.extract_tb(e.__traceback__)):
             raise
         raise SystemExit(f"error: cannot load a model or tokenizer: {' '.join(str(e).split())[:400]}") from None
+
+
+class Clock:
+    """Elapsed time and what is left at this pace, for the lines a run prints (a log file has no progress bar)."""
+
+    def __init__(self, done: int, total: int):
+        self.start, self.done, self.total = time.time(), done, total  # a resumed run counts from where it resumed
+
+    def __call__(self, done: int) -> str:
+        elapsed = time.time() - self.start
+        left = elapsed / max(1, done - self.done) * (self.total - done)
+        return f"[{self.hms(elapsed)} elapsed, {self.hms(left)} left]"
+
+    @staticmethod
+    def hms(seconds: float) -> str:
+        return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
 
 def stop_if_not_finite(step: int, output_dir: str, **values: float) -> None:

@@ -27,17 +27,17 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
-import tyro
 from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import end_token_id, last_token_index, setup_tokenizer
-from plumbing import (TASK_DATA, Metrics, StopSignals, WithoutAdapters, add_lora, all_reduce, batch_indices, check_room,
-                      clip_gradients, decay_groups, default_learning_rate, disable_dropout, distribute, evaluate_policy,
-                      exact_div, generate, layout, load_prompts, load_reward_fns, load_reward_models, load_state,
-                      packing_works, prepare_output, quiet_missing_head, resume_point, reward_model_paths, save_model,
-                      score_responses, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
+from plumbing import (TASK_DATA, Clock, Metrics, StopSignals, WithoutAdapters, add_lora, all_reduce, batch_indices,
+                      check_room, cli, clip_gradients, decay_groups, default_learning_rate, disable_dropout, distribute,
+                      evaluate_policy, exact_div, generate, layout, load_prompts, load_reward_fns, load_reward_models,
+                      load_state, packing_works, parts_to_log, prepare_output, quiet_missing_head, require_stage,
+                      resume_point, reward_model_paths, save_model, score_responses, setup, stop_if_not_finite,
+                      sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -105,8 +105,8 @@ class Args:
     """prompts (prompt-only, or any format with a prompt; other fields reach reward functions):
     a JSONL, JSON, Parquet or CSV file, a `save_to_disk` folder or a Hub dataset id (docs/details.md#data-sources)"""
     eval_dataset: str = "auto"
-    """held-out prompts for evaluation; 'auto': the embedded task's held-out prompts with its training prompts, with
-    yours --eval-split's split of --dataset or none (evaluation then samples training prompts); 'none' likewise"""
+    """held-out prompts for evaluation, or 'none'. 'auto': for the embedded task's prompts its held-out ones; for yours
+    the --eval-split of --dataset if given, else none (evaluation then samples training prompts)"""
     dataset_config: str | None = None
     """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
     dataset_split: str = "train"
@@ -351,7 +351,6 @@ def load_value_model(args, policy, reward_model_path: str | None, trained: dict,
 
 class Models(NamedTuple):
     """What `load_models` returns."""
-    tokenizer: object
     policy: torch.nn.Module
     value_net: torch.nn.Module  # a sequence classifier, or a ValueHead on the policy
     policy_w: torch.nn.Module  # policy_w(fn, x, ...) = fn(policy, value_net, x, ...), under torchrun DDP or FSDP2
@@ -360,7 +359,7 @@ class Models(NamedTuple):
     padding_free: bool
 
 
-def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, resume_dir: str) -> Models:
+def load_models(args, tokenizer, trained: dict, frozen: dict, device, reward_paths: tuple, resume_dir: str) -> Models:
     """The four models (`resume_dir`: an interrupted run's checkpoint to continue from), dropout off in all of them
     (PPO needs identical log-probs in rollout and update: N+ details, #2), the frozen ones in eval mode, each wrapped
     for torchrun. Every pass runs as a wrapper's forward: policy_w(fn, x, ...) computes fn(policy, value_net, x, ...),
@@ -368,7 +367,6 @@ def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, 
     module they wrap, and a pass calls parts of a model (`forward` puts the LM head at response positions only), so the
     pass is handed to the wrapper (`Parallel`, in plumbing.py). Without torchrun the wrappers only call fn; under it
     the frozen models are sharded too with --strategy fsdp, and replicated with ddp."""
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
     policy_from = args.init_policy_path or args.sft_model_path
     policy = AutoModelForCausalLM.from_pretrained(resume_dir if resume_dir and not args.lora_r else policy_from,
                                                   **trained).to(device)
@@ -408,7 +406,7 @@ def load_models(args, trained: dict, frozen: dict, device, reward_paths: tuple, 
                                                                                    args.bf16, trainable=False)
     reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
     policy_w.train()
-    return Models(tokenizer, policy, value_net, policy_w, ref_w, reward_ws, padding_free)
+    return Models(policy, value_net, policy_w, ref_w, reward_ws, padding_free)
 
 
 def main(args: Args) -> None:
@@ -417,18 +415,23 @@ def main(args: Args) -> None:
                          "loss), or 0 to turn dual clipping off")
     rank, world_size, device, run_name, autocast, trained, frozen = setup(args)  # torchrun, seeds, --bf16's autocast
     reward_paths = reward_model_paths(args)  # 'auto': models/reward_model, unless reward functions are given alone
+    if args.init_policy_path:
+        require_stage(args.init_policy_path, "", "python ppo_rlhf.py", "--init-policy-path")
     reward_fns = load_reward_fns(args)  # (name, fn, weight) per --reward-fn
     _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "prompts_train.jsonl", "prompts_eval.jsonl")
 
-    # 1. four models: the policy and the value network (trained), the reference and the reward model(s) (frozen)
-    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
-    tokenizer, policy, value_net, policy_w, ref_w, reward_ws, padding_free = load_models(
-        args, trained, frozen, device, reward_paths, ckpt_dir if resuming else "")
-    learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=3e-6)
-
-    # 2. prompts (ids, left-padded per batch for generation), and how the rollout batch splits
+    # 1. the prompts (ids, left-padded per batch for generation), read and checked before any model loads
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
     train_records, train_prompts, eval_records, eval_prompts = load_prompts(args, tokenizer, eval_dataset,
                                                                             eval_reward_fn, reward_fns)
+
+    # 2. four models: the policy and the value network (trained), the reference and the reward model(s) (frozen)
+    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    policy, value_net, policy_w, ref_w, reward_ws, padding_free = load_models(
+        args, tokenizer, trained, frozen, device, reward_paths, ckpt_dir if resuming else "")
+    learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=3e-6)
+
+    # how the rollout batch splits
     unit = args.num_mini_batches * args.gradient_accumulation_steps  # the rollout batch must split into micro-batches
     rollout_batch_size = args.rollout_batch_size  # prompts per process per iteration
     if len(train_prompts) < rollout_batch_size * world_size:
@@ -484,12 +487,13 @@ def main(args: Args) -> None:
                        eval_reward_fn=eval_reward_fn, pass_k=args.eval_pass_k, metrics=metrics,
                        num_sample_rows=args.num_sample_rows)  # evaluate(iteration, final)
 
+    if start_iteration == 0:
+        evaluate(0)
     progress = tqdm(range(start_iteration, args.num_iterations), initial=start_iteration, total=args.num_iterations,
                     desc="ppo", disable=rank != 0 or None)  # None: on in a terminal, off in a log file
     signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the iteration, then exit
+    clock = Clock(start_iteration, args.num_iterations)
     for iteration in progress:
-        if iteration % args.eval_steps == 0:
-            evaluate(iteration)
         t0 = time.time()
         # 4. rollout: sample responses from the current policy (pure sampling at --temperature)
         idx = batch_indices(iteration, len(train_prompts), rollout_batch_size, args.seed, rank, world_size)
@@ -618,8 +622,7 @@ def main(args: Args) -> None:
             "charts/kl_coef": kl_coef, "charts/episodes": (iteration + 1) * rollout_batch_size * world_size,
             "time/generate": t_generate, "time/rollout_forward": t_rollout, "time/update": t_update,
         }
-        if len(score_parts) > 1:  # a hybrid reward or an ensemble: each part, and the members' disagreement
-            row.update({f"objective/{k}": v.mean() for k, v in score_parts.items()})
+        row.update({f"objective/{k}": v.mean() for k, v in parts_to_log(score_parts).items()})
         row = dict(zip(row, all_reduce(torch.tensor([float(v) for v in row.values()], device=device), "mean").tolist()))
         metrics.log(iteration + 1, row)
         if not all(torch.isfinite(torch.as_tensor(v, dtype=torch.float)) for v in row.values()):
@@ -628,7 +631,10 @@ def main(args: Args) -> None:
                              len=f"{row['val/response_length']:.1f}", clip=f"{row['policy/clipfrac_avg']:.2f}")
         if progress.disable:  # no progress bar (a log file): a line per iteration
             print(f"iteration {iteration + 1}/{args.num_iterations}: score {row['objective/scores']:.3f}  kl {mean_kl:.2f}"
-                  f"  length {row['val/response_length']:.1f}  clipfrac {row['policy/clipfrac_avg']:.2f}")
+                  f"  length {row['val/response_length']:.1f}  clipfrac {row['policy/clipfrac_avg']:.2f}"
+                  f"  {clock(iteration + 1)}")
+        if (iteration + 1) % args.eval_steps == 0 and iteration + 1 < args.num_iterations:  # the last: after the save
+            evaluate(iteration + 1)  # before the checkpoint, which holds it: a stop asked for meanwhile waits no longer
         if signals.checkpoint_due(iteration + 1, args.num_iterations, args.save_steps, device):  # or asked to stop
             state = {"scheduler": scheduler.state_dict(), "iteration": iteration + 1, "kl_coef": kl_coef,
                      "run_name": run_name, "log_bytes": metrics.position()}
@@ -650,4 +656,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     with user_errors_in_one_line():
-        main(tyro.cli(Args))
+        main(cli(Args))  # the flags; on the CPU, glibc keeps freed memory (plumbing.cli)

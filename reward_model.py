@@ -24,16 +24,15 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (encode_prompt, encode_response, end_token_id, pad, read_data, reward_scores, sample, score_suffix,
                     setup_tokenizer)
-from plumbing import (TASK_DATA, Metrics, StopSignals, add_lora, all_reduce, batch_indices, check_room, clip_gradients,
-                      decay_groups, default_learning_rate, disable_dropout, distribute, gathered, load_function,
-                      load_state, pack, packing_works, prepare_output, quiet_missing_head, require_stage, resume_point,
-                      save_model, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
+from plumbing import (TASK_DATA, Clock, Metrics, StopSignals, add_lora, all_reduce, batch_indices, check_room, cli,
+                      clip_gradients, decay_groups, default_learning_rate, disable_dropout, distribute, gathered,
+                      load_function, load_state, pack, packing_works, prepare_output, quiet_missing_head, require_stage,
+                      resume_point, save_model, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -77,8 +76,8 @@ class Args:
     """prompt/chosen/rejected, or chosen/rejected conversations: JSONL, JSON, Parquet or CSV files, `save_to_disk`
     folders or Hub dataset ids (docs/details.md#data-sources); several are read as one (all rounds' labels, say)"""
     eval_dataset: str = "auto"
-    """held-out preferences in the same format; 'auto': the embedded task's held-out file with its training file,
-    with yours --eval-split's split of the first --dataset or none; 'none' to skip"""
+    """held-out preferences in the same format, or 'none'. 'auto': for the embedded task's data its held-out file; for
+    yours the --eval-split of the first --dataset if given, else none"""
     dataset_config: str | None = None
     """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
     dataset_split: str = "train"
@@ -234,9 +233,21 @@ def main(args: Args) -> None:
     require_stage(args.model_name_or_path, "models/sft", "python sft.py", "--model-name-or-path")
     _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "preference_train.jsonl",
                                                      "preference_eval.jsonl")
+    # the data and the judge first: bad lines stop the run with file, line and field (or are counted and skipped)
+    # before a model loads
+    bad_lines = [] if args.skip_bad_pairs else None
+    train_records = [r for path in args.dataset
+                     for r in read_data(path, "preference", bad_lines, args.dataset_config, args.dataset_split)]
+    eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config, args.eval_split or "train",
+                             True) if eval_dataset != "none" else []
+    if bad_lines:
+        print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
+    judge = load_function(eval_reward_fn) if eval_reward_fn else None
 
     # 1. the SFT model with a fresh scalar head (or a reward model to continue, or an interrupted run's checkpoint)
     ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    if args.continue_from and not resuming:
+        require_stage(args.continue_from, "", "python reward_model.py", "--continue-from")
     base = args.continue_from or args.model_name_or_path
     load_from = ckpt_dir if resuming and not args.lora_r else base  # LoRA: the base, then the adapter
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
@@ -261,14 +272,7 @@ def main(args: Args) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model_w = distribute([model], args.strategy, args.bf16)  # every pass runs as model_w(fn, ...) = fn(model, ...)
 
-    # 2. data: bad lines stop the run with file, line and field (or are counted and skipped)
-    bad_lines = [] if args.skip_bad_pairs else None
-    train_records = [r for path in args.dataset
-                     for r in read_data(path, "preference", bad_lines, args.dataset_config, args.dataset_split)]
-    eval_records = read_data(eval_dataset, "preference", bad_lines, args.dataset_config, args.eval_split or "train",
-                             True) if eval_dataset != "none" else []
-    if bad_lines:
-        print(f"skipped {len(bad_lines)} bad lines, the first: {bad_lines[0]}")
+    # 2. data: pairs tokenized once, rankings kept together as comparison groups
     train, cut, skipped, responses_cut = encode_pairs(train_records, tokenizer, args)
     for count, total, what, flag in [
             (cut, len(train_records), "prompts were cut from the left", "--max-prompt-length"),
@@ -338,12 +342,14 @@ def main(args: Args) -> None:
         return torch.cat(chosen), torch.cat(rejected)
 
     def evaluate(step: int):
+        started = time.time()
         chosen_rewards, rejected_rewards = score_pairs(evals)
         out = {"eval/rm/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
                "eval/rm/margin": (chosen_rewards - rejected_rewards).mean(),
                "eval/rm/chosen_rewards": chosen_rewards.mean(), "eval/rm/rejected_rewards": rejected_rewards.mean()}
         metrics.log(step, out)
-        tqdm.write(f"step {step}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in out.items()))
+        tqdm.write(f"step {step} ({time.time() - started:.0f} s): " + "  ".join(f"{k.split('/')[-1]} {v:.4f}"
+                                                                            for k, v in out.items()))
         return chosen_rewards, rejected_rewards
 
     # 4. training loop
@@ -352,7 +358,7 @@ def main(args: Args) -> None:
     model_w.train()
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="reward model",
                     disable=rank != 0 or None)  # None: on in a terminal, off in a log file
-    step_end = time.perf_counter()
+    step_end, clock = time.perf_counter(), Clock(start_step, num_steps)
     signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the step, then exit
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
@@ -379,7 +385,7 @@ def main(args: Args) -> None:
         step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.2f}")
         if progress.disable and (step + 1) % args.eval_steps == 0:  # no progress bar (a log file): the loss here
-            print(f"step {step + 1}/{num_steps}: train loss {stats[0]:.4f}, accuracy {stats[1]:.3f}")
+            print(f"step {step + 1}/{num_steps}: train loss {stats[0]:.4f}, accuracy {stats[1]:.3f}  {clock(step + 1)}")
         metrics.log(step + 1, {"train/rm/loss": stats[0], "train/rm/accuracy": stats[1], "train/rm/margin": stats[2],
                                "train/rm/grad_norm": grad_norm.item(), "charts/lr": scheduler.get_last_lr()[0],
                                "time/step": step_seconds})
@@ -468,8 +474,7 @@ def main(args: Args) -> None:
                 print(f"  [{b / 10:.1f}, {(b + 1) / 10:.1f})  n={int(sel.sum()):>5}  predicted {prob[sel].mean():.3f}  "
                       f"observed {outcome[sel].mean():.3f}")
         final = {"eval/rm/ece": ece}
-        if eval_reward_fn:
-            judge = load_function(eval_reward_fn)
+        if judge:
             gold_chosen = torch.tensor([judge(r["prompt"], r["chosen"]) for r in eval_records])
             gold_rejected = torch.tensor([judge(r["prompt"], r["rejected"]) for r in eval_records])
             final["eval/rm/gold_agreement"] = (gold_chosen > gold_rejected).float().mean()  # gold agrees with labels
@@ -488,4 +493,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     with user_errors_in_one_line():
-        main(tyro.cli(Args))
+        main(cli(Args))  # the flags; on the CPU, glibc keeps freed memory (plumbing.cli)

@@ -22,15 +22,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import encode_prompt, encode_response, end_token_id, pad, read_data, sample, setup_tokenizer
-from plumbing import (TASK_DATA, TINY_MODEL, Metrics, StopSignals, add_lora, all_reduce, batch_indices, check_room,
-                      clip_gradients, decay_groups, default_learning_rate, distribute, gathered, load_function,
-                      load_state, pack, packing_works, prepare_output, resume_point, save_model, setup,
-                      stop_if_not_finite, sync_gradients, user_errors_in_one_line)
+from plumbing import (TASK_DATA, TINY_MODEL, Clock, Metrics, StopSignals, add_lora, all_reduce, batch_indices,
+                      check_room, cli, clip_gradients, decay_groups, default_learning_rate, distribute, gathered,
+                      load_function, load_state, pack, packing_works, prepare_output, require_stage, resume_point,
+                      save_model, setup, stop_if_not_finite, sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -70,8 +69,8 @@ class Args:
     """prompt/completion pairs or conversational `messages`: a JSONL, JSON, Parquet or CSV file, a `save_to_disk`
     folder or a Hub dataset id (docs/details.md#data-sources)"""
     eval_dataset: str = "auto"
-    """held-out data in the same format; 'auto': the embedded task's held-out file with its training file, with yours
-    --eval-split's split of --dataset or none (the final sampling check then uses training prompts); 'none' to skip"""
+    """held-out data in the same format, or 'none'. 'auto': for the embedded task's data its held-out file; for yours
+    the --eval-split of --dataset if given, else none (the final sampling check then samples training prompts)"""
     dataset_config: str | None = None
     """the configuration (subset) of a Hub dataset given as --dataset or --eval-dataset"""
     dataset_split: str = "train"
@@ -199,9 +198,16 @@ def sample_texts(model, tokenizer, prompts, max_prompt_length: int, max_new_toke
 def main(args: Args) -> None:
     rank, world_size, device, run_name, autocast, trained, _ = setup(args)  # torchrun, seeds, --bf16's autocast
     _, eval_dataset, eval_reward_fn = prepare_output(args, rank, world_size, "sft_train.jsonl", "sft_eval.jsonl")
+    # the data and the judge first: a bad record or a missing function stops the run before a model loads
+    train_records = read_data(args.dataset, "sft", None, args.dataset_config, args.dataset_split)
+    eval_records = read_data(eval_dataset, "sft", None, args.dataset_config, args.eval_split or "train", True) if (
+        eval_dataset != "none") else []
+    judge = load_function(eval_reward_fn) if eval_reward_fn else None
 
     # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
     ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    if not resuming:
+        require_stage(args.model_name_or_path, TINY_MODEL, "python sft.py", "--model-name-or-path")
     load_from = ckpt_dir if resuming and not args.lora_r else args.model_name_or_path  # LoRA: base, then adapter
     tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(load_from, **trained).to(device)
@@ -219,9 +225,6 @@ def main(args: Args) -> None:
     model_w = distribute([model], args.strategy, args.bf16)  # every training pass runs as model_w(fn, ...) = fn(model, ...)
 
     # 2. data: tokenize once; prompt and completion separately, the end token appended
-    train_records = read_data(args.dataset, "sft", None, args.dataset_config, args.dataset_split)
-    eval_records = read_data(eval_dataset, "sft", None, args.dataset_config, args.eval_split or "train", True) if (
-        eval_dataset != "none") else []
     train, cut, skipped, completions_cut = encode(train_records, tokenizer, args)
     evals = encode(eval_records, tokenizer, args)[0]
     for count, what, flag in [(cut, "prompts were cut from the left", "--max-prompt-length"),
@@ -285,6 +288,7 @@ def main(args: Args) -> None:
     @torch.no_grad()
     def evaluate(step: int) -> None:
         """Held-out loss and a few samples; every process runs it (FSDP2 needs all of them in each forward)."""
+        started = time.time()
         model_w.eval()
         if evals:
             nll, n = 0.0, 0
@@ -295,7 +299,7 @@ def main(args: Args) -> None:
                     nll += model_w(token_nll_sum, {name: t.to(device) for name, t in batch.items()}).item()
                 n += (batch["labels"][:, 1:] != -100).sum().item()
             metrics.log(step, {"eval/sft/loss": nll / n})
-            tqdm.write(f"step {step}: eval loss {nll / n:.4f}")
+            tqdm.write(f"step {step}: eval loss {nll / n:.4f} ({time.time() - started:.0f} s)")
         prompts = sample_prompts[: args.num_samples]
         with autocast(), gathered(model_w) as generator:
             texts, _ = generator(sample_texts, tokenizer, prompts, args.max_prompt_length, args.max_completion_length,
@@ -312,7 +316,7 @@ def main(args: Args) -> None:
     model_w.train()
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft",
                     disable=rank != 0 or None)  # None: on in a terminal, off in a log file
-    step_end = time.perf_counter()
+    step_end, clock = time.perf_counter(), Clock(start_step, num_steps)
     signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the step, then exit
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
@@ -336,7 +340,7 @@ def main(args: Args) -> None:
         step_seconds, step_end = time.perf_counter() - step_end, time.perf_counter()  # includes any evaluation
         progress.set_postfix(loss=f"{loss:.3f}")
         if progress.disable and (step + 1) % args.eval_steps == 0:  # no progress bar (a log file): the loss here
-            print(f"step {step + 1}/{num_steps}: train loss {loss:.4f}")
+            print(f"step {step + 1}/{num_steps}: train loss {loss:.4f}  {clock(step + 1)}")
         metrics.log(step + 1, {"train/sft/loss": loss, "train/sft/grad_norm": grad_norm.item(), "time/step": step_seconds,
                                "charts/lr": scheduler.get_last_lr()[0], "train/sft/tokens": num_tokens.item()})
         if (step + 1) % args.eval_steps == 0 or step + 1 == num_steps:
@@ -364,8 +368,7 @@ def main(args: Args) -> None:
                              args.max_completion_length, device)
         texts, ended = texts + t, ended + e
     final = {"eval/sft/eos_rate": sum(ended) / len(ended)} if prompts else {}  # --num-eval-generations 0 skips it
-    if eval_reward_fn and prompts:
-        judge = load_function(eval_reward_fn)
+    if judge and prompts:
         gold = torch.tensor([judge(p, t) for p, t in zip(prompts, texts)])
         final |= {"eval/sft/gold_mean": gold.mean(), "eval/sft/gold_positive_frac": (gold > 0.3).float().mean(),
                   "eval/sft/gold_negative_frac": (gold < -0.3).float().mean()}
@@ -381,4 +384,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     with user_errors_in_one_line():
-        main(tyro.cli(Args))
+        main(cli(Args))  # the flags; on the CPU, glibc keeps freed memory (plumbing.cli)

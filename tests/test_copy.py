@@ -41,6 +41,18 @@ def test_sft_copied_alone(model_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(folder / "out")
 
 
+def test_a_copied_script_with_no_flags_says_what_to_give(tmp_path):
+    """The defaults name the embedded task, whose generator stays in the repository: a copied script run bare says so
+    in one line and names the flags to give."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("sft.py", *SHARED):
+        shutil.copy(os.path.join(REPO, name), folder)
+    proc = subprocess.run([sys.executable, "sft.py"], cwd=folder, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "reviews_task.py, which is not beside this script" in proc.stderr and "--dataset" in proc.stderr
+
+
 def test_reward_model_copied_alone(sft_dir, tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"The {w} was", "chosen": " great.", "rejected": " bad."}
                                                   for w in ("pasta", "soup", "plot", "view", "bed", "tea")])

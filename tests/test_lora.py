@@ -6,7 +6,7 @@ import torch
 from conftest import read_metrics, run_script
 from test_dpo import dpo_args, toy_preferences
 from test_ppo import ppo_args
-from test_user_path import chat_model_dir  # noqa: F401  (a fixture: a chat model whose pad token is its eos)
+from test_user_path import chat_model_dir, unpadded_chat_model_dir  # noqa: F401  (fixtures: chat models whose pad is eos)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 pytest.importorskip("peft")
@@ -101,6 +101,67 @@ def test_merged_save_equals_the_adapter_model_and_loads_with_peft(kind, chat_mod
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(from_adapter(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(resumed(input_ids=ids).logits, expected)
+
+
+@pytest.fixture(scope="module")
+def spare_token_model_dir(tmp_path_factory, task_dir):
+    """A chat model with pad == eos and an unused special token (<unk>, as SmolLM2 has <|endoftext|>)."""
+    import json
+
+    import reviews_task
+    from test_user_path import make_chat_model
+
+    with open(task_dir / "sft_train.jsonl") as f:
+        texts = [r["prompt"] + r["completion"] for r in map(json.loads, f)]
+    tok = reviews_task.build_tokenizer(texts, vocab_size=400, with_pad=False)
+    tok.add_special_tokens({"unk_token": "<unk>"})
+    return make_chat_model(tok, tmp_path_factory.mktemp("spare_token_model"))
+
+
+def chat_sft_with_lora(model_dir, tmp_path):
+    from conftest import write_jsonl
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": f"{d} was"},
+                                                              {"role": "assistant", "content": f" {d} was great."}]}
+                                                for d in ("the pasta", "the soup", "the tea", "the bread")])
+    run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", data, "--output-dir", tmp_path / "out",
+               "--lora-r", "4", "--max-steps", "3", "--learning-rate", "1e-2", "--num-eval-generations", "0",
+               cwd=tmp_path)
+    return tmp_path / "out"
+
+
+def test_the_adapter_loads_on_the_untouched_base_the_usual_way(spare_token_model_dir, tmp_path):
+    """A tokenizer whose pad is its eos but which has a spare token: that token becomes the pad, the vocabulary stays,
+    and `PeftModel.from_pretrained(base, adapter)` on the base as downloaded gives the merged model's outputs; the
+    adapter carries no embeddings."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    out = chat_sft_with_lora(spare_token_model_dir, tmp_path)
+    assert AutoTokenizer.from_pretrained(out).pad_token == "<unk>"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spare_token_model_dir), out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[3, 10, 11, 12, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "embed" in k or "lm_head" in k]
+
+
+def test_the_adapter_loads_on_the_base_grown_as_docs_say(unpadded_chat_model_dir, tmp_path):  # noqa: F811
+    """A tokenizer with no pad and no spare token gets a new one: the documented step (grow the base's embeddings to
+    the adapter's tokenizer, then load the adapter, which carries the grown embeddings) gives the merged model."""
+    from peft import PeftModel
+
+    out = chat_sft_with_lora(unpadded_chat_model_dir, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(unpadded_chat_model_dir)
+    assert len(tokenizer) == base.config.vocab_size + 1
+    base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[3, 10, 11, 12, len(tokenizer) - 1]])  # the new pad token too
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_ppo_with_lora_shares_the_reference(task_dir, sft_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -67,7 +68,11 @@ def sft_args(task_dir, model_dir, out, *extra):
 
 def test_short_run_learns_saves_and_generates(task_dir, model_dir, tmp_path):
     out = tmp_path / "sft"
-    run_script("sft.py", *sft_args(task_dir, model_dir, out, "--max-steps", "40", "--eval-steps", "20"), cwd=tmp_path)
+    proc = run_script("sft.py", *sft_args(task_dir, model_dir, out, "--max-steps", "40", "--eval-steps", "20"),
+                      cwd=tmp_path)
+    # a log file has no progress bar: each line says how long the run has taken and has left, each evaluation its time
+    assert re.search(r"step 20/40: train loss [\d.]+  \[0:\d\d:\d\d elapsed, 0:\d\d:\d\d left\]", proc.stdout)
+    assert re.search(r"step 20: eval loss [\d.]+ \(\d+ s\)", proc.stdout)
     losses = read_metrics(tmp_path, "eval/sft/loss")
     assert [s for s, _ in losses] == [0, 20, 40]
     assert losses[-1][1] < 0.8 * losses[0][1]  # held-out loss falls well below the random-init loss
@@ -139,6 +144,46 @@ def test_bad_dataset_gives_a_clear_error(tmp_path, model_dir):
     assert proc.returncode != 0
     assert f"{data}, line 2: missing field 'completion'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or
+                    tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 33),
+                    reason="a glibc setting, read back with mallinfo2 (glibc 2.33)")
+def test_keep_freed_memory_only_when_run_as_a_script():
+    """glibc's setting is the whole process's: a script's own `cli` makes it, a program that imports the machinery and
+    starts a run itself (`setup`) keeps glibc's defaults."""
+    code = """
+import ctypes, dataclasses, sys, torch
+sys.path.insert(0, sys.argv[1])
+import plumbing
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mmapped_by_a_64mb_tensor():
+    before = libc.mallinfo2().hblkhd
+    x = torch.empty(16 * 2**20)
+    return libc.mallinfo2().hblkhd - before
+@dataclasses.dataclass
+class Args:
+    device: str = "cpu"
+    track: bool = False
+    exp_name: str = "x"
+    seed: int = 1
+    strategy: str = "ddp"
+    bf16: bool = False
+    lora_r: int = 0
+    trust_remote_code: bool = False
+plumbing.setup(Args())  # a run started from someone's own program
+print(mmapped_by_a_64mb_tensor())
+sys.argv = ["script.py"]
+plumbing.cli(Args)  # a script's entry
+print(mmapped_by_a_64mb_tensor())
+"""
+    proc = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, check=True)
+    imported, as_script = map(int, proc.stdout.split()[-2:])
+    assert imported >= 64 * 2**20 and as_script == 0
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or

@@ -4,10 +4,13 @@ files, its judge, its tiny model's learning rates), and every stage must end wit
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import CHATML, read_metrics, run_script, write_jsonl
+from conftest import CHATML, REPO, read_metrics, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import reviews_task
@@ -123,6 +126,39 @@ def test_a_missing_upstream_stage_is_named(script, missing, command, tmp_path):
     proc = run_script(script, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{missing} does not exist: run `{command}` first" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["reward_model.py", "dpo.py", "grpo.py"])
+def test_an_unfinished_sft_run_is_named(script, tmp_path):
+    """models/sft holding only an interrupted run's checkpoint/: the next stage says so, in one line, not a tokenizer
+    backend's error."""
+    (tmp_path / "models" / "sft" / "checkpoint").mkdir(parents=True)
+    extra = ["--reward-fn", "reward_functions.py:positivity"] if script == "grpo.py" else []
+    proc = run_script(script, *extra, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "models/sft holds an unfinished run (only its checkpoint/): finish it (rerun `python sft.py`)" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["sft.py", "grpo.py"])
+def test_data_errors_come_before_any_model_loads(script, chat_model_dir, tmp_path):
+    """A bad record stops the run before the wait of a model load: here the model named after it (a reward model that
+    does not exist) is never reached; the error names the file, line and field."""
+    kind = {"sft.py": '{"prompt": "a"}', "grpo.py": '{"answer": 1}'}[script]
+    data = write_jsonl(tmp_path / "data.jsonl", ['{"prompt": "the pasta was", "completion": " good."}', kind])
+    flags = (["--model-name-or-path", "no-such-org/no-such-model"] if script == "sft.py" else
+             ["--sft-model-path", chat_model_dir, "--reward-model-path", "no-such-org/no-such-reward-model"])
+    proc = run_script(script, *flags, "--dataset", data, "--output-dir", tmp_path / "out", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "data.jsonl, line 2: missing field" in proc.stderr, proc.stderr[-500:]
+
+
+def test_help_reads_as_paragraphs():
+    """--help gives each flag's text as one paragraph (the docstrings' line breaks are the source's, not the text's)."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "sft.py"), "--help"], capture_output=True, text=True,
+                          env=os.environ | {"COLUMNS": "1000"})
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("│ --")}
+    assert "gradients and optimizer state across them" in lines["--strategy"]
+    assert "samples training prompts" in lines["--eval-dataset"]
 
 
 def test_dpo_on_a_users_chat_model_and_conversational_pairs(chat_model_dir, tmp_path):
@@ -252,6 +288,9 @@ def test_grpo_on_a_users_chat_model_with_a_verifier(chat_model_dir, tmp_path):
     assert read_metrics(tmp_path, "eval/gold_score") == [] and len(read_metrics(tmp_path, "eval/scores")) == 2
     failures = [v for _, v in read_metrics(tmp_path, "objective/parse_failures")]
     assert len(failures) == 2 and all(0 <= v <= 1 for v in failures)
+    # what fits a verifier, once: its one score term is the score itself, and stutters are a reward model's hazard
+    assert not read_metrics(tmp_path, "eval/score_verify") and not read_metrics(tmp_path, "objective/score_verify")
+    assert not read_metrics(tmp_path, "eval/stutter_rate") and len(read_metrics(tmp_path, "eval/parse_failures")) == 2
     tok = AutoTokenizer.from_pretrained(tmp_path / "grpo")
     assert tok.pad_token == "<pad>" and tok.eos_token == "<|im_end|>"
     AutoModelForCausalLM.from_pretrained(tmp_path / "grpo")
