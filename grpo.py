@@ -598,6 +598,7 @@ def main(args: Args) -> None:
             scores, score_parts = score(batch, records)  # (B,)
             raw_scores = scores.clone()
             scores = scores - args.missing_eos_penalty * (~batch.has_eos).float()
+            t_score = time.time() - t0 - t_generate
             old_logprobs, old_entropy = logprobs_of(policy_w, batch) if old_pass else (None, None)  # (B, T) each
             ref_logprobs = logprobs_of(ref_w, batch)[0] if args.kl_coef > 0 else None  # (B, T)
             kl_k1 = kl_k3 = None
@@ -620,7 +621,7 @@ def main(args: Args) -> None:
                 pg_weights = pg_weights * truncated_importance_weights(old_logprobs, batch.sampler_logprobs, args.tis_cap)
         episodes = Episodes(batch, loss_mask, advantages, old_logprobs, ref_logprobs if kl_in_loss else None,
                             pg_weights if args.top_entropy_quantile < 1 or args.tis_cap > 0 else None)
-        t_score = time.time() - t0 - t_generate
+        t_logprobs = time.time() - t0 - t_generate - t_score  # the old-log-prob and reference passes
 
         # 7. update: num_updates_per_batch passes over minibatches, one optimizer step each (`backward_minibatch`);
         #    under torchrun each process updates on its own groups and DDP/FSDP2 combine the gradients
@@ -636,7 +637,7 @@ def main(args: Args) -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        t_update = time.time() - t0 - t_generate - t_score
+        t_update = time.time() - t0 - t_generate - t_score - t_logprobs
 
         # 8. log: token shares over every process's loss tokens; other figures the mean over processes
         def total(key):
@@ -655,7 +656,7 @@ def main(args: Args) -> None:
             "val/response_length": response_mask.sum(1).mean(), "val/truncated": (~batch.has_eos).float().mean(),
             "val/ratio": ratios.mean() if ratios.numel() else 1.0,
             "charts/lr": scheduler.get_last_lr()[0], "charts/episodes": (iteration + 1) * batch_size * world_size,
-            "time/generate": t_generate, "time/score": t_score, "time/update": t_update,
+            "time/generate": t_generate, "time/score": t_score, "time/logprobs": t_logprobs, "time/update": t_update,
         }
         if old_pass:  # the first minibatch's forward repeats the rollout's: any deviation is a bug (the largest logged)
             first_ratios = torch.cat(stats[0]["ratio"])

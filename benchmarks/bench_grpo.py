@@ -53,8 +53,8 @@ def run_ours(args: Args, algorithm: str) -> dict:
              "--save-steps", "1000000", "--num-eval-prompts", "0", "--no-eval-kl", "--eval-reward-fn", "",
              "--dataset", os.path.abspath(args.prompts), "--learning-rate", "1e-4", *FLAGS[algorithm]]
     rows, peak = run_script("grpo.py", flags)
-    return {"iterations": [{"total": r["time/generate"] + r["time/score"] + r["time/update"]} for r in rows
-                           if "time/update" in r], "peak_rss_mb": peak}
+    return {"iterations": [{"total": r["time/generate"] + r["time/score"] + r.get("time/logprobs", 0) + r["time/update"]}
+                           for r in rows if "time/update" in r], "peak_rss_mb": peak}
 
 
 def run_trl(args: Args, algorithm: str) -> dict:
