@@ -5,6 +5,8 @@ distribution sampled from. Copy it and plumbing.py (the machinery) beside any st
 import importlib
 import inspect
 import json
+import math
+import numbers
 import os
 import re
 from typing import NamedTuple
@@ -108,22 +110,21 @@ def read_data(source: str, kind: str, errors: list | None = None, config: str | 
         raise
     except Exception as e:  # a split or config that does not exist, a Hub that cannot be reached, unreadable data
         where = "" if os.path.exists(source) else " (not a local file or folder; tried as a Hub dataset id)"
-        raise DataError(f"{source}{where}: {type(e).__name__}: {e}") from None
+        cause = e.__cause__ or e.__context__  # `datasets` wraps the parser's error (its row and reason) in its own
+        because = f" ({type(cause).__name__}: {' '.join(str(cause).split())[:300]})" if cause else ""
+        raise DataError(f"{source}{where}: {type(e).__name__}: {e}{because}") from None
     rows = (dict(zip(batch, values)) for batch in ds.iter(batch_size=1000) for values in zip(*batch.values()))
     return _records(enumerate(rows), name, "row", kind, errors)  # read in batches: twice as fast as row by row
 
 
 def _records(rows, source: str, unit: str, kind: str, errors: list | None) -> list[dict]:
-    """(index, dict) rows -> checked records. Nulls are dropped first: a Parquet column or message struct holds None
-    where a record lacks the key, and the record must read exactly as its JSONL line would."""
+    """(index, dict) rows -> checked records (`_record`)."""
     records = []
     for i, row in rows:
         where = f"{source}, {unit} {i}"
         try:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
-            row = {k: [{mk: mv for mk, mv in m.items() if mv is not None} if isinstance(m, dict) else m for m in v]
-                   if isinstance(v, list) else v for k, v in row.items() if v is not None}
             records.append(_record(row, kind, where) | {"where": where})
         except DataError as e:
             if errors is None:
@@ -173,8 +174,11 @@ def _parse(line: str, kind: str, where: str) -> dict:
 
 
 def _record(row: dict, kind: str, where: str) -> dict:
-    """One row (a dict, as read from any source) -> a checked record of `kind`, in the fields of FIELDS[kind]."""
-    row = dict(row)
+    """One row (a dict, as read from any source) -> a checked record of `kind`, in the fields of FIELDS[kind]. Nulls are
+    dropped first, from every source alike: a Parquet column or message struct holds None where a record lacks the
+    key, and `"answer": null` in a JSONL line is no answer either."""
+    row = {k: [{mk: mv for mk, mv in m.items() if mv is not None} if isinstance(m, dict) else m for m in v]
+           if isinstance(v, list) else v for k, v in row.items() if v is not None}
     # the conversation in `messages` is the record when there is no `prompt`, and for SFT when there is no `completion`
     # (HuggingFaceH4/ultrachat_200k keeps its first user turn as a `prompt` column beside `messages`)
     if "messages" in row and ("prompt" not in row or kind == "sft" and "completion" not in row):
@@ -483,9 +487,16 @@ def record_caller(fn):
     return lambda prompt, response, fields: fn(prompt, response, **{k: v for k, v in fields.items() if k in names})
 
 
-def scored(values: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+def scored(values: list, device, what: str = "a reward function", records: list | None = None):
     """A reward function's results -> (B,) scores and (B,) bool failures: None, "could not score" (a verifier finding no
-    answer), is scored 0 and counted, its share logged (`parse_failures`), not hidden in the mean."""
+    answer), is scored 0 and counted, its share logged (`parse_failures`), not hidden in the mean. Anything else but a
+    finite number stops the run, naming `what` returned it for which record."""
+    for i, v in enumerate(values):
+        number = isinstance(v, numbers.Real) or (torch.is_tensor(v) and v.numel() == 1)
+        if v is not None and not (number and math.isfinite(float(v))):
+            where = records[i].get("where", "a prompt") if records else "a prompt"
+            raise SystemExit(f"error: {what} returned {v!r} ({type(v).__name__}) for {where}: a reward is a finite number, "
+                             "or None for 'cannot score this'")
     failed = torch.tensor([v is None for v in values], dtype=torch.bool, device=device)
     return torch.tensor([0.0 if v is None else float(v) for v in values], device=device), failed
 

@@ -277,7 +277,7 @@ def main(args: Args) -> None:
 
     # 1. two models: the policy (trained) and the reference (frozen), both from the SFT model; with LoRA the reference
     #    is the policy with its adapters off, no second copy
-    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    ckpt_dir, resuming = resume_point(args)  # the checkpoint checked before anything loads from it
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(ckpt_dir if resuming and not args.lora_r else args.model_name_or_path,
                                                   **trained).to(device)

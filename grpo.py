@@ -101,6 +101,9 @@ class Args:
     `answer`) that the function names, or fn(prompt, response)"""
     reward_fn_weights: tuple[float, ...] = ()
     """one weight per --reward-fn term (default 1 each)"""
+    reward_fn_timeout: float = 60.0
+    """in seconds: a reward function (or the judge) still running on one response after this scores it None (counted,
+    with a warning), so a hang cannot stall the run; 0: no limit"""
     reward_label_index: int | None = None
     """for a reward model with several outputs (a sentiment classifier's labels), the one that is the reward"""
     reward_transform: Literal["none", "logsigmoid"] = "none"
@@ -501,7 +504,7 @@ def main(args: Args) -> None:
 
     # 2. models: the policy, the reward model(s) and/or reward functions, and the SFT model as the reference when a KL
     #    term or the evaluation needs it
-    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    ckpt_dir, resuming = resume_point(args)  # the checkpoint checked before anything loads from it
     kl_in_loss = args.kl_coef > 0 and args.kl_in == "loss"
     kl_in_reward = args.kl_coef > 0 and args.kl_in == "reward"
     policy, policy_w, ref_w, reward_ws, padding_free = load_models(args, tokenizer, trained, frozen, device, reward_paths,
@@ -573,7 +576,7 @@ def main(args: Args) -> None:
     evaluate = partial(evaluate_policy, policy_w=policy_w, ref_w=ref_w, records=eval_records, prompts=eval_prompts,
                        generate=generate_batch, score=score, kl=eval_kl, tokenizer=tokenizer,
                        eval_reward_fn=eval_reward_fn, pass_k=args.eval_pass_k, metrics=metrics,
-                       num_sample_rows=args.num_sample_rows)  # evaluate(iteration, final)
+                       num_sample_rows=args.num_sample_rows, timeout=args.reward_fn_timeout)  # evaluate(iteration, final)
 
     if start_iteration == 0:
         evaluate(0)

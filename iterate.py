@@ -21,6 +21,7 @@ not run again, so an interrupted loop continues where it stopped when run with t
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -79,8 +80,31 @@ def run(script: str, *flags) -> None:
     """Run a stage script with this Python; its output goes to the terminal, a failure stops the loop."""
     command = [sys.executable, os.path.join(HERE, script), *map(str, flags)]
     print(f"\n$ python {script} {shlex.join(command[2:])}", flush=True)
-    if subprocess.run(command).returncode != 0:
-        raise SystemExit(f"error: {script} failed (see above); rerun the same command to continue from this step")
+    if wait_for(command) != 0:
+        raise SystemExit(f"error: {script} failed or was stopped (see above); rerun the same command to continue "
+                         "from this step")
+
+
+def wait_for(command: list[str]) -> int:
+    """Run `command` to its end and return its exit status. A stop is the child's to make: Ctrl-C in the terminal
+    reaches it too (one process group), so this process only waits; a SIGTERM sent to this process is passed on. Either
+    way the stage checkpoints at the end of its step, and the rerun goes on from there."""
+    child = subprocess.Popen(command)
+    handlers = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def split_flags(flags: str, name: str) -> list[str]:
+    """--ppo-args and the like, split as a shell would; a quote left open is one line, not a traceback."""
+    try:
+        return shlex.split(flags)
+    except ValueError as e:
+        raise SystemExit(f"error: {name} {flags!r}: {e}") from None
 
 
 def final_eval(model_dir: str) -> dict:
@@ -96,6 +120,8 @@ def final_eval(model_dir: str) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    for flags, name in [(args.ppo_args, "--ppo-args"), (args.rm_args, "--rm-args"), (args.label_args, "--label-args")]:
+        split_flags(flags, name)  # all checked before the first round starts
     for path, command in [(args.sft_model_path, "python sft.py"), (args.reward_model_path, "python reward_model.py")]:
         if not os.path.isdir(path):
             raise SystemExit(f"error: {path} does not exist: run `{command}` first, or point the flag at a model")
@@ -103,7 +129,7 @@ if __name__ == "__main__":
                                                        if args.dataset_config else [])]  # of --prompts
     ppo_flags = ["--sft-model-path", args.sft_model_path, "--dataset", args.prompts, *source, "--kl-coef", args.kl_coef,
                  "--num-iterations", args.ppo_iterations, "--eval-steps", args.ppo_iterations, "--seed", args.seed,
-                 *shlex.split(args.ppo_args)]  # the later of two equal flags wins: --ppo-args can override these
+                 *split_flags(args.ppo_args, "--ppo-args")]  # the later of two equal flags wins: --ppo-args can override these
     labels = list(args.preference_data)
     reward_model, policy = args.reward_model_path, args.sft_model_path
     summary = []
@@ -117,7 +143,7 @@ if __name__ == "__main__":
                     "--annotator", args.annotator, "--num-prompts", args.num_label_prompts,
                     "--seed", args.seed * 1000 + r * 10 + p,
                     *(["--policy-b-path", args.sft_model_path] if args.label_against == "sft" else []),
-                    *shlex.split(args.label_args))
+                    *split_flags(args.label_args, "--label-args"))
                 if os.path.exists(out):  # all ties: nothing to add
                     labels.append(out)
             # 3. the reward model on every label so far
@@ -126,7 +152,7 @@ if __name__ == "__main__":
                 run("reward_model.py", "--model-name-or-path", args.sft_model_path, "--dataset", *labels,
                     *(["--continue-from", reward_model] if args.rm_init == "continue" else []),
                     "--output-dir", new_reward_model, "--exp-name", f"{os.path.basename(args.out_dir)}_rm{r}",
-                    "--seed", args.seed, *shlex.split(args.rm_args))
+                    "--seed", args.seed, *split_flags(args.rm_args, "--rm-args"))
             reward_model = new_reward_model
         # 4. PPO against this round's reward model, from the last policy (or SFT); the reference is always SFT
         ppo_dir = os.path.join(round_dir, "ppo")

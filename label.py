@@ -30,7 +30,7 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import DataError, encode_prompt, end_token_id, read_data, sample, setup_tokenizer
-from plumbing import TASK_DATA, load_function
+from plumbing import TASK_DATA, hold_lock, load_function, lock_path
 
 
 @dataclass
@@ -107,12 +107,12 @@ class LabelFiles:
                 print(f"{path}: removing an unfinished last line (the run was stopped while writing it)")
                 os.truncate(path, data.rfind(b"\n") + 1)
                 data = data[: data.rfind(b"\n") + 1]
-            for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+            for lineno, line in enumerate(data.splitlines(), start=1):
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.decode("utf-8"))
                     prompts.add(key(row["prompt"]))
                     counts[row["label"]] += 1
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                     raise SystemExit(f"error: {path}, line {lineno}: not a record written by label.py (field "
                                      "'prompt' or 'label' missing); use another --output") from None
         return {"counts": counts, "prompts": prompts}
@@ -201,10 +201,12 @@ def sample_pairs(args, prompts: list, done: set) -> list:
     return items
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
+def main(args: Args) -> None:
     annotator = None if args.annotator == "human" else load_function(args.annotator)
-    files = LabelFiles(args.output)
+    if os.path.isdir(args.output):
+        raise SystemExit(f"error: --output {args.output} is a folder: give the file to write the labels to")
+    files = LabelFiles(args.output)  # makes its folder
+    hold_lock(lock_path(args.output), args.output, "wait for it to end, or label into another --output")
     done = files.done()
     if args.pairs:
         try:
@@ -300,3 +302,10 @@ if __name__ == "__main__":
         i += 1
     print(f"\n{args.output}: {counts['A'] + counts['B']} pairs, {counts['Tie']} ties, {counts['skip']} skipped "
           f"({args.output}.ties.jsonl); {len(items) - i} of this run's prompts left")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # while the models load or sample: every answer given is already on disk
+        raise SystemExit("interrupted: every answer given is on disk; the same command goes on from there") from None

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -31,8 +32,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -132,13 +135,22 @@ def load_function(spec: str):
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise SystemExit(f"error: expected 'file.py:function', got '{spec}'")
-    if not path.endswith(".py"):
-        return getattr(importlib.import_module(path), name)
-    if not os.path.exists(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-    module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    if path.endswith(".py") and not os.path.exists(path):
+        beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+        if not os.path.exists(beside):
+            raise SystemExit(f"error: {spec}: no file {path} (here or beside the scripts)")
+        path = beside
+    try:
+        if path.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(path)
+    except Exception as e:  # the user's file fails as it loads: say so in one line
+        raise SystemExit(f"error: {spec}: {path} fails to load ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, name, None)):
+        raise SystemExit(f"error: {spec}: {path} has no function {name}")
     return getattr(module, name)
 
 
@@ -165,10 +177,14 @@ def quiet_missing_head(quiet: bool = True):
         logger.disabled = False
 
 
-def resume_point(output_dir: str, resume: bool) -> tuple[str, bool]:
-    """-> (the checkpoint folder, whether this run resumes from it: an interrupted run left one and --resume is on)."""
-    ckpt_dir = os.path.join(output_dir, "checkpoint")
-    return ckpt_dir, resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+def resume_point(args) -> tuple[str, bool]:
+    """-> (the checkpoint folder, whether this run resumes from it: an interrupted run left one and --resume is on),
+    the checkpoint checked before anything loads from it (`check_checkpoint`)."""
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt_dir, "training_state.pt"))
+    if resuming:
+        check_checkpoint(ckpt_dir, args)
+    return ckpt_dir, resuming
 
 
 def default_learning_rate(args, model, tiny: float, pretrained: float) -> float:
@@ -455,13 +471,37 @@ def score_responses(batch: Rollout, records: list[dict], tokenizer, reward_ws: l
             scores = parts["score_rm"] = members.mean(dim=0) - args.ensemble_k * parts["rm_std"]
     failed = torch.zeros(len(records), dtype=torch.bool, device=device)
     for name, fn, weight in reward_fns:
-        call = record_caller(fn)
+        call = timed(record_caller(fn), args.reward_fn_timeout, f"--reward-fn {name[6:]}")
         parts[name], unscored = scored([call(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, texts)],
-                                       device)
+                                       device, f"--reward-fn {name[6:]}", records)
         scores, failed = scores + weight * parts[name], failed | unscored
     if reward_fns:  # the share of responses a reward function could not score (None: scored 0)
         parts["parse_failures"] = failed.float()
     return scores, parts
+
+
+def timed(call, seconds: float, what: str):
+    """A reward function or judge that may take at most `seconds` on one response (0: no limit): past it, that response
+    is scored None ("cannot score", counted in parse_failures) with a warning, and the run goes on, its signals
+    heard. SIGALRM: in the main thread on Linux and macOS; elsewhere without a limit."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        return call
+
+    def expire(*_):
+        raise TimeoutError
+
+    def limited(*args):
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return call(*args)
+        except TimeoutError:
+            print(f"warning: {what} took more than {seconds:g} s on one response: scored None (--reward-fn-timeout)")
+            return None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    return limited
 
 
 def parts_to_log(parts: dict) -> dict:
@@ -496,7 +536,7 @@ def pass_rates(generate, judge, records: list, k: int) -> dict:
     those records' responses; temperature 0 is greedy, None the training temperature."""
     def right(indices, texts):
         return scored([judge(records[i]["prompt"], t, records[i].get("fields", {})) for i, t in zip(indices, texts)],
-                      "cpu")[0] >= 1
+                      "cpu", "the judge", [records[i] for i in indices])[0] >= 1
     every = list(range(len(records)))
     out = {"eval/pass@1_greedy": right(every, generate(every, 0.0)).float().mean()}
     if k > 1:
@@ -508,7 +548,8 @@ def pass_rates(generate, judge, records: list, k: int) -> dict:
 
 @torch.no_grad()
 def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, generate, score, kl, tokenizer,
-                    eval_reward_fn: str, pass_k: int, metrics, num_sample_rows: int, final: bool = False) -> dict:
+                    eval_reward_fn: str, pass_k: int, metrics, num_sample_rows: int, timeout: float,
+                    final: bool = False) -> dict:
     """PPO's and GRPO's evaluation: one response per held-out prompt (`generate(model_w, prompts, temperature=...)`),
     its score and parts (`score(batch, records)`), KL to the SFT model (`kl(batch)`: (B,) summed over the response, or
     None), length, end-token rate, distinct responses and stutters; with a judge its gold score, at the end the gold
@@ -531,12 +572,14 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
     if "score_rm" in parts:  # a word pair repeated: the degenerate text a learned reward model can come to overrate
         out["eval/stutter_rate"] = sum(map(stutters, decoded)) / len(decoded)
     if eval_reward_fn:
-        judge = record_caller(load_function(eval_reward_fn))
-        gold, unscored = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, decoded)], "cpu")
+        judge = timed(record_caller(load_function(eval_reward_fn)), timeout, eval_reward_fn)
+        gold, unscored = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, decoded)], "cpu",
+                                eval_reward_fn, records)
         out["eval/gold_score"], out["eval/gold_parse_failures"] = gold.mean(), unscored.float().mean()
         if final and ref_w is not None:  # the SFT model answers the same prompts; the gold judge picks (ties half)
             sft_texts = tokenizer.batch_decode(generate(ref_w, prompts).responses, skip_special_tokens=True)
-            sft_gold = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, sft_texts)], "cpu")[0]
+            sft_gold = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, sft_texts)], "cpu",
+                              eval_reward_fn, records)[0]
             out["eval/sft_gold_score"] = sft_gold.mean()
             out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
             metrics.log(step, sft_samples="\n".join(f"  {t!r:.300} -> {d!r}" for t, d in zip(texts, sft_texts)))
@@ -560,46 +603,67 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
 # Saves, checkpoints and exact resume
 
 
+def lock_path(out_dir: str) -> str:
+    """Where a run on `out_dir` holds its lock: beside the real folder (a link to it is the same folder), under a name no
+    other tool uses, so that no file of the user's is ever the lock."""
+    real = os.path.realpath(out_dir.rstrip("/"))
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.rlhf-run.lock")
+
+
+def hold_lock(path: str, what: str, hint: str):
+    """An exclusive flock on `path` while this process lives (a killed holder's lock is free again at once), the file
+    made if needed and never reached through a link, holding the holder's pid, host and command; removed at exit if it
+    is still the file this run locked. Returns the release function."""
+    while True:
+        try:
+            lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SystemExit(f"error: {path} is a link: refused (a run's lock is never followed)") from None
+            raise
+        with contextlib.suppress(ImportError):  # fcntl: not on Windows
+            import fcntl
+
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SystemExit(f"error: {what} is in use by another run ({lock.read().strip()}): {hint}") from None
+        if os.fstat(lock.fileno()).st_nlink:  # not removed meanwhile by the run that held it, as it ended
+            break
+        lock.close()
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+               f"{' '.join(sys.argv)[:200]}\n")
+    lock.flush()
+
+    def release():  # at exit: the lock file goes (if it is still this run's), then the lock
+        if lock.closed:
+            return
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(lock.fileno()), os.lstat(path)):
+                os.remove(path)
+        lock.close()
+    atexit.register(release)
+    return release
+
+
 def claim_output_dir(out_dir: str, resume: bool) -> None:
-    """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock
-    `out_dir` against a second run (`{out_dir}.lock`, held with flock while this process lives, so a killed run's
-    lock is free again; removed at exit), and check that a save can be written beside it. Under torchrun, rank 0."""
+    """Before any work: finish or undo a save that a kill interrupted (of `out_dir` and of its checkpoint), lock the real
+    folder against a second run (`lock_path`, a link to it included), and check that a save can be written beside it.
+    Under torchrun, rank 0."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    out_dir = out_dir.rstrip("/")
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    out_dir = os.path.realpath(out_dir.rstrip("/"))  # a link to a folder: the folder it names, saved in place
+    parent = os.path.dirname(out_dir)
     if getattr(claim_output_dir, "release", None) is not None:  # a previous main() in this process
         atexit.unregister(claim_output_dir.release)
         claim_output_dir.release()
     try:
         os.makedirs(parent, exist_ok=True)
-        while True:
-            lock = open(out_dir + ".lock", "a+")
-            with contextlib.suppress(ImportError):  # fcntl: not on Windows
-                import fcntl
-
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    lock.seek(0)
-                    raise SystemExit(f"error: {out_dir} is in use by another run ({lock.read().strip()}): wait for it "
-                                     "to end, or choose another --output-dir") from None
-            if os.fstat(lock.fileno()).st_nlink:  # not removed meanwhile by the run that held it, as it ended
-                break
-            lock.close()
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                   f"{' '.join(sys.argv)[:200]}\n")
-        lock.flush()
+        claim_output_dir.release = hold_lock(lock_path(out_dir), out_dir, "wait for it to end, or choose another "
+                                             "--output-dir")
     except OSError as e:
         raise SystemExit(f"error: cannot write beside {out_dir} ({e.strerror}): choose another --output-dir")
-
-    def release():  # at exit: the lock file goes, then the lock
-        with contextlib.suppress(OSError):
-            os.remove(lock.name)
-        lock.close()
-    claim_output_dir.release = release
-    atexit.register(release)
     for folder in (out_dir, os.path.join(out_dir, "checkpoint")):
         tmp, old = folder + ".tmp", folder + ".old"
         if not os.path.exists(folder) and os.path.exists(old):  # killed between the two renames of a save
@@ -654,7 +718,7 @@ def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple |
     if all_reduce(torch.tensor(float(len(bad)), device=device)).item():  # rank 0 holds the gathered weights
         raise SystemExit(f"error: not saving {out_dir}: non-finite weights ({', '.join(bad[:3])}...), training diverged "
                          "(a lower --learning-rate?); what was saved before is as it was")
-    out_dir = out_dir.rstrip("/")
+    out_dir = os.path.realpath(out_dir.rstrip("/"))  # a link to a folder: the folder is swapped, the link stays
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     try:
         if rank == 0:
@@ -728,6 +792,70 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"'{module}.{name}' is not part of a checkpoint")
 
 
+class _CheckedReader(FileSystemReader):
+    """torch.distributed.checkpoint's reader, with its metadata read through `_RestrictedUnpickler` whichever file it
+    reads (the global .metadata, or a rank's __N.metadata it falls back to when that one does not serve), and required
+    to be checkpoint metadata. `refused` says whether it met anything else."""
+
+    refused = False
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _RestrictedUnpickler(f).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"{path} holds a {type(metadata).__name__}, not checkpoint metadata")
+        except pickle.UnpicklingError:
+            self.refused = True
+            raise
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def check_checkpoint(ckpt_dir: str, args) -> None:
+    """Before a resume reads anything: no file of the checkpoint links out of it; it was made with the flags that shape
+    it (LoRA's, PPO's value model); its state, random generators and safetensors files are whole. Each problem is one
+    line naming the folder and what is wrong, not a traceback from deep inside a load."""
+    real = os.path.realpath(ckpt_dir)
+    for root, dirs, files in os.walk(ckpt_dir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if os.path.islink(path) and os.path.commonpath([os.path.realpath(path), real]) != real:
+                raise SystemExit(f"error: {path} links outside the checkpoint ({os.path.realpath(path)}): refused, "
+                                 "unread (remove the checkpoint, or pass --no-resume, to start over)")
+    damaged = f"error: {ckpt_dir} is damaged or was made with other flags ({{}}): remove it or pass --no-resume"
+    try:
+        with open(os.path.join(ckpt_dir, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(damaged.format(f"args.json: {e}")) from None
+    differ = [f"--{k.replace('_', '-')} {saved[k]} then, {getattr(args, k)} now" for k in (
+        "lora_r", "lora_alpha", "lora_target_modules", "value_model") if k in saved and hasattr(args, k) and
+        saved[k] != getattr(args, k)]
+    if differ:
+        raise SystemExit(damaged.format("; ".join(differ)))
+    needed = ["training_state.pt", os.path.join("optimizer", ".metadata")] + (["adapter"] if args.lora_r else [])
+    missing = [n for n in needed if not os.path.exists(os.path.join(ckpt_dir, n))]
+    if missing or not any(f.startswith("rng_") for f in os.listdir(ckpt_dir)):
+        raise SystemExit(damaged.format(f"missing: {', '.join(missing or ['rng_*.pt'])}"))
+    for root, _, files in os.walk(ckpt_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if name.endswith(".pt"):
+                    torch.load(path, weights_only=True)  # a crafted one refused here as in load_state
+                elif name.endswith(".safetensors"):
+                    with safe_open(path, "pt") as f:  # the header against the file's size: a truncated one fails
+                        f.keys()
+            except pickle.UnpicklingError:
+                raise SystemExit(f"error: {ckpt_dir} holds more than tensors and plain types: refused, unread (remove it "
+                                 "to start over)") from None
+            except Exception as e:
+                raise SystemExit(damaged.format(f"{os.path.relpath(path, ckpt_dir)}: {' '.join(str(e).split())[:200]}"))
+
+
 class _CheckedLoadPlanner(DefaultLoadPlanner):
     """torch.distributed.checkpoint's planner reads non-tensor entries with torch.load(weights_only=False): each is
     read with weights_only=True first, so anything but tensors and plain types is refused."""
@@ -747,21 +875,23 @@ def load_state(ckpt_dir: str, parallel, optimizer) -> dict:
     if written_by != world_size:
         raise SystemExit(f"error: {ckpt_dir} was written by {written_by} process(es), this run has {world_size}: resume "
                          "with as many, or start again with --no-resume")
+    reader = _CheckedReader(os.path.join(ckpt_dir, "optimizer"))
     try:
-        with open(os.path.join(ckpt_dir, "optimizer", ".metadata"), "rb") as f:
-            _RestrictedUnpickler(f).load()
         target = {"optimizer": get_optimizer_state_dict(parallel, optimizer)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(target, checkpoint_id=os.path.join(ckpt_dir, "optimizer"), planner=_CheckedLoadPlanner())
+            dcp.load(target, storage_reader=reader, planner=_CheckedLoadPlanner())
         set_optimizer_state_dict(parallel, optimizer, target["optimizer"])
         rng = torch.load(os.path.join(ckpt_dir, f"rng_{rank}.pt"), weights_only=True)
         state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), weights_only=True)
     except (Exception, dcp.CheckpointException) as e:  # the latter wraps what the planner raised
-        if not isinstance(e, pickle.UnpicklingError) and "UnpicklingError" not in str(e):
-            raise
-        raise SystemExit(f"error: {ckpt_dir} holds more than tensors and plain types: refused, unread (remove it to "
-                         "start over)") from None
+        if reader.refused or isinstance(e, pickle.UnpicklingError) or "UnpicklingError" in str(e):
+            raise SystemExit(f"error: {ckpt_dir} holds more than tensors and plain types: refused, unread (remove it "
+                             "to start over)") from None
+        cause = next(iter(getattr(e, "failures", {}).values()), (e,))[0]  # a CheckpointException: each rank's error
+        raise SystemExit(f"error: {ckpt_dir} is damaged or was made with other flags (the optimizer's state: "
+                         f"{type(cause).__name__}: {' '.join(str(cause).split())[:200]}): remove it or pass "
+                         "--no-resume") from None
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"]:
@@ -941,8 +1071,9 @@ def add_lora(model, r: int, alpha: float, target_modules: str, base: str, head: 
         saved = load_file(os.path.join(resume_dir, "adapter", "adapter_model.safetensors"))
         state = {k.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(
             ".lora_B.", ".lora_B.default."): v for k, v in saved.items()}
-        if model.load_state_dict(state, strict=False).unexpected_keys:
-            raise SystemExit(f"error: {resume_dir}/adapter does not fit this model: start again with --no-resume")
+        if model.load_state_dict(state, strict=False).unexpected_keys or not all(v.isfinite().all() for v in state.values()):
+            raise SystemExit(f"error: {resume_dir} is damaged or was made with other flags (its adapter does not fit "
+                             "this model, or holds non-finite numbers): remove it or pass --no-resume")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"LoRA r {r}, alpha {alpha:g} on {', '.join(targets)}: {trainable / 1e6:.2f}M trainable parameters of "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")

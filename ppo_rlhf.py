@@ -88,6 +88,9 @@ class Args:
     with the prompt record's other fields (an `answer`) that the function names, or fn(prompt, response)"""
     reward_fn_weights: tuple[float, ...] = ()
     """one weight per --reward-fn term (default 1 each)"""
+    reward_fn_timeout: float = 60.0
+    """in seconds: a reward function (or the judge) still running on one response after this scores it None (counted,
+    with a warning), so a hang cannot stall the run; 0: no limit"""
     reward_label_index: int | None = None
     """for a reward model with several outputs (a sentiment classifier's labels), the one that is the reward, e.g. the
     'positive' logit; required then"""
@@ -426,7 +429,7 @@ def main(args: Args) -> None:
                                                                             eval_reward_fn, reward_fns)
 
     # 2. four models: the policy and the value network (trained), the reference and the reward model(s) (frozen)
-    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    ckpt_dir, resuming = resume_point(args)  # the checkpoint checked before anything loads from it
     policy, value_net, policy_w, ref_w, reward_ws, padding_free = load_models(
         args, tokenizer, trained, frozen, device, reward_paths, ckpt_dir if resuming else "")
     learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=3e-6)
@@ -485,7 +488,7 @@ def main(args: Args) -> None:
     evaluate = partial(evaluate_policy, policy_w=policy_w, ref_w=ref_w, records=eval_records, prompts=eval_prompts,
                        generate=generate_batch, score=score, kl=eval_kl, tokenizer=tokenizer,
                        eval_reward_fn=eval_reward_fn, pass_k=args.eval_pass_k, metrics=metrics,
-                       num_sample_rows=args.num_sample_rows)  # evaluate(iteration, final)
+                       num_sample_rows=args.num_sample_rows, timeout=args.reward_fn_timeout)  # evaluate(iteration, final)
 
     if start_iteration == 0:
         evaluate(0)

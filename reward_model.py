@@ -245,7 +245,7 @@ def main(args: Args) -> None:
     judge = load_function(eval_reward_fn) if eval_reward_fn else None
 
     # 1. the SFT model with a fresh scalar head (or a reward model to continue, or an interrupted run's checkpoint)
-    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    ckpt_dir, resuming = resume_point(args)  # the checkpoint checked before anything loads from it
     if args.continue_from and not resuming:
         require_stage(args.continue_from, "", "python reward_model.py", "--continue-from")
     base = args.continue_from or args.model_name_or_path

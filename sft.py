@@ -205,7 +205,7 @@ def main(args: Args) -> None:
     judge = load_function(eval_reward_fn) if eval_reward_fn else None
 
     # 1. model and tokenizer (from an interrupted run's checkpoint if there is one)
-    ckpt_dir, resuming = resume_point(args.output_dir, args.resume)
+    ckpt_dir, resuming = resume_point(args)  # the checkpoint checked before anything loads from it
     if not resuming:
         require_stage(args.model_name_or_path, TINY_MODEL, "python sft.py", "--model-name-or-path")
     load_from = ckpt_dir if resuming and not args.lora_r else args.model_name_or_path  # LoRA: base, then adapter
@@ -317,6 +317,7 @@ def main(args: Args) -> None:
     progress = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="sft",
                     disable=rank != 0 or None)  # None: on in a terminal, off in a log file
     step_end, clock = time.perf_counter(), Clock(start_step, num_steps)
+    uniform_loss, collapsed = math.log(model.get_output_embeddings().weight.shape[0]), 0  # nats/token of a uniform model
     signals = StopSignals()  # SIGTERM, Ctrl-C: a checkpoint at the end of the step, then exit
     for step in progress:
         micro = [micro_batch(step * args.gradient_accumulation_steps + m) for m in range(args.gradient_accumulation_steps)]
@@ -334,6 +335,12 @@ def main(args: Args) -> None:
         loss = all_reduce(loss).item()
         grad_norm = clip_gradients(model_w.parameters(), args.max_grad_norm)  # the norm before clipping
         stop_if_not_finite(step + 1, args.output_dir, loss=loss, grad_norm=grad_norm.item())
+        # a finite collapse: the model uniform over its vocabulary, no gradient left to climb out with
+        collapsed = (collapsed + 1) if loss > 0.99 * uniform_loss and grad_norm.item() < 1e-6 else 0
+        if collapsed == 3:
+            raise SystemExit(f"error: step {step + 1}: the loss is log(vocabulary), the model uniform over its tokens, "
+                             "and the gradient 0 for 3 steps: training collapsed (a lower --learning-rate?); nothing "
+                             f"saved: {args.output_dir} and its last checkpoint are as they were")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

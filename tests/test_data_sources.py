@@ -139,6 +139,27 @@ def test_bad_records_name_the_source_row_and_field(tmp_path, source):
     assert errors[1] == f"{path}, row 2: missing field 'rejected' (a preference record needs prompt, chosen, rejected)"
 
 
+def test_a_null_field_is_a_missing_field_in_every_source(tmp_path):
+    """`"answer": null` in a JSONL line reads as no answer, as the same null in Parquet does: the start-up check of the
+    fields a reward function takes then finds it, not the first iteration."""
+    rows = [{"prompt": "a", "answer": None}]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
+    for name in ("p.jsonl", "p.parquet"):
+        (record,) = read_data(str(tmp_path / name), "prompt")
+        assert "answer" not in record["fields"], name
+
+
+def test_a_file_datasets_cannot_parse_says_why(tmp_path):
+    """A CSV `datasets` fails on reports the parser's reason, not only that generation failed."""
+    (tmp_path / "bad.csv").write_bytes(b"\xff\xfe,\n")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(DataError, match="UnicodeDecodeError"):
+        read_data(str(tmp_path / "bad.csv"), "sft")
+    with pytest.raises(DataError, match="EmptyDataError: No columns to parse"):
+        read_data(str(tmp_path / "empty.csv"), "sft")
+
+
 def test_a_stage_reads_a_hub_layout_folder_with_its_held_out_split(tmp_path, model_dir, task_dir):
     """sft.py with only --dataset (a folder laid out as a Hub dataset) and --eval-split: trains on 'train', holds out
     'test'; a bad row in Parquet stops it with one line, no traceback."""

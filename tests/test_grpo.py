@@ -417,6 +417,36 @@ def test_the_2025_flags_refuse_what_cannot_work(flags, message, task_dir, sft_di
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("hook, message", [
+    ("def r(prompt, response):\n    return 'good'\n", "returned 'good' (str) for "),
+    ("def r(prompt, response):\n    return float('nan')\n", "returned nan (float) for "),
+    ("def r(prompt, response, answer):\n    return 1.0\n", "no field 'answer', which the reward function"),
+    ("", "has no function r"), (None, "no file")])
+def test_a_reward_function_that_cannot_work_is_one_line(hook, message, task_dir, sft_dir, tmp_path):
+    """A reward function returning a string or NaN (named with the record it scored), one taking a field a record holds
+    as null (the same rule as a missing one, in every source), and a file or function that is not there: one line."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ['{"prompt": "The pasta was", "answer": null}'] * 4)
+    if hook is not None:
+        (tmp_path / "reward.py").write_text(hook)
+    proc = run_script("grpo.py", *grpo_args(task_dir, sft_dir, tmp_path / "out", "--dataset", prompts, "--eval-dataset",
+                                            "none", "--reward-fn", f"{tmp_path / 'reward.py'}:r"), cwd=tmp_path,
+                      check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr[-1500:]
+
+
+def test_a_hanging_reward_function_cannot_stall_the_run(task_dir, sft_dir, tmp_path):
+    """A reward function that hangs on some responses is cut off after --reward-fn-timeout: those score None, counted
+    with the parse failures, a warning says so, and the run goes on to its save."""
+    (tmp_path / "reward.py").write_text("import time\n\ndef r(prompt, response):\n    if 'the' in response:\n"
+                                        "        time.sleep(600)\n    return 1.0\n")
+    proc = run_script("grpo.py", *grpo_args(task_dir, sft_dir, tmp_path / "out", "--num-iterations", "1",
+                                            "--reward-fn", f"{tmp_path / 'reward.py'}:r", "--reward-fn-timeout", "0.2"),
+                      cwd=tmp_path)
+    assert "took more than 0.2 s on one response: scored None" in proc.stdout
+    assert read_metrics(tmp_path, "objective/parse_failures")[0][1] > 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
 def test_grpo_raises_the_reward_and_the_gold_score(task_dir, sft_dir, tmp_path):
     """Reward = count of 'the' (also the judge): the training score rises, and at the end the policy beats the SFT model
     on held-out prompts by that judge."""

@@ -3,6 +3,10 @@ with the SFT reference, hybrid and ensemble rewards, and iterate.py running two 
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -130,3 +134,22 @@ def test_iterate_runs_two_rounds_unattended_and_resumes(sft_dir, task_dir, rewar
     again = run_script("iterate.py", *flags, cwd=tmp_path)
     assert "$ python ppo_rlhf.py" in first.stdout and "$ python reward_model.py" in first.stdout
     assert "$ python ppo_rlhf.py" not in again.stdout and "$ python reward_model.py" not in again.stdout
+
+
+def test_iterate_checks_its_flags_first_and_passes_a_stop_on(tmp_path):
+    """An unbalanced quote in --ppo-args is one line before any round; a SIGTERM sent to iterate.py reaches the stage it
+    runs, which gets to checkpoint (here a stand-in that records the signal), instead of dying with its parent."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "iterate.py"), "--ppo-args", "--kl-coef '0.1"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--ppo-args" in proc.stderr
+    stage = tmp_path / "stage.py"
+    stage.write_text("import signal, sys, time\n"
+                     "def stop(*_):\n    open(sys.argv[1] + '/checkpointed', 'w').close()\n    sys.exit(143)\n"
+                     "signal.signal(signal.SIGTERM, stop)\nopen(sys.argv[1] + '/started', 'w').close()\n"
+                     "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import iterate; "
+                               f"sys.exit(iterate.wait_for([sys.executable, {str(stage)!r}, {str(tmp_path)!r}]))"])
+    while not (tmp_path / "started").exists() and parent.poll() is None:
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 143 and (tmp_path / "checkpointed").exists()

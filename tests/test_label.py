@@ -239,6 +239,33 @@ def test_label_existing_pairs_conversational(tmp_path, sft_dir):
     assert proc.returncode != 0 and "broken.jsonl, line 2: field 'response_b'" in proc.stderr
 
 
+@pytest.mark.parametrize("case", ["another run holds it", "a folder", "a bad line in it", "no annotator"])
+def test_an_output_that_cannot_be_written_is_one_line(case, tmp_path):
+    """--output held by another label.py run (whose undo would remove this one's lines), a folder, or a file with a
+    line that is not UTF-8; an --annotator file that is not there: one line each, nothing written."""
+    import plumbing
+
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "response_a": "great.", "response_b": "awful."}])
+    write_jsonl(tmp_path / "judge.py", ["def annotate(prompt, a, b):", "    return 'A'"])
+    output, annotator = tmp_path / "out.jsonl", f"{tmp_path / 'judge.py'}:annotate"
+    if case == "another run holds it":
+        release = plumbing.hold_lock(plumbing.lock_path(str(output)), str(output), "wait")
+    elif case == "a folder":
+        output.mkdir()
+    elif case == "a bad line in it":
+        output.write_bytes(b'{"prompt": "caf\xe9", "label": "A"}\n')
+    else:
+        annotator = f"{tmp_path / 'missing.py'}:annotate"
+    proc = run_script("label.py", "--pairs", tmp_path / "pairs.jsonl", "--annotator", annotator, "--output", output,
+                      cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert {"another run holds it": "is in use by another run", "a folder": "is a folder",
+            "a bad line in it": "out.jsonl, line 1: not a record", "no annotator": "no file"}[case] in proc.stderr
+    if case == "another run holds it":
+        release()
+        assert not output.exists()
+
+
 @pytest.mark.parametrize("answers", [("A", "B"), ("Tie",)])
 def test_simulated_annotator_is_the_task_noise_model(answers):
     """reviews_task.annotate: ties within the margin, otherwise P(A) = sigmoid((gA - gB) / tau), the same answer

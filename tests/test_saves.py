@@ -8,15 +8,17 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from conftest import REPO, read_metrics, run_script, wait_for_logged, write_jsonl
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import plumbing
@@ -139,11 +141,17 @@ def test_crafted_checkpoint_files_are_refused(model_dir, tmp_path):
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
-    for target in ["optimizer/.metadata", "optimizer/__0_0.distcp", "rng_0.pt", "training_state.pt"]:
+    for target in ["optimizer/.metadata", "optimizer/__0.metadata", "optimizer/__0_0.distcp", "rng_0.pt",
+                   "training_state.pt"]:
         ckpt = tmp_path / target.replace("/", "_")
         _, parallel, optimizer = save(ckpt, model_dir, 1.0)
         path = ckpt / target
-        if target.endswith(".metadata"):
+        if target.endswith("__0.metadata"):  # the file torch falls back to when .metadata does not serve (None)
+            with open(ckpt / "optimizer" / ".metadata", "wb") as f:
+                pickle.dump(None, f)
+            with open(path, "wb") as f:
+                pickle.dump(Payload(), f)
+        elif target.endswith(".metadata"):
             with open(path, "wb") as f:
                 pickle.dump(Payload(), f)
         elif target.endswith(".distcp"):  # an optimizer hyperparameter (a pickled entry) replaced by the payload
@@ -156,6 +164,52 @@ def test_crafted_checkpoint_files_are_refused(model_dir, tmp_path):
         with pytest.raises(SystemExit, match="refused"):
             plumbing.load_state(str(ckpt), parallel, optimizer)
         assert not marker.exists(), target
+
+
+def test_a_checkpoint_file_linking_out_is_refused(model_dir, tmp_path):
+    """A file of the checkpoint that is a link to a file outside it is refused before anything is read."""
+    outside = tmp_path / "elsewhere.pt"
+    torch.save({"torch": torch.get_rng_state()}, outside)
+    ckpt = tmp_path / "out" / "checkpoint"
+    save(ckpt, model_dir, 1.0)
+    os.remove(ckpt / "rng_0.pt")
+    os.symlink(outside, ckpt / "rng_0.pt")
+    with pytest.raises(SystemExit, match="links outside the checkpoint"):
+        plumbing.check_checkpoint(str(ckpt), SimpleNamespace(lora_r=0))
+
+
+def write_checkpoint(out, model_dir, **flags):
+    """out/checkpoint as sft.py would leave it, made with `flags` (in its args.json)."""
+    model, parallel, optimizer, state = make_training(model_dir, 1.0)
+    plumbing.save_model(str(out / "checkpoint"), AutoTokenizer.from_pretrained(model_dir), {"lora_r": 0, **flags},
+                        ("", model), training=(state | {"scheduler": {}}, parallel, optimizer))
+
+
+@pytest.mark.parametrize("damage", ["truncated training_state.pt", "truncated model.safetensors", "no optimizer/",
+                                    "another shard", "another --lora-r", "--lora-r on a full checkpoint"])
+def test_a_damaged_or_mismatched_checkpoint_is_one_line(damage, task_dir, model_dir, tmp_path):
+    """Each way a checkpoint can be damaged or made with other flags ends the resume with one line naming the folder
+    and what is wrong, before any training: never a traceback from deep inside a load."""
+    out = tmp_path / "out"
+    write_checkpoint(out, model_dir, lora_r=8 if damage == "another --lora-r" else 0)
+    ckpt = out / "checkpoint"
+    if damage.startswith("truncated"):
+        path = ckpt / damage.split()[1]
+        path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    elif damage == "no optimizer/":
+        shutil.rmtree(ckpt / "optimizer")
+    elif damage == "another shard":  # the optimizer's data file replaced by another checkpoint's
+        other = tmp_path / "other"
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        optimizer = torch.optim.SGD(list(model.parameters())[:1], lr=0.1, momentum=0.9)
+        dcp.save({"optimizer": plumbing.get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(other))
+        shutil.copy(other / "__0_0.distcp", ckpt / "optimizer" / "__0_0.distcp")
+    flags = ["--lora-r", "4"] if "lora" in damage else []
+    proc = run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl",
+                      "--output-dir", out, "--max-steps", "2", *flags, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{ckpt} is damaged or was made with other flags" in proc.stderr, proc.stderr[-1000:]
+    assert "train/sft/loss" not in (proc.stdout + str(list(tmp_path.glob("runs/*/metrics.jsonl"))))
 
 
 def test_crafted_optimizer_entries_are_refused(tmp_path):
@@ -223,7 +277,54 @@ def test_a_second_run_on_one_folder_is_refused(tmp_path):
     holder.wait()
     plumbing.claim_output_dir(out, resume=True)  # stale: taken over
     plumbing.claim_output_dir.release()  # what exit does
-    assert not os.path.exists(out + ".lock")
+    assert not os.path.exists(plumbing.lock_path(out))
+
+
+def test_the_lock_is_never_a_file_of_the_users(tmp_path):
+    """--output-dir uv beside a user's uv.lock: the run's lock is a file of its own, and the user's is as it was after
+    the run; a lock path that is a link is refused, its target untouched."""
+    (tmp_path / "uv.lock").write_text("the user's lock file\n")
+    plumbing.claim_output_dir(str(tmp_path / "uv"), resume=True)
+    plumbing.claim_output_dir.release()  # what exit does
+    assert (tmp_path / "uv.lock").read_text() == "the user's lock file\n"
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    os.symlink(target, plumbing.lock_path(str(tmp_path / "out")))
+    with pytest.raises(SystemExit, match="is a link: refused"):
+        plumbing.claim_output_dir(str(tmp_path / "out"), resume=True)
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_link_to_the_output_folder_is_that_folder(model_dir, tmp_path):
+    """--output-dir given as a link to a folder: a run on the link and one on the folder hold one lock, and a save
+    through the link writes the folder and leaves the link a link."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    held = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import plumbing; "
+                             f"plumbing.claim_output_dir({str(tmp_path / 'real')!r}, True); print('held', flush=True); "
+                             "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert held.stdout.readline().strip() == "held"
+    with pytest.raises(SystemExit, match="in use by another run"):
+        plumbing.claim_output_dir(str(tmp_path / "alias"), resume=True)
+    held.kill()
+    held.wait()
+    save(tmp_path / "alias", model_dir, 1.0, training=False)
+    assert os.path.islink(tmp_path / "alias") and (tmp_path / "real" / "config.json").exists()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.old"))
+
+
+def test_a_finite_collapse_stops_and_saves_nothing(task_dir, model_dir, tmp_path):
+    """A learning rate that leaves every number finite but flattens the model to uniform over its vocabulary, with no
+    gradient left (1e3 here), stops the run in one line; the model that was in the output folder is as it was."""
+    out = tmp_path / "out"
+    save(out, model_dir, 1.0, training=False)
+    before = tree_digest(out)
+    proc = run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl",
+                      "--output-dir", out, "--learning-rate", "1e3", "--max-steps", "12", "--eval-dataset", "none",
+                      "--num-eval-generations", "0", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "training collapsed" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert tree_digest(out) == before
 
 
 @pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "dpo.py", "ppo_rlhf.py"])
