@@ -111,7 +111,11 @@ def final_eval(model_dir: str) -> dict:
     """The last evaluation row of the run that wrote `model_dir` (its args.json names the run)."""
     with open(os.path.join(model_dir, "args.json")) as f:
         run_name = json.load(f)["run_name"]
-    rows = [json.loads(line) for line in open(os.path.join("runs", run_name, "metrics.jsonl"))]
+    path = os.path.join("runs", run_name, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {model_dir} was trained by the run {run_name}, whose logs are not at {path} (moved, or "
+                         "another working folder?): run iterate.py from the folder it ran in")
+    rows = [json.loads(line) for line in open(path)]
     out = {}
     for row in rows:
         out.update({k: v for k, v in row.items() if k.startswith("eval/")})

@@ -919,7 +919,9 @@ class StopSignals:
         self.signal = self.signal or signum
 
     def requested(self, device) -> bool:
-        return all_reduce(torch.tensor(float(self.signal), device=device), "max").item() > 0
+        """A signal came, or the logs can no longer be written (`Metrics.failed`): the same answer in every process."""
+        asked = bool(self.signal) or Metrics.failed is not None
+        return all_reduce(torch.tensor(float(asked), device=device), "max").item() > 0
 
     def checkpoint_due(self, done: int, total: int, every: int, device) -> bool:
         """After step `done` of `total`: whether to write a checkpoint, every `every` steps but the last, or to stop."""
@@ -929,8 +931,9 @@ class StopSignals:
     def stop_if_asked(self, ckpt_dir: str, step: int) -> None:
         """After the checkpoint that `checkpoint_due` asked for: exit if a signal asked to stop."""
         if self.stopping:
-            name = signal.Signals(self.signal).name if self.signal else "a signal"
-            print(f"stopped by {name} after step {step}; checkpoint in {ckpt_dir}: run the same command to continue")
+            why = signal.Signals(self.signal).name if self.signal else (
+                f"the logs, which cannot be written ({Metrics.failed})" if Metrics.failed else "a signal")
+            print(f"stopped by {why} after step {step}; checkpoint in {ckpt_dir}: run the same command to continue")
             sys.exit(128 + (self.signal or signal.SIGTERM))
 
     def restore(self) -> None:
@@ -982,13 +985,19 @@ def stop_if_not_finite(step: int, output_dir: str, **values: float) -> None:
 
 class Metrics:
     """Scalars and texts to runs/{run_name}/metrics.jsonl (one JSON object per line), TensorBoard when installed, and
-    Weights & Biases with --track."""
+    Weights & Biases with --track. Logs that cannot be written (a full disk) stop nothing at once: `failed` says why,
+    and the loop stops at the end of the step with a checkpoint (`StopSignals.requested`)."""
+
+    failed = None
 
     def __init__(self, run_dir: str, config: dict, track: bool = False, project: str = "rlhf", resume: dict | None = None):
         self.on = not dist.is_initialized() or dist.get_rank() == 0  # rank 0 logs for all processes
         if not self.on:
             return
         os.makedirs(run_dir, exist_ok=True)
+        if shutil.disk_usage(run_dir).free < 16 * 2**20:
+            raise SystemExit(f"error: {shutil.disk_usage(run_dir).free // 2**20} MiB free for the logs in {run_dir}: free "
+                             "some space, or run from a folder on another disk")
         self.jsonl, self.start = open(os.path.join(run_dir, "metrics.jsonl"), "a"), time.time()
         if resume and "log_bytes" in resume:  # what was logged after the checkpoint is logged again: drop it
             self.jsonl.truncate(resume["log_bytes"])
@@ -1009,8 +1018,15 @@ class Metrics:
         if not self.on:
             return
         row = {k: float(v) for k, v in (scalars or {}).items()} | {k: v[:100_000] for k, v in texts.items()}
-        self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps({"step": step, "time": round(time.time() - self.start, 2)} | row) + "\n")
+            self.jsonl.flush()
+        except OSError as e:
+            if Metrics.failed is None:
+                print(f"warning: {self.jsonl.name} cannot be written ({e.strerror}): stopping at the end of this step, "
+                      "with a checkpoint", file=sys.stderr, flush=True)
+            Metrics.failed = e.strerror or str(e)
+            return
         for k, v in row.items():
             if self.tb is not None:
                 (self.tb.add_text if isinstance(v, str) else self.tb.add_scalar)(k, v, step)

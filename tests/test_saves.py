@@ -313,6 +313,28 @@ def test_a_link_to_the_output_folder_is_that_folder(model_dir, tmp_path):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.old"))
 
 
+def test_logs_that_cannot_be_written_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    """runs/ full mid-training: the log line that fails raises nothing; the loop is asked to stop at the end of the
+    step, with a checkpoint, as a signal asks it, so nothing since the last checkpoint is lost."""
+    metrics = plumbing.Metrics(str(tmp_path / "runs" / "x"), {})
+
+    class Full:
+        name = "metrics.jsonl"
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(metrics, "jsonl", Full())
+    monkeypatch.setattr(plumbing.Metrics, "failed", None)
+    signals = plumbing.StopSignals()
+    try:
+        assert not signals.requested(torch.device("cpu"))
+        metrics.log(1, {"loss": 1.0})  # no exception
+        assert plumbing.Metrics.failed == "No space left on device" and signals.requested(torch.device("cpu"))
+        assert signals.checkpoint_due(1, 10, 1000, torch.device("cpu"))
+    finally:
+        signals.restore()
+
+
 def test_a_finite_collapse_stops_and_saves_nothing(task_dir, model_dir, tmp_path):
     """A learning rate that leaves every number finite but flattens the model to uniform over its vocabulary, with no
     gradient left (1e3 here), stops the run in one line; the model that was in the output folder is as it was."""
