@@ -720,8 +720,26 @@ def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple |
                          "(a lower --learning-rate?); what was saved before is as it was")
     out_dir = os.path.realpath(out_dir.rstrip("/"))  # a link to a folder: the folder is swapped, the link stays
     tmp, old = out_dir + ".tmp", out_dir + ".old"
-    try:
+
+    def settle(error) -> None:
+        """Every process learns whether any failed before the next collective (under torchrun a process left waiting
+        would die with a traceback of its own): the partial save goes; a full disk is one line, anything else raises."""
+        if all_reduce(torch.tensor(float(error is not None), device=device), "max").item() == 0:
+            return
+        free = shutil.disk_usage(os.path.dirname(out_dir)).free
         if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise SystemExit(f"error: saving {out_dir} failed in another process (its error is above)")
+        causes = [error, *(cause for cause, _ in getattr(error, "failures", {}).values())]
+        if all(getattr(c, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) for c in causes) and free > 2**20:
+            raise error
+        raise SystemExit(f"error: the disk is full: saving {out_dir} failed with {free} bytes free; the partial save "
+                         f"is removed and what was saved before is as it was") from None
+
+    error = None
+    if rank == 0:
+        try:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             for (name, model), state in zip(models, states):
@@ -734,10 +752,12 @@ def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple |
                     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, name))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        if training is not None:
-            state, parallel, optimizer = training
-            if dist.is_initialized():
-                dist.barrier()  # the folder exists
+        except Exception as e:  # a full disk: an OSError, or a library's error after one
+            error = e
+    settle(error)  # and the folder exists for every process
+    if training is not None:
+        state, parallel, optimizer = training
+        try:
             with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.save({"optimizer": get_optimizer_state_dict(parallel, optimizer)},
@@ -745,23 +765,20 @@ def save_model(out_dir: str, tokenizer, config: dict, *models, training: tuple |
             torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        os.path.join(tmp, f"rng_{rank}.pt"))
-            if dist.is_initialized():
-                dist.barrier()  # every process has written its part
             if rank == 0:
                 torch.save(state, os.path.join(tmp, "training_state.pt"))
-        if rank == 0:
+        except (Exception, dcp.CheckpointException) as e:
+            error = e
+        settle(error)  # every process has written its part
+    if rank == 0:
+        try:
             with open(os.path.join(tmp, "args.json"), "w") as f:
                 json.dump(config, f, indent=2, default=str)
                 f.flush()
                 os.fsync(f.fileno())
-    except (Exception, dcp.CheckpointException) as e:  # a full disk: an OSError, or a library's error after one
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(out_dir))).free
-        shutil.rmtree(tmp, ignore_errors=True)
-        causes = [e, *(cause for cause, _ in getattr(e, "failures", {}).values())]
-        if all(getattr(c, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) for c in causes) and free > 2**20:
-            raise
-        raise SystemExit(f"error: the disk is full: saving {out_dir} failed with {free} bytes free; the partial save "
-                         f"is removed and what was saved before is as it was") from None
+        except Exception as e:
+            error = e
+    settle(error)
     if rank == 0:
         exchanged = False
         if os.path.exists(out_dir):  # Linux: renameat2(RENAME_EXCHANGE) swaps the two folders in one step

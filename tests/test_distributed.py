@@ -136,6 +136,45 @@ def test_batch_statistics_are_those_of_every_process(tmp_path):
         assert not torch.allclose(two, per_process, atol=1e-2), advantage
 
 
+FULL_DISK_WORKER = """
+import errno, os, sys, torch
+sys.path.insert(0, {repo!r})
+from transformers import AutoModelForCausalLM
+import plumbing
+rank, world_size, device = plumbing.init_distributed("cpu")
+model = AutoModelForCausalLM.from_pretrained({model!r})
+parallel = plumbing.distribute([model], "ddp", False)
+optimizer = torch.optim.AdamW(parallel.parameters(), lr=1e-3)
+makedirs = os.makedirs
+def full(path, *args, **kwargs):  # the disk fills as process 0 writes the checkpoint's model
+    if rank == 0 and str(path).endswith("checkpoint.tmp"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return makedirs(path, *args, **kwargs)
+os.makedirs = full
+try:
+    plumbing.save_model(os.path.join({out!r}, "checkpoint"), None, {{}}, ("", model),
+                        training=({{"step": 1}}, parallel, optimizer))
+except SystemExit as e:
+    open(os.path.join({out!r}, f"exit_{{rank}}"), "w").write(str(e))
+    raise
+"""
+
+
+def test_a_full_disk_in_a_torchrun_checkpoint_is_one_line_in_every_process(model_dir, tmp_path):
+    """Process 0 runs out of disk while writing a checkpoint: every process stops with one line (0: the disk is full,
+    1: the save failed in another process), none with a traceback from a collective left waiting."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FULL_DISK_WORKER.format(repo=REPO, model=str(model_dir), out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker)], capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    workers = proc.stderr.split("failed (exitcode")[0]  # what follows is torchrun's own report of a failed worker
+    assert proc.returncode != 0 and "error: the disk is full" in workers and "Traceback" not in workers, workers[-3000:]
+    assert (tmp_path / "exit_0").read_text().startswith("error: the disk is full")
+    assert "failed in another process" in (tmp_path / "exit_1").read_text()
+    assert not (tmp_path / "checkpoint.tmp").exists() and not (tmp_path / "checkpoint").exists()
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is `pid`, read from /proc."""
     found = []
