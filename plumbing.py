@@ -407,7 +407,7 @@ def load_prompts(args, tokenizer, eval_dataset: str, eval_reward_fn: str, reward
     train_records = read_data(args.dataset, "prompt", None, args.dataset_config, args.dataset_split)
     eval_records = read_data(eval_dataset, "prompt", None, args.dataset_config, args.eval_split or "train", True) if (
         eval_dataset != "none") else []
-    for spec, (_, fn, _) in zip(args.reward_fn, reward_fns):
+    for spec, (_, fn, _) in zip(getattr(args, "reward_fn", ()), reward_fns):
         check_record_fields(fn, spec, train_records, args.dataset)
     if eval_reward_fn:
         check_record_fields(load_function(eval_reward_fn), eval_reward_fn, eval_records or train_records,

@@ -312,6 +312,27 @@ if __name__ == "__main__":
     else:
         print("no grpo_arith(_kl_loss), rloo_arith or ppo_arith run: skipping tiny_arithmetic.png")
 
+    # 4g. GRPO's 2025-26 variants on the same arithmetic task, 3 seeds each (docs/grpo.md; --exp-name grpo_arith,
+    #     gspo_arith, cispo_arith, entropy_arith with --seed 1 to 3)
+    names = {"grpo_arith": ("GRPO", "C0"), "gspo_arith": ("GSPO (sequence ratio)", "C1"),
+             "cispo_arith": ("CISPO", "C2"), "entropy_arith": ("GRPO, top-20% entropy tokens", "C3")}
+    frontier = {(name, seed): rows for name in names for seed, rows in load_seeds(args.runs, name).items()}
+    if len({name for name, _ in frontier}) > 1:
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+        for (name, seed), rows in sorted(frontier.items()):
+            label, color = names[name][0] if seed == "1" else None, names[name][1]
+            axes[0].plot(*series(rows, "eval/pass@1_greedy"), "o-", ms=3, color=color, alpha=0.7, label=label)
+            axes[1].plot(*series(rows, "eval/kl"), "o-", ms=3, color=color, alpha=0.7, label=label)
+            axes[2].plot(*series(rows, "policy/entropy"), "-", color=color, alpha=0.7, label=label)
+        axes[0].set(title="held-out greedy accuracy (200 problems)", xlabel="iteration", ylim=(0, 1))
+        axes[1].set(title="KL to the SFT model (nats)", xlabel="iteration")
+        axes[2].set(title="policy entropy per token (nats)", xlabel="iteration")
+        for ax in axes:
+            ax.legend(fontsize=7)
+        save(fig, "grpo_frontier_arith.png")
+    else:
+        print("no gspo_arith, cispo_arith or entropy_arith run: skipping grpo_frontier_arith.png")
+
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")
     if sft:

@@ -63,3 +63,23 @@ for seed in 1 2 3; do
   python ppo_rlhf.py $ARITH --rollout-batch-size 128 --num-ppo-epochs 1 --num-mini-batches 4 --kl-coef 0 --seed $seed \
     --exp-name ppo_arith --output-dir models/ppo_arith_s$seed
 done
+# 8. GRPO's 2025-26 variants on the same task (docs/grpo.md): GSPO with its paper's clip range, CISPO with
+#    ScaleRL's ratio cap (TRL's epsilon_high 5.0), and GRPO on the top 20% of tokens by entropy; seeds 1-3 (about 45
+#    minutes on 2 cores). Then the sampler/trainer gap of SmolLM2-135M-Instruct in bf16 against fp32 (section 7's
+#    GGUF conversion, /tmp/smollm2; 4 iterations each, no evaluation)
+for seed in 1 2 3; do
+  python grpo.py $ARITH --importance-sampling-level sequence --cliprange 3e-4 --cliprange-high 4e-4 --seed $seed \
+    --exp-name gspo_arith --output-dir models/gspo_arith_s$seed
+  python grpo.py $ARITH --policy-loss cispo --cliprange-high 4 --seed $seed --exp-name cispo_arith \
+    --output-dir models/cispo_arith_s$seed
+  python grpo.py $ARITH --top-entropy-quantile 0.2 --seed $seed --exp-name entropy_arith \
+    --output-dir models/entropy_arith_s$seed
+done
+python arithmetic_task.py --out-dir data/arithmetic_1op --min-steps 1 --max-steps 1 --max-operand 20 \
+    --sizes.sft-train 300 --sizes.sft-eval 50 --sizes.prompts-train 400 --sizes.prompts-eval 100
+for precision in --bf16 --no-bf16; do
+  python grpo.py --sft-model-path /tmp/smollm2 --dataset data/arithmetic_1op/prompts_train.jsonl \
+    --reward-fn arithmetic_task.py:verify --response-length 48 --rollout-batch-size 8 --num-generations 4 \
+    --num-mini-batches 2 --learning-rate 1e-5 --num-iterations 4 --num-eval-prompts 0 --no-eval-kl $precision \
+    --exp-name gap_smollm2$precision --output-dir /tmp/gap_smollm2$precision
+done
