@@ -333,6 +333,48 @@ if __name__ == "__main__":
     else:
         print("no gspo_arith, cispo_arith or entropy_arith run: skipping grpo_frontier_arith.png")
 
+    # 4h. on-policy distillation (docs/distill.md): the tiny model's arithmetic student and its GRPO-trained teacher,
+    #     reverse KL and JSD against GRPO from the same start, per response sampled; and SmolLM2-135M-Instruct against
+    #     the GRPO run that made its teacher, per response sampled and per minute of training (--exp-name distill_rkl_arith,
+    #     distill_jsd_arith, grpo_arith, distill_smollm2_arith, grpo_smollm2_arith)
+    def spent(rows, key):  # (responses sampled, minutes of sampling and update) at each evaluation
+        done, minutes, out = 0, 0.0, {}
+        for r in rows:
+            if "charts/episodes" in r:
+                done = r["charts/episodes"]
+                minutes += sum(r.get(k, 0) for k in ("time/generate", "time/grade", "time/score", "time/logprobs",
+                                                     "time/update")) / 60
+            if key in r:
+                out[r["step"]] = (done, minutes, r[key])
+        return [out[k] for k in sorted(out)]
+    names = {"distill_rkl_arith": ("distillation, reverse KL", "C0"), "distill_jsd_arith": ("distillation, JSD", "C1"),
+             "grpo_arith": ("GRPO (the teacher's recipe)", "C2")}
+    tiny = {(name, seed): rows for name in names for seed, rows in load_seeds(args.runs, name).items()}
+    smol = {name: load(args.runs, name) for name in ("distill_smollm2_arith", "grpo_smollm2_arith")}
+    if {"distill_rkl_arith", "grpo_arith"} <= {name for name, _ in tiny}:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+        for (name, seed), rows in sorted(tiny.items()):
+            label, color = names[name][0] if seed == "1" else None, names[name][1]
+            points = spent(rows, "eval/pass@1_greedy")
+            axes[0].plot([p[0] for p in points], [p[2] for p in points], "o-", ms=3, color=color, alpha=0.7, label=label)
+        axes[0].axhline(0.49, color="gray", ls=":", label="the teacher (GRPO, seed 1)")
+        axes[0].set(title="tiny model, seeds 1-3", xlabel="responses sampled", ylabel="held-out greedy accuracy",
+                    ylim=(0, 1))
+        for name, color, label in (("grpo_smollm2_arith", "C2", "GRPO (its last point: the teacher)"),
+                                   ("distill_smollm2_arith", "C0", "distillation, reverse KL")):
+            if smol[name]:
+                points = spent(smol[name], "eval/pass@1_greedy")
+                axes[1].plot([p[0] for p in points], [p[2] for p in points], "o-", color=color, label=label)
+                axes[2].plot([p[1] for p in points], [p[2] for p in points], "o-", color=color, label=label)
+        axes[1].set(title="SmolLM2-135M-Instruct, one-operation sums", xlabel="responses sampled", ylim=(0, 1))
+        axes[2].set(title="SmolLM2-135M-Instruct, against time", xlabel="minutes of sampling and update (2 cores)",
+                    ylim=(0, 1))
+        for ax in axes:
+            ax.legend(fontsize=7)
+        save(fig, "distill_arith.png")
+    else:
+        print("no distill_rkl_arith or grpo_arith run: skipping distill_arith.png")
+
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")
     if sft:

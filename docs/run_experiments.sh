@@ -83,3 +83,21 @@ for precision in --bf16 --no-bf16; do
     --num-mini-batches 2 --learning-rate 1e-5 --num-iterations 4 --num-eval-prompts 0 --no-eval-kl $precision \
     --exp-name gap_smollm2$precision --output-dir /tmp/gap_smollm2$precision
 done
+# 9. on-policy distillation (docs/distill.md): section 7's SFT model learns from seed 1's GRPO policy (the teacher),
+#    reverse KL and JSD, seeds 1-3 (about 40 minutes); then SmolLM2-135M-Instruct on one-operation sums: GRPO against
+#    the verifier for 20 iterations (the teacher, and RL's own curve), and the same start distilled from it
+DIST="--model-name-or-path models/sft_arith --teacher-model-path models/grpo_arith_s1
+  --dataset data/arithmetic/prompts_train.jsonl --eval-dataset data/arithmetic/prompts_eval.jsonl
+  --eval-reward-fn arithmetic_task.py:verify --response-length 48 --num-eval-prompts 200 --eval-steps 10
+  --num-iterations 40 --eval-pass-k 4"
+for seed in 1 2 3; do
+  python distill.py $DIST --seed $seed --exp-name distill_rkl_arith --output-dir models/distill_rkl_arith_s$seed
+  python distill.py $DIST --loss jsd --seed $seed --exp-name distill_jsd_arith --output-dir models/distill_jsd_arith_s$seed
+done
+SMOL1="--dataset data/arithmetic_1op/prompts_train.jsonl --eval-dataset data/arithmetic_1op/prompts_eval.jsonl
+  --eval-reward-fn arithmetic_task.py:verify --response-length 48 --eval-pass-k 1 --num-eval-prompts 100
+  --eval-steps 10 --learning-rate 1e-5 --num-iterations 20"
+python grpo.py --sft-model-path /tmp/smollm2 $SMOL1 --reward-fn arithmetic_task.py:verify --rollout-batch-size 8 \
+  --num-generations 4 --num-mini-batches 2 --no-eval-kl --exp-name grpo_smollm2_arith --output-dir /tmp/grpo_smol
+python distill.py --model-name-or-path /tmp/smollm2 --teacher-model-path /tmp/grpo_smol $SMOL1 --rollout-batch-size 32 \
+  --exp-name distill_smollm2_arith --output-dir /tmp/distill_smol

@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny task, a tokenizer trained offline on it, and tiny Llama models. Nothing touches the Hub."""
 
+import atexit
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,7 +15,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_datasets_"))  # `datasets`' Arrow copies of files
+if "HF_DATASETS_CACHE" not in os.environ:  # `datasets`' Arrow copies of files, removed when the session ends
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf_datasets_")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import reviews_task  # noqa: E402
 

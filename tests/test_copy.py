@@ -94,6 +94,14 @@ def test_grpo_copied_alone(sft_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(folder / "out")
 
 
+def test_distill_copied_alone(sft_dir, tmp_path):
+    """distill.py with the user's student, teacher and prompts (here one model as both)."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was"} for w in ("pasta", "soup", "plot", "view")])
+    folder = run_copy("distill.py", tmp_path, "--model-name-or-path", sft_dir, "--teacher-model-path", sft_dir,
+                      "--dataset", data, "--output-dir", "out", "--num-iterations", "2", "--response-length", "6")
+    AutoModelForCausalLM.from_pretrained(folder / "out")
+
+
 def test_label_copied_alone(sft_dir, tmp_path):
     """label.py with the shared files: sample pairs from the user's model and label them with the user's function."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"The {w} was"} for w in ("pasta", "soup", "plot")])
@@ -118,7 +126,8 @@ def top_level_names(name: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "ppo_rlhf.py", "dpo.py", "grpo.py", "label.py"])
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "ppo_rlhf.py", "dpo.py", "grpo.py", "distill.py",
+                                    "label.py"])
 def test_no_script_defines_again_what_the_shared_files_define(script):
     """The machinery (plumbing.py) and the contract (common.py) are written once: a script that defined one of their
     names again would hold a second copy to keep in step, and would shadow the one the others use."""

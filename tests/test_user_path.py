@@ -121,8 +121,9 @@ def test_a_users_chat_model_and_files_run_the_whole_chain(chat_model_dir, tmp_pa
                                                       ("ppo_rlhf.py", "models/reward_model", "python reward_model.py")])
 def test_a_missing_upstream_stage_is_named(script, missing, command, tmp_path):
     """Run out of order, a stage says which folder is missing and which command makes it (not a Hub traceback)."""
-    if missing == "models/reward_model":
+    if missing == "models/reward_model":  # an SFT model there (its files: the check looks for them, not the folder)
         (tmp_path / "models" / "sft").mkdir(parents=True)
+        (tmp_path / "models" / "sft" / "config.json").write_text("{}")
     proc = run_script(script, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{missing} does not exist: run `{command}` first" in proc.stderr
