@@ -368,20 +368,38 @@ class _SampledLogprobs(LogitsProcessor):
 
 
 @torch.no_grad()
+def prefill_once(model, queries: torch.Tensor, query_mask: torch.Tensor):
+    """(B, Tq) left-padded queries, some repeated (a group's prompt) -> the KV cache of their first Tq - 1 columns, each
+    distinct query computed once, its (U, heads, Tq - 1, d) keys and values copied to the (B, ...) rows that repeat it;
+    generate then computes the last column and samples from it, as it would have. None when no query repeats."""
+    width = queries.shape[1]
+    distinct, row_of = torch.unique(torch.cat([queries, query_mask], dim=1), dim=0, return_inverse=True)  # (U, 2 Tq)
+    if len(distinct) == len(queries) or width < 2:
+        return None
+    ids, mask = distinct[:, : width - 1], distinct[:, width: 2 * width - 1]
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                  use_cache=True).past_key_values
+    cache.reorder_cache(row_of)  # (U, ...) -> (B, ...)
+    return cache
+
+
+@torch.no_grad()
 def sample(model, queries, query_mask, max_new_tokens: int, temperature: float, end_id: int, pad_id: int,
-           with_logprobs: bool = False):
+           with_logprobs: bool = False, share_prompt: bool = False):
     """Left-padded (B, Tq) queries -> (B, Tq + T) queries + responses, T <= max_new_tokens, drawn from exactly
     softmax(logits / temperature), the distribution PPO computes log-probs of (and the reward model normalises on);
     temperature 0: greedy. generate() fills each field its config leaves unset from the model's
     generation_config.json (repetition_penalty, top_k, suppress_tokens...), so that config is set aside for the call.
-    `with_logprobs` (temperature > 0): also the (B, T) log-probs the sampler drew each token with."""
+    `with_logprobs` (temperature > 0): also the (B, T) log-probs the sampler drew each token with. `share_prompt`: a
+    query that repeats is computed once (`prefill_once`): the same distribution, the same random draws."""
     own, model.generation_config = model.generation_config, GenerationConfig()  # nothing left to inherit
     how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     recorder = _SampledLogprobs(temperature) if with_logprobs and temperature > 0 else None
     try:
         out = model.generate(input_ids=queries, attention_mask=query_mask, generation_config=GenerationConfig(
             **how, max_new_tokens=max_new_tokens, eos_token_id=end_id, pad_token_id=pad_id),
-            logits_processor=LogitsProcessorList([recorder] if recorder else []))
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+            past_key_values=prefill_once(model, queries, query_mask) if share_prompt else None)
     finally:
         model.generation_config = own
     if recorder is None:
@@ -430,11 +448,11 @@ class Rollout(NamedTuple):
 
 @torch.no_grad()
 def rollout(model, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int,
-            with_logprobs: bool = False) -> Rollout:
+            with_logprobs: bool = False, share_prompt: bool = False) -> Rollout:
     """Prompt ids -> a Rollout: the prompts left-padded, a response to each drawn by `sample`, cut after its first end
     token."""
     queries, query_mask = (t.to(model.device) for t in pad(prompts, pad_id, side="left"))  # (B, Tq)
-    out = sample(model, queries, query_mask, response_length, temperature, end_id, pad_id, with_logprobs)
+    out = sample(model, queries, query_mask, response_length, temperature, end_id, pad_id, with_logprobs, share_prompt)
     out, sampler_logprobs = out if isinstance(out, tuple) else (out, None)
     context_length = queries.shape[1]
     responses, response_mask, has_eos = truncate_after_eos(out[:, context_length:], end_id, pad_id)  # (B, T)

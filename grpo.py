@@ -54,8 +54,8 @@ from plumbing import (TASK_DATA, Clock, Metrics, StopSignals, WithoutAdapters, a
                       batch_indices, check_room, cli, clip_gradients, decay_groups, default_learning_rate,
                       disable_dropout, distribute, evaluate_policy, exact_div, generate, layout, load_prompts,
                       load_reward_fns, load_reward_models, load_state, packing_works, parts_to_log, prepare_output,
-                      resume_point, reward_model_paths, save_model, score_responses, setup, stop_if_not_finite,
-                      sync_gradients, user_errors_in_one_line)
+                      resume_point, reward_model_paths, save_model, score_responses, setup, sharing_works,
+                      stop_if_not_finite, sync_gradients, user_errors_in_one_line)
 
 
 @dataclass
@@ -216,6 +216,11 @@ class Args:
     padding_free: bool = True
     """pack query+response sequences without padding in every forward pass (checked at start; falls back to
     padding for a model that lets packed sequences attend to each other)"""
+    share_prompt: bool = True
+    """compute each group's prompt once, not G times: one prefill copied to the G responses in sampling, and in every
+    forward (policy, reference, reward model) the prompt followed by its responses, each attending to it alone. The
+    same numbers to float rounding; forwards share only with padding-free packing and a model that honours the mask
+    (SDPA attention; checked at start)"""
 
     # evaluation
     eval_steps: int = 20
@@ -370,7 +375,7 @@ class Episodes(NamedTuple):
 
 
 def backward_minibatch(policy_w, episodes: Episodes, mb: torch.Tensor, micro_batch_size: int, args: Args,
-                       padding_free: bool, autocast) -> dict:
+                       padding_free: bool, autocast, share_prompt: bool = False) -> dict:
     """Steps 8a-8c for one optimizer step: the loss of minibatch `mb` (indices into the batch), micro-batch by
     micro-batch, each backward adding its share of the gradient. A function rather than inline in the loop because the
     test of every aggregation under micro-batching and torchrun calls it. Returns per-micro-batch statistics."""
@@ -384,7 +389,8 @@ def backward_minibatch(policy_w, episodes: Episodes, mb: torch.Tensor, micro_bat
         idx = mb[start: start + micro_batch_size]
         sync_gradients(policy_w, start + micro_batch_size >= len(mb))  # reduce across processes in the last backward
         loss_mask = episodes.loss_mask[idx]
-        batch_layout = layout(batch.query_responses[idx], batch.attention_mask[idx], batch.context_length, padding_free)
+        batch_layout = layout(batch.query_responses[idx], batch.attention_mask[idx], batch.context_length, padding_free,
+                              share_prompt)  # the micro-batch's repeated prompts once each (`shared_prompt_layout`)
         with autocast():
             new_logprobs, entropy = policy_w(forward, batch_layout, batch.responses[idx], args.temperature)
         # 8b. the policy loss per token; on-policy the old log-probs are the new ones, detached: ratio 1
@@ -424,6 +430,7 @@ class Models(NamedTuple):
     ref_w: object  # ref_w(fn, x, ...) = fn(reference, x, ...); None when nothing needs the reference
     reward_ws: list  # (reward model wrapper, its tokenizer, whether it is the policy's tokenizer) per reward model
     padding_free: bool
+    share_prompt: bool  # the forwards compute a repeated prompt once
 
 
 def load_models(args, tokenizer, trained: dict, frozen: dict, device, reward_paths: tuple, resume_dir: str) -> Models:
@@ -464,6 +471,12 @@ def load_models(args, tokenizer, trained: dict, frozen: dict, device, reward_pat
     padding_free = args.padding_free and all(packing_works(m) for m in packed)
     if args.padding_free and not padding_free:
         print("warning: a model lets packed sequences attend to each other; padding instead (--no-padding-free)")
+    longest = args.max_prompt_length + args.response_length + 8  # + 8: room for a reward model's score suffix
+    share_prompt = args.share_prompt and padding_free and all(sharing_works(m, longest) for m in packed)
+    if args.share_prompt and not share_prompt:
+        print("prompt sharing: in sampling only; the forwards compute each response's prompt with it (" + (
+            "a model ignores the shared-prompt attention mask or has a sliding window: see plumbing.sharing_works"
+            if padding_free else "it needs padding-free packing") + ")")
     if args.gradient_checkpointing and hasattr(policy, "activation_checkpointing_enable"):
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy_w = distribute([policy], args.strategy, args.bf16)
@@ -471,7 +484,7 @@ def load_models(args, tokenizer, trained: dict, frozen: dict, device, reward_pat
         [ref_policy], args.strategy, args.bf16, trainable=False)
     reward_ws = [(distribute([m], args.strategy, args.bf16, trainable=False), tok, same) for m, tok, same in reward_members]
     policy_w.train()
-    return Models(policy, policy_w, ref_w, reward_ws, padding_free)
+    return Models(policy, policy_w, ref_w, reward_ws, padding_free, share_prompt)
 
 
 def main(args: Args) -> None:
@@ -507,8 +520,8 @@ def main(args: Args) -> None:
     ckpt_dir, resuming = resume_point(args)  # the checkpoint checked before anything loads from it
     kl_in_loss = args.kl_coef > 0 and args.kl_in == "loss"
     kl_in_reward = args.kl_coef > 0 and args.kl_in == "reward"
-    policy, policy_w, ref_w, reward_ws, padding_free = load_models(args, tokenizer, trained, frozen, device, reward_paths,
-                                                                   ckpt_dir if resuming else "")
+    policy, policy_w, ref_w, reward_ws, padding_free, share_prompt = load_models(
+        args, tokenizer, trained, frozen, device, reward_paths, ckpt_dir if resuming else "")
     learning_rate = default_learning_rate(args, policy, tiny=1e-4, pretrained=1e-6)
 
     # how the batch of responses splits
@@ -547,16 +560,17 @@ def main(args: Args) -> None:
     config = vars(args) | {"run_name": run_name, "reward_model_path": reward_paths,
                            "reward_fn_weights": tuple(w for _, _, w in reward_fns), "eval_dataset": eval_dataset,
                            "eval_reward_fn": eval_reward_fn, "learning_rate": learning_rate, "padding_free": padding_free,
-                           "rollout_batch_size": rollout_batch_size}
+                           "rollout_batch_size": rollout_batch_size, "shared_prompt_forwards": share_prompt}
     metrics = Metrics(f"runs/{run_name}", config, args.track, args.wandb_project,
                       state | {"step": start_iteration} if resuming else None)
     # the rollout policy's log-probs (and entropies) from a pass of their own; else the update is on-policy: ratio 1
     old_pass = (args.num_updates_per_batch > 1 or args.num_mini_batches > 1 or kl_in_reward
                 or args.top_entropy_quantile < 1 or args.tis_cap > 0)
     generate_batch = partial(generate, response_length=args.response_length, temperature=args.temperature,
-                             end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast)
+                             end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast,
+                             share_prompt=args.share_prompt)  # a group's prompt prefilled once (`common.prefill_once`)
     score = partial(score_responses, tokenizer=tokenizer, reward_ws=reward_ws, reward_fns=reward_fns, args=args,
-                    padding_free=padding_free, autocast=autocast)  # (B,) scores and their parts
+                    padding_free=padding_free, autocast=autocast, share_prompt=share_prompt)  # (B,) scores, parts
 
     def logprobs_of(model_w, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) log-probs and entropies of a rollout's responses under a model, in micro-batches of the training size
@@ -565,7 +579,7 @@ def main(args: Args) -> None:
         for k in range(0, len(batch.responses), micro_batch_size):
             chunk = slice(k, k + micro_batch_size)
             batch_layout = layout(batch.query_responses[chunk], batch.attention_mask[chunk], batch.context_length,
-                                  padding_free)
+                                  padding_free, share_prompt)
             with autocast():
                 chunks.append(model_w(forward, batch_layout, batch.responses[chunk], args.temperature))
         return tuple(torch.cat(c) for c in zip(*chunks))
@@ -634,7 +648,7 @@ def main(args: Args) -> None:
             order = torch.randperm(batch_size, device=device) if epoch > 0 else torch.arange(batch_size, device=device)
             for start in range(0, batch_size, mini_batch_size):
                 stats.append(backward_minibatch(policy_w, episodes, order[start: start + mini_batch_size],
-                                                micro_batch_size, args, padding_free, autocast))
+                                                micro_batch_size, args, padding_free, autocast, share_prompt))
                 grad_norms.append(clip_gradients(params, args.max_grad_norm))  # the norm before clipping
                 stop_if_not_finite(iteration + 1, args.output_dir, grad_norm=grad_norms[-1].item())
                 optimizer.step()

@@ -288,7 +288,8 @@ def packing_works(model) -> bool:
     return torch.allclose(packed.float(), alone.float(), rtol=tol, atol=tol)
 
 
-def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int, padding_free: bool):
+def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int, padding_free: bool,
+           share_prompt: bool = False):
     """(B, Tq + T) left-padded queries + responses -> what a forward pass over them needs: the model inputs;
     (rows, cols), each (B, T), where the logit that predicts response token t of sequence b sits; and (B, 2) where
     each sequence's last real token (its EOS) sits, where a reward model reads its score. Computed once per batch and
@@ -298,7 +299,13 @@ def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_
     column c predicts token c + 1, so response tokens are predicted from columns [context_length - 1, -1).
     Padding-free: each sequence without its padding, packed into rows (`pack`). Past a response's EOS,
     (rows, cols) stay at its last token, so those (masked) entries depend on the sequence alone.
+    `share_prompt` (padding-free, where the batch repeats a prompt): `shared_prompt_layout`.
     """
+    if padding_free and share_prompt:
+        queries = [tuple(q[m.bool()].tolist()) for q, m in zip(query_responses[:, :context_length],
+                                                                 attention_mask[:, :context_length])]
+        if len(set(queries)) < len(queries):
+            return shared_prompt_layout(query_responses, attention_mask, context_length, queries)
     batch, device = query_responses.shape[0], query_responses.device
     t = torch.arange(query_responses.shape[1] - context_length, device=device)
     lengths = attention_mask.sum(1)  # (B,) real tokens: the query without its left padding, the response to its EOS
@@ -315,6 +322,97 @@ def layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_
         cols = (context_length - 1 + t).expand(batch, -1)
         last = torch.stack([torch.arange(batch, device=device), last_token_index(attention_mask)], dim=1)
     return inputs, (last[:, :1].expand_as(cols), cols), last
+
+
+def shared_prompt_layout(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                         queries: list[tuple]):
+    """`layout`'s padding-free result with each distinct prompt fed once: a prompt and every response to it form one
+    segment, packed into rows as `pack` packs sequences, and a response attends to its prompt's keys and values and to
+    its own earlier tokens, never to a sibling's. The same numbers as one sequence per response (to float rounding):
+    the prompt's tokens see the same tokens at the same positions either way.
+
+        columns    [ p_0 ... p_{P-1} | a_0 ... a_{A-1} | b_0 ... b_{B-1} | ... ]   one segment: prompt, responses
+        positions    0 ... P-1         P ... P+A-1       P ... P+B-1
+        mask (R, 1, W, W): a_i sees p_*, a_0..a_i; b_i sees p_*, b_0..b_i; p_i sees p_0..p_i
+
+    A group of G responses to a P-token prompt costs P + sum of lengths tokens instead of G P + sum of lengths; the
+    logit that predicts each response's first token is the prompt's last, computed once for the group. The mask is
+    boolean (SDPA's convention; `sharing_works` checks a model honours it). `queries`: each row's prompt ids, unpadded.
+    """
+    device = query_responses.device
+    query_lengths = attention_mask[:, :context_length].sum(1).tolist()
+    lengths = attention_mask.sum(1).tolist()
+    segment_of, members = {}, []  # prompt ids -> its segment; each segment's rows
+    for b, q in enumerate(queries):
+        if q not in segment_of:
+            segment_of[q] = len(members)
+            members.append([])
+        members[segment_of[q]].append(b)
+    rows = [query_responses[b][attention_mask[b].bool()].tolist() for b in range(len(queries))]
+    segments = [list(q) + [tok for b in members[s] for tok in rows[b][len(q):]] for q, s in segment_of.items()]
+    input_ids, _, starts = pack(segments, 0)  # (R, W); (S, 2) row and first column of each segment
+    R, W = input_ids.shape
+    segment = torch.full((R, W), -1, dtype=torch.long)  # per column: its segment (-1: padding),
+    branch = torch.full((R, W), -1, dtype=torch.long)  # 0 in the prompt, k on the segment's k-th response
+    position_ids = torch.zeros((R, W), dtype=torch.long)
+    prompt_start, response_start = torch.zeros(len(queries), dtype=torch.long), torch.zeros(len(queries), dtype=torch.long)
+    for s, (q, (r, c)) in enumerate(zip(segment_of, starts.tolist())):
+        P = len(q)
+        segment[r, c: c + P], branch[r, c: c + P], position_ids[r, c: c + P] = s, 0, torch.arange(P)
+        c += P
+        for k, b in enumerate(members[s], start=1):
+            A = lengths[b] - P
+            segment[r, c: c + A], branch[r, c: c + A], position_ids[r, c: c + A] = s, k, torch.arange(P, P + A)
+            prompt_start[b], response_start[b] = starts[s, 1], c
+            c += A
+    causal = torch.ones(W, W, dtype=torch.bool).tril()
+    sees = (segment[:, :, None] == segment[:, None, :]) & causal & (  # (R, W queries, W keys)
+        (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :]))
+    inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device),
+              "attention_mask": sees[:, None].to(device)}
+    # sequence index i of response token t's logit, as in `layout`: P - 1 + t, held at the response's last token
+    P, L = torch.tensor(query_lengths)[:, None], torch.tensor(lengths)[:, None]
+    i = torch.minimum(P - 1 + torch.arange(query_responses.shape[1] - context_length), L - 1)  # (B, T)
+    cols = torch.where(i < P, prompt_start[:, None] + i, response_start[:, None] + i - P)
+    row = starts[[segment_of[q] for q in queries], 0]  # (B,)
+    last = torch.stack([row, response_start + L[:, 0] - P[:, 0] - 1], dim=1).to(device)
+    return inputs, (last[:, :1].expand_as(cols), cols.to(device)), last
+
+
+@torch.no_grad()
+def sharing_works(model, max_length: int) -> bool:
+    """Does `model` honour `shared_prompt_layout`'s boolean (R, 1, W, W) attention mask, giving each response the
+    numbers it gets alone? True for transformers' SDPA attention in the models that build their masks with
+    `masking_utils` (Llama, SmolLM2, Qwen2/3, Mistral, Phi-3, OLMo 2, Gemma 3, GPT-2 tested); false for eager attention
+    (it adds a mask, so a boolean one means nothing to it: Gemma 2's default), flash attention, remote code that
+    ignores the mask, and a sliding window or attention chunk shorter than `max_length` tokens (a custom mask is used
+    as given, so the window would not be applied)."""
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if min(window or max_length, getattr(config, "attention_chunk_size", None) or max_length) < max_length:
+        return False
+    backbone, was_training = getattr(model, model.base_model_prefix), model.training
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size
+    prompts, responses = [[11, 12, 13], [21, 22]], [[31, 32], [41, 42, 43], [51]]  # 2 responses to the first prompt
+    seqs = [[t % vocab for t in p + r] for p, r in zip([prompts[0], prompts[0], prompts[1]], responses)]
+    width = max(len(p) for p in prompts)
+    ids, mask = torch.zeros(3, width + 3, dtype=torch.long), torch.zeros(3, width + 3, dtype=torch.long)
+    for b, (p, r) in enumerate(zip([prompts[0], prompts[0], prompts[1]], responses)):
+        ids[b, width - len(p): width + len(r)] = torch.tensor(seqs[b])
+        mask[b, width - len(p): width + len(r)] = 1
+    queries = [tuple(ids[b, :width][mask[b, :width].bool()].tolist()) for b in range(3)]
+    inputs, _, last = shared_prompt_layout(ids.to(model.device), mask.to(model.device), width, queries)
+    try:
+        shared = backbone(**inputs, use_cache=False).last_hidden_state[last[:, 0], last[:, 1]]
+    except (RuntimeError, ValueError, TypeError):  # an attention that refuses a 4D mask
+        model.train(was_training)
+        return False
+    alone = torch.stack([backbone(input_ids=torch.tensor([s], device=model.device), use_cache=False).last_hidden_state[
+        0, -1] for s in seqs])
+    model.train(was_training)
+    tol = 1e-3 if shared.dtype == torch.float32 else 5e-2
+    return torch.allclose(shared.float(), alone.float(), rtol=tol, atol=tol)
 
 
 # Rewards and the RL stages' evaluation
@@ -432,7 +530,7 @@ def load_prompts(args, tokenizer, eval_dataset: str, eval_reward_fn: str, reward
 
 @torch.no_grad()
 def score_responses(batch: Rollout, records: list[dict], tokenizer, reward_ws: list, reward_fns: list, args,
-                    padding_free: bool, autocast) -> tuple[torch.Tensor, dict]:
+                    padding_free: bool, autocast, share_prompt: bool = False) -> tuple[torch.Tensor, dict]:
     """(B,) scores of a rollout's responses, and their parts, as PPO and GRPO score them. `reward_ws`: (model wrapper,
     its tokenizer, whether that is the policy's) per reward model. One of the policy's tokenizer reads the last real
     token of the policy's ids (the end token, then `score_suffix`, where transformers reads the rendered conversation);
@@ -452,7 +550,7 @@ def score_responses(batch: Rollout, records: list[dict], tokenizer, reward_ws: l
                 ids, mask = batch.query_responses, batch.attention_mask
                 if score_suffix(tokenizer):
                     ids, mask = with_score_suffix(ids, mask, batch.has_eos, score_suffix(tokenizer))
-                inputs, _, last = layout(ids, mask, batch.context_length, padding_free)
+                inputs, _, last = layout(ids, mask, batch.context_length, padding_free, share_prompt)
                 outputs = reward_w(reward_scores, **inputs, last=last)
             else:  # the reward model's own tokens
                 outputs = reward_w(score_texts, reward_tokenizer, prompts_text, texts)
@@ -513,12 +611,12 @@ def parts_to_log(parts: dict) -> dict:
 
 @torch.no_grad()
 def generate(model_w, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int,
-             autocast, with_logprobs: bool = False) -> Rollout:
+             autocast, with_logprobs: bool = False, share_prompt: bool = False) -> Rollout:
     """`common.rollout` from the first model of a `distribute`d wrapper (a policy, or its reference), its parameters
     gathered once for the whole decode loop (`gathered`)."""
     with autocast(), gathered(model_w) as generator:
         return generator(lambda model, *_: rollout(model, prompts, response_length, temperature, end_id, pad_id,
-                                                   with_logprobs))
+                                                   with_logprobs, share_prompt))
 
 
 def stutters(text: str) -> bool:

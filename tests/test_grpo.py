@@ -201,17 +201,17 @@ VARIANTS = {"clip": {}, "gspo": {"importance_sampling_level": "sequence"}, "cisp
             "delta": {"delta": 1.3}, "kl_bias_correction": {"kl_bias_correction": True}, "pg_weights": {}}
 
 
-def episodes_for(tokenizer, seed=0, B=8, T=6, pg_weights=False):
+def episodes_for(tokenizer, seed=0, B=8, T=6, pg_weights=False, G=1):
     """A batch of B responses of unequal lengths to prompts of unequal lengths, with advantages, old log-probs off
     the policy's (~ -6 for the tiny model) both ways (so both clips act) and reference log-probs; with `pg_weights`,
     weights on each token's policy loss, some 0 (as an entropy mask makes them), the others spread (as truncated
-    importance weights)."""
+    importance weights). `G` > 1: groups, B / G prompts each repeated G times in a row."""
     g = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
-    prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 5, 3, 2, 4)[:B]]
-    queries, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
+    prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 5, 3, 2, 4)[:B // G]]
+    queries, query_mask = pad([p for p in prompts for _ in range(G)], tokenizer.pad_token_id, side="left")
     responses = torch.randint(5, vocab, (B, T), generator=g)
-    lengths = torch.tensor([6, 1, 3, 6, 2, 5, 4, 6])[:B]
+    lengths = torch.tensor([6, 1, 3, 6, 2, 5, 4, 6, 2, 6, 5, 1, 4, 3, 6, 2])[:B]
     response_mask = torch.arange(T)[None] < lengths[:, None]
     responses = responses.masked_fill(~response_mask, tokenizer.pad_token_id)
     rollout = Rollout(torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask.long()], 1),
@@ -222,12 +222,12 @@ def episodes_for(tokenizer, seed=0, B=8, T=6, pg_weights=False):
                     weights if pg_weights else None)
 
 
-def gradient(model, episodes, aggregation, micro, padding_free=True, variant="clip"):
+def gradient(model, episodes, aggregation, micro, padding_free=True, variant="clip", share_prompt=False):
     args = Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3", response_length=6,
-                cliprange=0.2, cliprange_high=0.28, **VARIANTS[variant])
+                cliprange=0.2, cliprange_high=0.28, **VARIANTS.get(variant, {}))
     model.zero_grad()
     backward_minibatch(Parallel(model), episodes, torch.arange(len(episodes.advantages)), micro, args, padding_free,
-                       lambda: torch.autocast("cpu", enabled=False))
+                       lambda: torch.autocast("cpu", enabled=False), share_prompt)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -262,25 +262,29 @@ rank, world_size, device = plumbing.init_distributed("cpu")
 tokenizer = AutoTokenizer.from_pretrained({model!r})
 for strategy in ("ddp", "fsdp"):
     for aggregation, variant in CASES:
-        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights")
+        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights", G=2 if variant == "shared" else 1)
         model = AutoModelForCausalLM.from_pretrained({model!r})
         wrapped = plumbing.distribute([model], strategy, False)
         args = grpo.Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3",
-                         response_length=6, cliprange=0.2, cliprange_high=0.28, **VARIANTS[variant])
+                         response_length=6, cliprange=0.2, cliprange_high=0.28, **VARIANTS.get(variant, {{}}))
         half = torch.arange(rank * 4, rank * 4 + 4)  # this process's half of the batch, in 2 micro-batches of 2
-        grpo.backward_minibatch(wrapped, episodes, half, 2, args, True, lambda: torch.autocast("cpu", enabled=False))
+        grpo.backward_minibatch(wrapped, episodes, half, 2, args, True, lambda: torch.autocast("cpu", enabled=False),
+                                variant == "shared")
         grads = {{n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                   for n, p in wrapped.named_parameters()}}
         if rank == 0:
             torch.save(grads, os.path.join({out!r}, f"{{strategy}}_{{aggregation}}_{{variant}}.pt"))
 """
-# every aggregation with the clipped surrogate; the other losses and weights with the token aggregation
-CASES = [(a, "clip") for a in ("token", "sequence", "constant")] + [("token", v) for v in VARIANTS if v != "clip"]
+# every aggregation with the clipped surrogate; the other losses and weights with the token aggregation; "shared":
+# groups of 2 whose prompt each micro-batch computes once (`shared_prompt_layout`), against the unshared whole batch
+CASES = ([(a, "clip") for a in ("token", "sequence", "constant")] + [("token", v) for v in VARIANTS if v != "clip"]
+         + [("token", "shared"), ("sequence", "shared")])
 
 
 def test_two_processes_give_the_gradient_of_the_whole_batch(model_dir, tmp_path):
     """torchrun, 2 processes x 2 micro-batches of unequal lengths, DDP and FSDP2: the gradient of one optimizer step
-    is the one-process gradient of the whole batch, for every aggregation and every policy loss and weight."""
+    is the one-process gradient of the whole batch, for every aggregation and every policy loss and weight, and with
+    each group's prompt computed once."""
     from transformers import AutoTokenizer
 
     worker = tmp_path / "worker.py"
@@ -291,12 +295,81 @@ def test_two_processes_give_the_gradient_of_the_whole_batch(model_dir, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     for aggregation, variant in CASES:
-        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights")
+        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights", G=2 if variant == "shared" else 1)
         whole = {f"models.0.{k}": v for k, v in gradient(model, episodes, aggregation, micro=8, variant=variant).items()}
         for strategy in ("ddp", "fsdp"):
             two = torch.load(tmp_path / f"{strategy}_{aggregation}_{variant}.pt", weights_only=True)
             two = {k.replace("module.", ""): v for k, v in two.items()}
             assert relative_gap(two, whole) < 1e-5, (strategy, aggregation, variant)
+
+
+@pytest.mark.parametrize("G, B, micro", [(2, 8, 8), (2, 8, 3), (8, 16, 16), (8, 16, 4)])
+def test_a_shared_prompt_gives_the_same_logprobs_gradient_and_reward(G, B, micro, model_dir):
+    """Groups of G responses to prompts of unequal lengths (left-padded), responses of unequal lengths: each prompt fed
+    once per micro-batch gives the log-probs, one optimizer step's gradient and a reward model's scores of one
+    sequence per response (the whole batch, unshared), to fp32 rounding; micro-batches of 3 and 4 cut groups apart."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from common import reward_scores
+    from grpo import forward
+    from plumbing import layout
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    episodes = episodes_for(tokenizer, B=B, G=G)
+    batch, mask = episodes.rollout, episodes.rollout.response_mask
+    plain = layout(batch.query_responses, batch.attention_mask, batch.context_length, True)
+    shared = layout(batch.query_responses, batch.attention_mask, batch.context_length, True, share_prompt=True)
+    fed = lambda lay: (lay[0]["input_ids"] != 0).sum().item()  # noqa: E731  (ids drawn from 5 up; packing pads with 0)
+    prompt_tokens, response_tokens = batch.attention_mask[:, :batch.context_length].sum().item(), mask.sum().item()
+    assert fed(plain) == prompt_tokens + response_tokens
+    assert fed(shared) == prompt_tokens // G + response_tokens  # each prompt fed once
+    with torch.no_grad():
+        expected = forward(model, plain, batch.responses, 0.7)[0]
+        assert (forward(model, shared, batch.responses, 0.7)[0] - expected)[mask].abs().max() < 1e-5
+    whole = gradient(model, episodes, "token", micro=B)
+    assert relative_gap(gradient(model, episodes, "token", micro=micro, share_prompt=True), whole) < 1e-5
+    reward_model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    with torch.no_grad():
+        scores = reward_scores(reward_model, **plain[0], last=plain[2])
+        assert (reward_scores(reward_model, **shared[0], last=shared[2]) - scores).abs().max() < 1e-5
+
+
+def test_a_shared_prefill_samples_the_same_tokens_from_fewer(model_dir):
+    """Sampling with each group's prompt prefilled once: the same tokens under a fixed seed (the random draws are taken
+    in the same order from the same distribution) and the same sampler log-probs, from fewer tokens fed."""
+    from transformers import AutoTokenizer
+
+    from common import rollout
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [p for p in episodes_for(tokenizer).rollout.query_responses[:4, :5].tolist() for _ in range(4)]
+    prompts = [[t for t in p if t != tokenizer.pad_token_id] for p in prompts]  # 4 prompts of 3 to 5 ids, 4 times each
+    fed = []
+    model.get_input_embeddings().register_forward_hook(lambda m, inputs, out: fed.append(inputs[0].numel()))
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(3)
+        runs.append(rollout(model, prompts, 12, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id, True, share))
+        runs[-1] = runs[-1], sum(fed)
+        fed.clear()
+    (plain, plain_fed), (shared, shared_fed) = runs
+    assert torch.equal(shared.query_responses, plain.query_responses)
+    assert (shared.sampler_logprobs - plain.sampler_logprobs).abs().max() < 1e-5
+    assert shared_fed < plain_fed - 10
+
+
+def test_sharing_works_only_where_the_model_honours_the_mask(model_dir):
+    from plumbing import sharing_works
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert sharing_works(model, 256)
+    model.config.sliding_window = 128  # a custom mask would not apply the window: sequences longer than it refused
+    assert sharing_works(model, 128) and not sharing_works(model, 256)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "eager"  # adds the mask to the scores: a boolean one would leak siblings in
+    assert not sharing_works(model, 256)
 
 
 def test_kl_placements_follow_the_gradients_docs_grpo_states():
