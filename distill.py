@@ -24,10 +24,14 @@ from the papers:
 
 import math
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, NamedTuple
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while torch loads: one line, no traceback
 
 import torch
 import torch.distributed as dist

@@ -24,10 +24,14 @@ common recipe:
 """
 
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while torch loads: one line, no traceback
 
 import torch
 import torch.distributed as dist

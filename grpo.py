@@ -39,10 +39,14 @@ Where this departs from the papers:
 """
 
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal, NamedTuple
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while torch loads: one line, no traceback
 
 import torch
 import torch.distributed as dist

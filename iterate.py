@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while tyro loads: one line, no traceback
+
 import tyro
 
 HERE = os.path.dirname(os.path.abspath(__file__))

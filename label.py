@@ -23,7 +23,11 @@ responses are sampled from a policy exactly as stage 3 samples them (`common.sam
 import json
 import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while torch loads: one line, no traceback
 
 import torch
 import tyro
@@ -31,6 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import DataError, encode_prompt, end_token_id, read_data, sample, setup_tokenizer
 from plumbing import TASK_DATA, hold_lock, load_function, lock_path
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C raises KeyboardInterrupt again
 
 
 @dataclass

@@ -20,10 +20,14 @@ details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PP
 """
 
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, NamedTuple
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while torch loads: one line, no traceback
 
 import torch
 import torch.distributed as dist

@@ -17,9 +17,13 @@ Stiennon et al. 2020, sec. 3.4; Ouyang et al. 2022, sec. 3.5). Where this depart
 
 import math
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while torch loads: one line, no traceback
 
 import torch
 import torch.distributed as dist

@@ -15,9 +15,13 @@ Stiennon et al. 2020, sec. 3.3). Where this departs from the common recipe:
 """
 
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
+
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C while torch loads: one line, no traceback
 
 import torch
 import torch.distributed as dist

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -212,6 +213,32 @@ def test_a_damaged_or_mismatched_checkpoint_is_one_line(damage, task_dir, model_
     assert "train/sft/loss" not in (proc.stdout + str(list(tmp_path.glob("runs/*/metrics.jsonl"))))
 
 
+def test_a_lora_checkpoint_without_its_adapter_or_with_a_non_finite_one_is_one_line(task_dir, model_dir, tmp_path):
+    """A LoRA run's checkpoint whose adapter/ is gone stops the resume with one line before any training; an adapter
+    that holds NaN is refused as it loads, in one line, not trained on."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "out"
+    write_checkpoint(out, model_dir, lora_r=4)  # made with --lora-r 4, its adapter/ missing
+    proc = run_script("sft.py", "--model-name-or-path", model_dir, "--dataset", task_dir / "sft_train.jsonl",
+                      "--output-dir", out, "--max-steps", "2", "--lora-r", "4", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {out / 'checkpoint'} is damaged or was made with other "
+                                                    "flags (missing: adapter): remove it or pass --no-resume")
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    plumbing.add_lora(model, 4, 8.0, "all-linear", str(model_dir))
+    saved = tmp_path / "lora"
+    plumbing.save_model(str(saved), AutoTokenizer.from_pretrained(model_dir), {"lora_r": 4}, ("", model))
+    path = saved / "adapter" / "adapter_model.safetensors"
+    state = load_file(path)
+    state[next(k for k in state if "lora_A" in k)][0, 0] = float("nan")
+    save_file(state, path)
+    with pytest.raises(SystemExit, match="is damaged or was made with other flags .*non-finite"):
+        plumbing.add_lora(AutoModelForCausalLM.from_pretrained(model_dir), 4, 8.0, "all-linear", str(model_dir),
+                          resume_dir=str(saved))
+
+
 def test_crafted_optimizer_entries_are_refused(tmp_path):
     """torch.distributed.checkpoint stores non-tensor entries (the optimizer's param_groups) as pickles and its default
     planner loads them with weights_only=False; the stages' planner refuses anything but tensors and plain types."""
@@ -401,6 +428,27 @@ def test_a_signal_checkpoints_and_the_rerun_resumes(signum, task_dir, model_dir,
     assert f"at step {step}" in resumed.stdout
     steps = [step for step, _ in read_metrics(tmp_path, "train/sft/loss")]
     assert steps == list(range(1, step + 4))  # each step once: what was logged after the checkpoint was dropped
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward_model.py", "ppo_rlhf.py", "dpo.py", "grpo.py", "distill.py",
+                                    "label.py"])
+def test_ctrl_c_while_torch_loads_is_one_line(script, tmp_path):
+    """Ctrl-C in the first seconds, while torch and transformers load (before any code of ours can catch it): one line,
+    no traceback. The signal goes once torch's library is mapped into the process: past the handler, before the end of
+    the imports (transformers' alone take seconds); later, the run's own handlers print the same line."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--help"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                if "libtorch_cpu" in f.read():
+                    break
+        except OSError:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and stderr.strip().splitlines() == ["interrupted"], stderr[-3000:]
 
 
 def test_sampling_cuts_prompts_as_training_does(model_dir, monkeypatch):
