@@ -9,6 +9,7 @@ import math
 import numbers
 import os
 import re
+import threading
 from typing import NamedTuple
 
 import torch
@@ -287,18 +288,19 @@ def setup_tokenizer(tokenizer, model=None):
     return tokenizer
 
 
-def encode_prompt(tokenizer, prompt, max_length: int) -> tuple[list[int] | None, bool]:
+def encode_prompt(tokenizer, prompt, max_length: int, tools: list | None = None) -> tuple[list[int] | None, bool]:
     """Token ids of a prompt, at most `max_length`, through the chat template (a string becomes one user turn) if the
-    tokenizer has one. Returns (ids, was_truncated); ids is None when it cannot fit. A long prompt loses its oldest
-    text, never its frame: plain text keeps its BOS; a conversation keeps the template's BOS, system turn and
-    assistant header while its other turns are cut from the left, the earliest first."""
+    tokenizer has one, with `tools`' schemas (functions with type hints and a docstring) where the template shows
+    them. Returns (ids, was_truncated); ids is None when it cannot fit. A long prompt loses its oldest text, never its
+    frame: plain text keeps its BOS; a conversation keeps the template's BOS, system turn and assistant header while
+    its other turns are cut from the left, the earliest first."""
     chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
 
     def encode(messages):  # rendered chat text holds its special tokens already: only plain text gets a BOS added
         if tokenizer.chat_template is None:
             return tokenizer(prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt))["input_ids"]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja2's TemplateError: e.g. a template without a system role
             raise DataError(f"the model's chat template refuses a conversation ({e}): {str(messages)[:200]}") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -440,10 +442,23 @@ class Rollout(NamedTuple):
     response_mask: torch.Tensor  # (B, T) bool, True up to and including the end token
     has_eos: torch.Tensor  # (B,) bool: the response ended within the length budget
     sampler_logprobs: torch.Tensor | None = None  # (B, T) the log-probs the sampler drew them with (0 past the end)
+    policy_mask: torch.Tensor | None = None  # with tools: (B, T) bool, True on the tokens the policy sampled
+    tool_calls: list | None = None  # with tools: per response, (result, outcome) of each call (`rollout_with_tools`)
+
+    def actions(self) -> torch.Tensor:
+        """(B, T) bool: the tokens the policy chose, those of the loss, the KL and every per-token count: the response
+        tokens, less any a tool's turn inserted."""
+        return self.response_mask if self.policy_mask is None else self.policy_mask
 
     def rows(self, index) -> "Rollout":
         """The episodes at `index` (a slice or a tensor of indices)."""
-        return Rollout(*(x[index] if torch.is_tensor(x) else x for x in self))
+        def take(x):
+            if torch.is_tensor(x):
+                return x[index]
+            if isinstance(x, list):
+                return x[index] if isinstance(index, slice) else [x[i] for i in index.tolist()]
+            return x
+        return Rollout(*(take(x) for x in self))
 
 
 @torch.no_grad()
@@ -459,6 +474,148 @@ def rollout(model, prompts: list[list[int]], response_length: int, temperature: 
     return Rollout(torch.cat([queries, responses], dim=1), torch.cat([query_mask, response_mask.long()], dim=1),
                    context_length, responses, response_mask, has_eos,
                    None if sampler_logprobs is None else sampler_logprobs.masked_fill(~response_mask, 0.0))
+
+
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)  # Hermes / Qwen: <tool_call>{"name": .., "arguments": ..}
+
+
+def parse_tool_call(text: str) -> tuple[str, dict] | str:
+    """The first tool call in an assistant turn's text -> (name, arguments), or the error the model will read as the
+    tool's result. Another format: replace this function (it sees the turn's text, returns the same)."""
+    found = TOOL_CALL.search(text)
+    if found is None:
+        return "error: no <tool_call>{...}</tool_call> in the turn"
+    try:
+        call = json.loads(found.group(1))
+    except ValueError as e:
+        return f"error: the tool call is not JSON ({e})"
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments", {}),
+                                                                                             dict):
+        return 'error: a tool call is {"name": "...", "arguments": {...}}'
+    return call["name"], call.get("arguments", {})
+
+
+def call_tool(tools: dict, text: str, timeout: float) -> tuple[str, str]:
+    """An assistant turn's text -> (the tool's result as text, what happened: "ok", "parse", "unknown", "error" or
+    "timeout"). Whatever goes wrong becomes the result, so the model reads it and the run goes on. The tool runs in a
+    thread of this process: a call past `timeout` is abandoned (its thread left to finish), never waited for."""
+    call = parse_tool_call(text)
+    if isinstance(call, str):
+        return call, "parse"
+    name, arguments = call
+    if name not in tools:
+        return f"error: no tool named {name!r} (there are: {', '.join(tools)})", "unknown"
+    box = {}
+
+    def run():
+        try:
+            box["result"] = str(tools[name](**arguments))
+        except Exception as e:  # the model called it wrong, or the tool failed: either way the model reads why
+            box["error"] = f"error: {type(e).__name__}: {e}"
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return f"error: {name} took longer than {timeout:g} s", "timeout"
+    return (box["error"], "error") if "error" in box else (box["result"], "ok")
+
+
+def tool_turn(tokenizer, result: str) -> list[int]:
+    """The ids the chat template puts after an assistant turn's end token to hand the model a tool's result: the rest
+    of the assistant turn's closing ("\n" in ChatML), the tool message, and the header of the next assistant turn. They
+    go after the sampled ids as they are: the sampled tokens are never decoded and encoded again."""
+    marker, conversation = "Zq9 call", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Zq9 call"}]
+    before = tokenizer.apply_chat_template(conversation, tokenize=False)
+    after = tokenizer.apply_chat_template(conversation + [{"role": "tool", "content": result}], tokenize=False,
+                                          add_generation_prompt=True)
+    end = tokenizer.convert_ids_to_tokens(end_token_id(tokenizer))
+    cut = before.index(end, before.rindex(marker)) + len(end)  # just past the end token the model sampled
+    if not after.startswith(before[:cut]):
+        raise DataError("the chat template renders an assistant turn differently once a tool message follows it")
+    return tokenizer(after[cut:], add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def rollout_with_tools(model, tokenizer, prompts: list[list[int]], tools: dict, response_length: int,
+                       temperature: float, end_id: int, pad_id: int, max_tool_calls: int = 1,
+                       max_tool_output_tokens: int = 64, timeout: float = 10.0, with_logprobs: bool = False) -> Rollout:
+    """`rollout`, with tools: a turn that ends (its end token) holding a tool call is not the response's end; the tool
+    runs, the template's tool turn is appended (`tool_turn`, its result cut to `max_tool_output_tokens`), and the
+    policy goes on from there, up to `max_tool_calls` calls. Each round samples the unfinished responses together; the
+    response (sampled and inserted tokens) stays within `response_length`. The Rollout's `policy_mask` marks the tokens
+    the policy sampled (the loss's; inserted ones are context), `tool_calls` each call's (result, outcome)."""
+    responses, owned, calls = [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts]
+    drawn = [[] for _ in prompts]  # the sampler's log-probs (`with_logprobs`; 0 on inserted tokens)
+    active = list(range(len(prompts)))
+    for round_ in range(max_tool_calls + 1):
+        budget = [response_length - len(responses[i]) for i in active]
+        queries, query_mask = (t.to(model.device) for t in pad([prompts[i] + responses[i] for i in active], pad_id,
+                                                               side="left"))
+        out = sample(model, queries, query_mask, max(budget), temperature, end_id, pad_id, with_logprobs)
+        out, logprobs = out if isinstance(out, tuple) else (out, None)
+        out = out[:, queries.shape[1]:]
+        still = []
+        for row, i in enumerate(active):
+            new = out[row, : budget[row]].tolist()
+            new = new[: new.index(end_id) + 1] if end_id in new else new
+            responses[i] += new
+            owned[i] += [True] * len(new)
+            drawn[i] += logprobs[row, : len(new)].tolist() if logprobs is not None else []
+            if round_ == max_tool_calls or not new or new[-1] != end_id:
+                continue  # the response ended, ran out of room, or has no calls left
+            text = tokenizer.decode(new, skip_special_tokens=False)
+            if "<tool_call>" not in text:
+                continue
+            result, outcome = call_tool(tools, text, timeout)
+            ids = tokenizer(result, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_tool_output_tokens:
+                result, outcome = tokenizer.decode(ids[:max_tool_output_tokens]) + " [cut]", outcome + "+cut"
+            calls[i].append((result, outcome))
+            inserted = tool_turn(tokenizer, result)
+            if len(responses[i]) + len(inserted) >= response_length:
+                continue  # no room left to answer: the response ends at its call
+            responses[i] += inserted
+            owned[i] += [False] * len(inserted)
+            drawn[i] += [0.0] * len(inserted)
+            still.append(i)
+        active = still
+        if not active:
+            break
+    ids, response_mask = pad([r or [pad_id] for r in responses], pad_id)  # right-padded (B, T)
+    response_mask = response_mask.bool() & torch.tensor([bool(r) for r in responses])[:, None]
+    policy_mask = pad([own or [False] for own in owned], 0)[0].bool() & response_mask
+    has_eos = torch.tensor([bool(r) and r[-1] == end_id for r in responses])
+    queries, query_mask = pad(prompts, pad_id, side="left")
+    sampler_logprobs = None
+    if with_logprobs and temperature > 0:
+        sampler_logprobs = torch.zeros(ids.shape)
+        for i, row in enumerate(drawn):
+            sampler_logprobs[i, : len(row)] = torch.tensor(row)
+    return Rollout(*(x.to(model.device) if torch.is_tensor(x) else x for x in (
+        torch.cat([queries, ids], 1), torch.cat([query_mask, response_mask.long()], 1), queries.shape[1], ids,
+        response_mask, has_eos, sampler_logprobs, policy_mask, calls)))
+
+
+def exchanges(batch: Rollout, tokenizer) -> list[list[dict]]:
+    """A tool rollout's responses as messages: each run of sampled tokens an assistant turn (its text), each call's
+    result a tool turn, in order; what reward functions that name `messages` receive."""
+    out = []
+    for ids, mask, own, calls in zip(batch.responses, batch.response_mask, batch.policy_mask, batch.tool_calls):
+        runs, start = [], None
+        for t, (valid, mine) in enumerate(zip(mask.tolist() + [False], own.tolist() + [False])):
+            if valid and mine and start is None:
+                start = t
+            elif not (valid and mine) and start is not None:
+                runs.append(tokenizer.decode(ids[start:t], skip_special_tokens=True))
+                start = None
+        messages = []
+        for k, text in enumerate(runs):
+            messages.append({"role": "assistant", "content": text})
+            if k < len(calls):
+                messages.append({"role": "tool", "content": calls[k][0]})
+        out.append(messages)
+    return out
 
 
 def with_score_suffix(query_responses: torch.Tensor, attention_mask: torch.Tensor, has_eos: torch.Tensor,

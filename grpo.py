@@ -53,10 +53,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import Rollout, end_token_id, setup_tokenizer
+from common import Rollout, end_token_id, exchanges, setup_tokenizer
 from plumbing import (TASK_DATA, Clock, Metrics, StopSignals, WithoutAdapters, add_lora, all_gather_1d, all_reduce,
                       batch_indices, check_room, cli, clip_gradients, decay_groups, default_learning_rate,
-                      disable_dropout, distribute, evaluate_policy, exact_div, generate, layout, load_prompts,
+                      disable_dropout, distribute, evaluate_policy, exact_div, generate, generate_with_tools, layout,
+                      load_prompts, load_tools,
                       load_reward_fns, load_reward_models, load_state, packing_works, parts_to_log, prepare_output,
                       resume_point, reward_model_paths, save_model, score_responses, setup, sharing_works,
                       stop_if_not_finite, sync_gradients, user_errors_in_one_line)
@@ -108,6 +109,16 @@ class Args:
     reward_fn_timeout: float = 60.0
     """in seconds: a reward function (or the judge) still running on one response after this scores it None (counted,
     with a warning), so a hang cannot stall the run; 0: no limit"""
+    tools: tuple[str, ...] = ()
+    """'file.py:function' tools the policy may call mid-response (Hermes format: <tool_call>{"name": ..., "arguments":
+    {...}}</tool_call>, then its end token); plain functions with type hints and a docstring whose schema reaches the
+    prompt through the chat template. They run in this process: no sandbox (docs/tools.md)"""
+    max_tool_calls: int = 1
+    """tool calls per response; a later call is not run and the response ends there"""
+    max_tool_output_tokens: int = 64
+    """a tool's result is cut to this many tokens (counted: tools/cut)"""
+    tool_timeout: float = 10.0
+    """in seconds: a call still running after this becomes the error the model reads (counted: tools/timeouts)"""
     reward_label_index: int | None = None
     """for a reward model with several outputs (a sentiment classifier's labels), the one that is the reward"""
     reward_transform: Literal["none", "logsigmoid"] = "none"
@@ -516,8 +527,12 @@ def main(args: Args) -> None:
 
     # 1. the prompts (ids, left-padded per batch for generation), read and checked before any model loads
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model_path, trust_remote_code=args.trust_remote_code)
+    if args.tools and tokenizer.chat_template is None:
+        raise SystemExit("error: --tools needs a model with a chat template: it renders the tool's turn")
+    tools = load_tools(args.tools, tokenizer)  # {name: function}, their schemas in the prompts where the template shows them
     train_records, train_prompts, eval_records, eval_prompts = load_prompts(args, tokenizer, eval_dataset,
-                                                                            eval_reward_fn, reward_fns)
+                                                                            eval_reward_fn, reward_fns,
+                                                                            list(tools.values()) or None)
 
     # 2. models: the policy, the reward model(s) and/or reward functions, and the SFT model as the reference when a KL
     #    term or the evaluation needs it
@@ -573,6 +588,11 @@ def main(args: Args) -> None:
     generate_batch = partial(generate, response_length=args.response_length, temperature=args.temperature,
                              end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast,
                              share_prompt=args.share_prompt)  # a group's prompt prefilled once (`common.prefill_once`)
+    if tools:  # a turn that calls a tool goes on after the tool's result (`common.rollout_with_tools`)
+        generate_batch = partial(generate_with_tools, response_length=args.response_length, temperature=args.temperature,
+                                 end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast,
+                                 tokenizer=tokenizer, tools=tools, max_tool_calls=args.max_tool_calls,
+                                 max_tool_output_tokens=args.max_tool_output_tokens, timeout=args.tool_timeout)
     score = partial(score_responses, tokenizer=tokenizer, reward_ws=reward_ws, reward_fns=reward_fns, args=args,
                     padding_free=padding_free, autocast=autocast, share_prompt=share_prompt)  # (B,) scores, parts
 
@@ -610,7 +630,11 @@ def main(args: Args) -> None:
         records, prompts = [train_records[i] for i in idx], [train_prompts[i] for i in idx]
         policy_w.eval()
         batch = generate_batch(policy_w, prompts, with_logprobs=old_pass)  # the sampler's log-probs, to compare
-        response_mask = batch.response_mask.float()  # (B, T), 1 on valid tokens
+        # (B, T), 1 on the tokens the policy sampled: with tools, a tool's turn is context, never in a loss, KL or count
+        response_mask = batch.actions().float()
+        if tools:  # reward functions that name `messages` get the exchange: the assistant's turns and the tools'
+            records = [dict(r, fields=r.get("fields", {}) | {"messages": m}) for r, m in zip(records, exchanges(
+                batch, tokenizer))]
         t_generate = time.time() - t0
 
         # 5. scores; log-probs of the sampled tokens under the rollout's policy (when the update needs them) and the
@@ -679,10 +703,21 @@ def main(args: Args) -> None:
             "charts/lr": scheduler.get_last_lr()[0], "charts/episodes": (iteration + 1) * batch_size * world_size,
             "time/generate": t_generate, "time/score": t_score, "time/logprobs": t_logprobs, "time/update": t_update,
         }
+        if tools:  # each call's outcome: ok, parse (no JSON call), unknown (no such tool), error, timeout; +cut
+            outcomes = [[o for _, o in calls] for calls in batch.tool_calls]
+            used = torch.tensor([bool(o) for o in outcomes], device=device)
+            row.update({f"tools/{name}": sum(sum(o.startswith(name) or o.endswith(name) for o in c) for c in outcomes)
+                        / len(outcomes) for name in ("parse", "unknown", "error", "timeout", "cut")})
+            row.update({"tools/calls_per_response": sum(map(len, outcomes)) / len(outcomes),
+                        "tools/used": used.float().mean(),
+                        "tools/inserted_tokens": (batch.response_mask & ~batch.policy_mask).sum(1).float().mean(),
+                        "tools/scores_with_call": (raw_scores * used).sum() / used.sum().clamp(min=1),  # 0: none
+                        "tools/scores_without_call": (raw_scores * ~used).sum() / (~used).sum().clamp(min=1)})
         if old_pass:  # the first minibatch's forward repeats the rollout's: any deviation is a bug (the largest logged)
             first_ratios = torch.cat(stats[0]["ratio"])
             row["val/first_ratio_max_dev"] = all_reduce((first_ratios - 1).abs().max() if first_ratios.numel() else
                                                         torch.zeros((), device=device), "max")
+        if old_pass and batch.sampler_logprobs is not None:
             # the sampler's log-probs against the trainer's, same weights and tokens: 0 but for how each computed them
             gap = (old_logprobs - batch.sampler_logprobs).abs() * response_mask  # (bf16, a KV cache against packing)
             row["val/sampler_logprob_gap"] = all_reduce(gap.sum()) / all_reduce(response_mask.sum()).clamp(min=1)

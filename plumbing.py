@@ -47,7 +47,8 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (DataError, Rollout, check_record_fields, encode_prompt, last_token_index, read_data, record_caller,
-                    reward_scores, rollout, score_suffix, score_texts, scored, setup_tokenizer, with_score_suffix)
+                    reward_scores, rollout, rollout_with_tools, score_suffix, score_texts, scored, setup_tokenizer,
+                    with_score_suffix)
 
 # the embedded "reviews" task: its files and tiny model are made by reviews_task.py on first use of the defaults
 TASK_DATA, TINY_MODEL = "data/reviews", "models/tiny-llama"
@@ -498,7 +499,7 @@ class Prompts(NamedTuple):
     eval_prompts: list[list[int]]
 
 
-def load_prompts(args, tokenizer, eval_dataset: str, eval_reward_fn: str, reward_fns: list) -> Prompts:
+def load_prompts(args, tokenizer, eval_dataset: str, eval_reward_fn: str, reward_fns: list, tools=None) -> Prompts:
     """The RL stages' prompts: the training records and the held-out ones (the first --num-eval-prompts, of the
     training prompts when there are none), checked for the fields the reward functions and the judge take, and encoded
     (`encode_prompt`), without those that cannot fit --max-prompt-length even cut."""
@@ -512,7 +513,7 @@ def load_prompts(args, tokenizer, eval_dataset: str, eval_reward_fn: str, reward
                             eval_dataset if eval_records else args.dataset)
 
     def encode(records):
-        encoded = [(r, *encode_prompt(tokenizer, r["prompt"], args.max_prompt_length)) for r in records]
+        encoded = [(r, *encode_prompt(tokenizer, r["prompt"], args.max_prompt_length, tools)) for r in records]
         kept = [(r, ids) for r, ids, _ in encoded if ids is not None]
         if len(kept) < len(encoded):
             print(f"skipped {len(encoded) - len(kept)} prompts whose fixed part exceeds --max-prompt-length")
@@ -617,6 +618,32 @@ def generate(model_w, prompts: list[list[int]], response_length: int, temperatur
     with autocast(), gathered(model_w) as generator:
         return generator(lambda model, *_: rollout(model, prompts, response_length, temperature, end_id, pad_id,
                                                    with_logprobs, share_prompt))
+
+
+def load_tools(specs: tuple[str, ...], tokenizer) -> dict:
+    """--tools file.py:name ... -> {name: function}, each loaded at start; says where the chat template shows no tool
+    schema (the model then learns of the tools only from the prompts)."""
+    tools = {spec.rpartition(":")[2]: load_function(spec) for spec in specs}
+    if tools and tokenizer.chat_template is not None:
+        chat = [{"role": "user", "content": "Hi"}]
+        try:
+            shown = tokenizer.apply_chat_template(chat, tools=list(tools.values()), tokenize=False) != (
+                tokenizer.apply_chat_template(chat, tokenize=False))
+        except Exception as e:  # transformers reads the schema from type hints and a docstring with an Args section
+            raise SystemExit(f"error: --tools: {' '.join(str(e).split())[:300]}") from None
+        if not shown:
+            print("the chat template shows no tool schema: the model learns of --tools only from what the prompts say")
+    return tools
+
+
+def generate_with_tools(model_w, prompts: list[list[int]], response_length: int, temperature: float, end_id: int,
+                        pad_id: int, autocast, tokenizer, tools: dict, max_tool_calls: int, max_tool_output_tokens: int,
+                        timeout: float, with_logprobs: bool = False, **_) -> Rollout:
+    """`common.rollout_with_tools` from a `distribute`d wrapper's first model, as `generate` samples."""
+    with autocast(), gathered(model_w) as generator:
+        return generator(lambda model, *_: rollout_with_tools(model, tokenizer, prompts, tools, response_length,
+                                                              temperature, end_id, pad_id, max_tool_calls,
+                                                              max_tool_output_tokens, timeout, with_logprobs))
 
 
 def stutters(text: str) -> bool:

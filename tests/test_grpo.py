@@ -201,11 +201,12 @@ VARIANTS = {"clip": {}, "gspo": {"importance_sampling_level": "sequence"}, "cisp
             "delta": {"delta": 1.3}, "kl_bias_correction": {"kl_bias_correction": True}, "pg_weights": {}}
 
 
-def episodes_for(tokenizer, seed=0, B=8, T=6, pg_weights=False, G=1):
+def episodes_for(tokenizer, seed=0, B=8, T=6, pg_weights=False, G=1, tools=False):
     """A batch of B responses of unequal lengths to prompts of unequal lengths, with advantages, old log-probs off
     the policy's (~ -6 for the tiny model) both ways (so both clips act) and reference log-probs; with `pg_weights`,
     weights on each token's policy loss, some 0 (as an entropy mask makes them), the others spread (as truncated
-    importance weights). `G` > 1: groups, B / G prompts each repeated G times in a row."""
+    importance weights). `G` > 1: groups, B / G prompts each repeated G times in a row. `tools`: in responses of 5
+    tokens or more, tokens 1 and 2 a tool's turn (context, not in the loss), as `rollout_with_tools` marks them."""
     g = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
     prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 5, 3, 2, 4)[:B // G]]
@@ -214,10 +215,11 @@ def episodes_for(tokenizer, seed=0, B=8, T=6, pg_weights=False, G=1):
     lengths = torch.tensor([6, 1, 3, 6, 2, 5, 4, 6, 2, 6, 5, 1, 4, 3, 6, 2])[:B]
     response_mask = torch.arange(T)[None] < lengths[:, None]
     responses = responses.masked_fill(~response_mask, tokenizer.pad_token_id)
+    policy_mask = response_mask & ~((lengths[:, None] >= 5) & (torch.arange(T)[None] >= 1) & (torch.arange(T)[None] <= 2))
     rollout = Rollout(torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask.long()], 1),
-                      queries.shape[1], responses, response_mask, lengths < T)
+                      queries.shape[1], responses, response_mask, lengths < T, None, policy_mask if tools else None)
     weights = (torch.rand(B, T, generator=g) < 0.6) * 2 * torch.rand(B, T, generator=g)
-    return Episodes(rollout, response_mask.float(), torch.randn(B, generator=g),
+    return Episodes(rollout, rollout.actions().float(), torch.randn(B, generator=g),
                     -9 + 6 * torch.rand(B, T, generator=g), -3 - torch.rand(B, T, generator=g),  # ratios ~e^-3 to e^3
                     weights if pg_weights else None)
 
@@ -248,6 +250,10 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(aggregation, variant
     assert relative_gap(gradient(model, episodes, aggregation, micro=8, padding_free=False, variant=variant), whole) < 1e-5
     if variant != "clip":  # the flags change the gradient: the test can tell them apart
         assert relative_gap(gradient(model, episodes_for(tokenizer), aggregation, micro=8), whole) > 1e-3
+    tools = episodes_for(tokenizer, pg_weights=variant == "pg_weights", tools=True)  # tool turns inside responses
+    with_tools = gradient(model, tools, aggregation, micro=8, variant=variant)
+    assert relative_gap(gradient(model, tools, aggregation, micro=3, variant=variant), with_tools) < 1e-5
+    assert relative_gap(with_tools, whole) > 1e-3
 
 
 GRADIENT_WORKER = """
@@ -262,7 +268,8 @@ rank, world_size, device = plumbing.init_distributed("cpu")
 tokenizer = AutoTokenizer.from_pretrained({model!r})
 for strategy in ("ddp", "fsdp"):
     for aggregation, variant in CASES:
-        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights", G=2 if variant == "shared" else 1)
+        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights", G=2 if variant == "shared" else 1,
+                                tools=variant == "tools")
         model = AutoModelForCausalLM.from_pretrained({model!r})
         wrapped = plumbing.distribute([model], strategy, False)
         args = grpo.Args(loss_aggregation=aggregation, kl_coef=0.1, kl_in="loss", kl_estimator="k3",
@@ -276,15 +283,16 @@ for strategy in ("ddp", "fsdp"):
             torch.save(grads, os.path.join({out!r}, f"{{strategy}}_{{aggregation}}_{{variant}}.pt"))
 """
 # every aggregation with the clipped surrogate; the other losses and weights with the token aggregation; "shared":
-# groups of 2 whose prompt each micro-batch computes once (`shared_prompt_layout`), against the unshared whole batch
+# groups of 2 whose prompt each micro-batch computes once (`shared_prompt_layout`), against the unshared whole batch;
+# "tools": responses with a tool's turn inside, out of the loss
 CASES = ([(a, "clip") for a in ("token", "sequence", "constant")] + [("token", v) for v in VARIANTS if v != "clip"]
-         + [("token", "shared"), ("sequence", "shared")])
+         + [("token", "shared"), ("sequence", "shared"), ("token", "tools"), ("sequence", "tools")])
 
 
 def test_two_processes_give_the_gradient_of_the_whole_batch(model_dir, tmp_path):
     """torchrun, 2 processes x 2 micro-batches of unequal lengths, DDP and FSDP2: the gradient of one optimizer step
     is the one-process gradient of the whole batch, for every aggregation and every policy loss and weight, and with
-    each group's prompt computed once."""
+    each group's prompt computed once, and with tool turns inside responses."""
     from transformers import AutoTokenizer
 
     worker = tmp_path / "worker.py"
@@ -295,7 +303,8 @@ def test_two_processes_give_the_gradient_of_the_whole_batch(model_dir, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     for aggregation, variant in CASES:
-        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights", G=2 if variant == "shared" else 1)
+        episodes = episodes_for(tokenizer, pg_weights=variant == "pg_weights", G=2 if variant == "shared" else 1,
+                                tools=variant == "tools")
         whole = {f"models.0.{k}": v for k, v in gradient(model, episodes, aggregation, micro=8, variant=variant).items()}
         for strategy in ("ddp", "fsdp"):
             two = torch.load(tmp_path / f"{strategy}_{aggregation}_{variant}.pt", weights_only=True)
