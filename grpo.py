@@ -595,6 +595,9 @@ def main(args: Args) -> None:
                                  max_tool_output_tokens=args.max_tool_output_tokens, timeout=args.tool_timeout)
     score = partial(score_responses, tokenizer=tokenizer, reward_ws=reward_ws, reward_fns=reward_fns, args=args,
                     padding_free=padding_free, autocast=autocast, share_prompt=share_prompt)  # (B,) scores, parts
+    if tools:  # reward functions that name `messages` get the exchange: the assistant's turns and the tools'
+        score = partial(lambda batch, records, plain: plain(batch, [dict(r, fields=r.get("fields", {}) | {
+            "messages": m}) for r, m in zip(records, exchanges(batch, tokenizer))]), plain=score)
 
     def logprobs_of(model_w, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) log-probs and entropies of a rollout's responses under a model, in micro-batches of the training size
@@ -610,7 +613,7 @@ def main(args: Args) -> None:
 
     def eval_kl(batch):  # (B,) KL of each held-out response to the SFT model, summed over the response
         return None if ref_w is None else ((logprobs_of(policy_w, batch)[0] - logprobs_of(ref_w, batch)[0])
-                                           * batch.response_mask).sum(1)
+                                           * batch.actions()).sum(1)
     evaluate = partial(evaluate_policy, policy_w=policy_w, ref_w=ref_w, records=eval_records, prompts=eval_prompts,
                        generate=generate_batch, score=score, kl=eval_kl, tokenizer=tokenizer,
                        eval_reward_fn=eval_reward_fn, pass_k=args.eval_pass_k, metrics=metrics,
@@ -632,9 +635,6 @@ def main(args: Args) -> None:
         batch = generate_batch(policy_w, prompts, with_logprobs=old_pass)  # the sampler's log-probs, to compare
         # (B, T), 1 on the tokens the policy sampled: with tools, a tool's turn is context, never in a loss, KL or count
         response_mask = batch.actions().float()
-        if tools:  # reward functions that name `messages` get the exchange: the assistant's turns and the tools'
-            records = [dict(r, fields=r.get("fields", {}) | {"messages": m}) for r, m in zip(records, exchanges(
-                batch, tokenizer))]
         t_generate = time.time() - t0
 
         # 5. scores; log-probs of the sampled tokens under the rollout's policy (when the update needs them) and the

@@ -689,8 +689,12 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
     batch = generate(policy_w, prompts)
     kls = kl(batch)
     scores, parts = score(batch, records)
-    out = {"eval/scores": scores.mean(), "eval/response_length": batch.response_mask.sum(1).float().mean(),
+    out = {"eval/scores": scores.mean(), "eval/response_length": batch.actions().sum(1).float().mean(),
            "eval/eos_rate": batch.has_eos.float().mean()} | ({"eval/kl": kls.mean()} if kls is not None else {})
+    if batch.tool_calls is not None:  # with tools: the share of responses that call one, the score with and without
+        used = torch.tensor([bool(c) for c in batch.tool_calls], device=scores.device)
+        out |= {"eval/tools_used": used.float().mean(), "eval/scores_with_call": (scores * used).sum() / used.sum().clamp(
+            min=1), "eval/scores_without_call": (scores * ~used).sum() / (~used).sum().clamp(min=1)}
     out.update({f"eval/{k}": v.mean() for k, v in parts_to_log(parts).items()})
     decoded = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
     out["eval/distinct_responses"] = len(set(decoded)) / len(decoded)  # falls when the policy collapses to a template
