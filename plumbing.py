@@ -1102,6 +1102,16 @@ def user_errors_in_one_line():
         if not any(frame.name == "from_pretrained" for frame in traceback.extract_tb(e.__traceback__)):
             raise
         raise SystemExit(f"error: cannot load a model or tokenizer: {' '.join(str(e).split())[:400]}") from None
+    if dist.is_initialized() or getattr(init_distributed, "group", None) is not None:
+        # a torchrun worker whose run ended well: exit before the interpreter's finalization, once the exit handlers
+        # (the lock) have run. Finalizing, CPython frees the process group while gloo's threads still release the
+        # last collectives' tensors, and about one torchrun run in 50 died there with SIGABRT ("terminate called
+        # without an active exception"), after the model was saved, failing the launch (pytorch PR 179291 describes
+        # the same race)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(0)
 
 
 class Clock:
