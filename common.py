@@ -618,6 +618,16 @@ def exchanges(batch: Rollout, tokenizer) -> list[list[dict]]:
     return out
 
 
+def response_texts(batch: Rollout, tokenizer) -> list[str]:
+    """The responses as reward functions and judges read them: the text the policy wrote. With tools, its turns joined
+    by newlines, without the tools' results: a verifier that reads the last number would otherwise read the tool's
+    result as the answer, and the policy learns to leave the answer out (docs/tools.md). `exchanges` has it all."""
+    if batch.policy_mask is None:
+        return tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask, tokenizer.pad_token_id),
+                                      skip_special_tokens=True)
+    return ["\n".join(m["content"] for m in turns if m["role"] == "assistant") for turns in exchanges(batch, tokenizer)]
+
+
 def with_score_suffix(query_responses: torch.Tensor, attention_mask: torch.Tensor, has_eos: torch.Tensor,
                       suffix: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) ids and mask -> (B, L + k): the k ids of `suffix` (`score_suffix`, the chat template's text after the end

@@ -47,8 +47,8 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import (DataError, Rollout, check_record_fields, encode_prompt, last_token_index, read_data, record_caller,
-                    reward_scores, rollout, rollout_with_tools, score_suffix, score_texts, scored, setup_tokenizer,
-                    with_score_suffix)
+                    response_texts, reward_scores, rollout, rollout_with_tools, score_suffix, score_texts, scored,
+                    setup_tokenizer, with_score_suffix)
 
 # the embedded "reviews" task: its files and tiny model are made by reviews_task.py on first use of the defaults
 TASK_DATA, TINY_MODEL = "data/reviews", "models/tiny-llama"
@@ -541,8 +541,7 @@ def score_responses(batch: Rollout, records: list[dict], tokenizer, reward_ws: l
     0 and counted (`parse_failures`)."""
     texts = None  # decoded only for what reads text: a reward function, or a reward model of another tokenizer
     if reward_fns or not all(same for _, _, same in reward_ws):
-        texts = tokenizer.batch_decode(batch.responses.masked_fill(~batch.response_mask, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
+        texts = response_texts(batch, tokenizer)  # with tools, the policy's own turns: never a tool's result
     prompts_text = [r["prompt"] for r in records]
     parts, members = {}, []
     for reward_w, reward_tokenizer, same_tokenizer in reward_ws:
@@ -696,7 +695,7 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
         out |= {"eval/tools_used": used.float().mean(), "eval/scores_with_call": (scores * used).sum() / used.sum().clamp(
             min=1), "eval/scores_without_call": (scores * ~used).sum() / (~used).sum().clamp(min=1)}
     out.update({f"eval/{k}": v.mean() for k, v in parts_to_log(parts).items()})
-    decoded = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
+    decoded = response_texts(batch, tokenizer)  # with tools, the policy's own turns (the exchange: in the table)
     out["eval/distinct_responses"] = len(set(decoded)) / len(decoded)  # falls when the policy collapses to a template
     if "score_rm" in parts:  # a word pair repeated: the degenerate text a learned reward model can come to overrate
         out["eval/stutter_rate"] = sum(map(stutters, decoded)) / len(decoded)
@@ -706,20 +705,33 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
                                 eval_reward_fn, records)
         out["eval/gold_score"], out["eval/gold_parse_failures"] = gold.mean(), unscored.float().mean()
         if final and ref_w is not None:  # the SFT model answers the same prompts; the gold judge picks (ties half)
-            sft_texts = tokenizer.batch_decode(generate(ref_w, prompts).responses, skip_special_tokens=True)
+            sft_texts = response_texts(generate(ref_w, prompts), tokenizer)
             sft_gold = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, sft_texts)], "cpu",
                               eval_reward_fn, records)[0]
             out["eval/sft_gold_score"] = sft_gold.mean()
             out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
             metrics.log(step, sft_samples="\n".join(f"  {t!r:.300} -> {d!r}" for t, d in zip(texts, sft_texts)))
         if pass_k:  # a verifier's accuracy: greedy at every evaluation, pass@k at the first and last
+            greedy = {}
+
             def texts_of(indices, temperature):  # temperature None: the training temperature
                 chunks = [indices[k: k + len(prompts)] for k in range(0, len(indices), len(prompts))]
                 sampling = {} if temperature is None else {"temperature": temperature}
-                return sum((tokenizer.batch_decode(generate(policy_w, [prompts[i] for i in c], **sampling).responses,
-                                                   skip_special_tokens=True) for c in chunks), [])
+                batches = [generate(policy_w, [prompts[i] for i in c], **sampling) for c in chunks]
+                decoded = sum((response_texts(b, tokenizer) for b in batches), [])
+                if temperature == 0.0 and batches[0].tool_calls is not None:  # kept: greedy tool use, below
+                    greedy.update(texts=decoded, used=torch.tensor([bool(c) for b in batches for c in b.tool_calls]))
+                return decoded
             out |= pass_rates(texts_of, judge, records, pass_k if step == 0 or final else 1)
-    table = "\n".join(f"  {s:+.2f} | {t!r:.300} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, decoded))
+            if greedy:  # with tools: the share of greedy responses that call one, their accuracy with and without
+                right = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, greedy["texts"])],
+                               "cpu", eval_reward_fn, records)[0] >= 1
+                used = greedy["used"]
+                out |= {"eval/tools_used_greedy": used.float().mean(),
+                        "eval/pass@1_greedy_with_call": (right & used).sum() / used.sum().clamp(min=1),
+                        "eval/pass@1_greedy_without_call": (right & ~used).sum() / (~used).sum().clamp(min=1)}
+    shown = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)  # with tools, the whole exchange
+    table = "\n".join(f"  {s:+.2f} | {t!r:.300} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, shown))
     out = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=scores.device), "mean") for k, v in out.items()}
     metrics.log(step, out, samples=table)
     tqdm.write(f"eval @ {step} ({time.time() - started:.0f} s): " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in out.items())

@@ -375,6 +375,40 @@ if __name__ == "__main__":
     else:
         print("no distill_rkl_arith or grpo_arith run: skipping distill_arith.png")
 
+    # 4i. tool calls inside rollouts (docs/tools.md): the calculator task, GRPO with and without the tool from the same
+    #     SFT model, seeds 1-3, held-out greedy accuracy and the share of greedy responses that call; then
+    #     SmolLM2-135M-Instruct after its short SFT (--exp-name grpo_calc_tools, grpo_calc, grpo_smollm2_calc_tools,
+    #     grpo_smollm2_calc)
+    calc = {(name, seed): rows for name in ("grpo_calc_tools", "grpo_calc") for seed, rows in
+            load_seeds(args.runs, name).items()}
+    if {"grpo_calc_tools", "grpo_calc"} <= {name for name, _ in calc}:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+        styles = {"grpo_calc_tools": ("GRPO with the calculator", "C0"), "grpo_calc": ("GRPO without it", "C1")}
+        for (name, seed), rows in sorted(calc.items()):
+            label, color = styles[name][0] if seed == "1" else None, styles[name][1]
+            axes[0].plot(*series(rows, "eval/pass@1_greedy"), "o-", ms=3, color=color, alpha=0.7, label=label)
+            if name == "grpo_calc_tools":
+                axes[1].plot(*series(rows, "eval/tools_used_greedy"), "o-", ms=3, color=color, alpha=0.7,
+                             label="held out, greedy" if seed == "1" else None)
+                axes[1].plot(*series(rows, "tools/used"), color="C2", lw=0.8, alpha=0.6,
+                             label="training samples (T 0.7)" if seed == "1" else None)
+        axes[0].set(title="tiny model: held-out greedy accuracy", xlabel="iteration", ylim=(0, 1))
+        axes[1].set(title="tiny model: responses that call, seeds 1-3", xlabel="iteration", ylim=(0, 1.05))
+        for name, color, label in (("grpo_smollm2_calc_tools", "C0", "with the calculator: accuracy"),
+                                   ("grpo_smollm2_calc", "C1", "without it: accuracy")):
+            rows = load(args.runs, name)  # sampled: greedy, SmolLM2 calls on every problem from the start
+            if rows:
+                axes[2].plot(*series(rows, "eval/scores"), "o-", color=color, label=label)
+                if name == "grpo_smollm2_calc_tools":
+                    axes[2].plot(*series(rows, "eval/tools_used"), "s--", color=color, alpha=0.6,
+                                 label="with the calculator: share that calls")
+        axes[2].set(title="SmolLM2-135M-Instruct, sampled at T 0.7", xlabel="iteration", ylim=(0, 1.05))
+        for ax in axes:
+            ax.legend(fontsize=7)
+        save(fig, "tools_calculator.png")
+    else:
+        print("no grpo_calc_tools or grpo_calc run: skipping tools_calculator.png")
+
     # 5. SFT: training and held-out loss
     sft = load(args.runs, "sft")
     if sft:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The experiments of docs/experiments.md (sections 1-4), docs/human_feedback.md (5-6) and docs/verifiable.md (7), after
-# the default chain has made models/sft and models/reward_model (python sft.py && python reward_model.py). About 50
-# minutes on 2 CPU cores for sections 1-4, 80 more for 5-6. Then
+# The experiments of docs/experiments.md (sections 1-4), docs/human_feedback.md (5-6), docs/verifiable.md (7),
+# docs/grpo.md (8), docs/distill.md (9) and docs/tools.md (10), after the default chain has made models/sft and
+# models/reward_model (python sft.py && python reward_model.py). About 50 minutes on 2 CPU cores for sections 1-4, 80
+# more for 5-6. Then
 #   python docs/make_figures.py        # runs/*/metrics.jsonl -> docs/figures/*.png
 set -euo pipefail
 # 1. kl_coef sweep, 60 iterations each (0.05 is the default)
@@ -101,3 +102,31 @@ python grpo.py --sft-model-path /tmp/smollm2 $SMOL1 --reward-fn arithmetic_task.
   --num-generations 4 --num-mini-batches 2 --no-eval-kl --exp-name grpo_smollm2_arith --output-dir /tmp/grpo_smol
 python distill.py --model-name-or-path /tmp/smollm2 --teacher-model-path /tmp/grpo_smol $SMOL1 --rollout-batch-size 32 \
   --exp-name distill_smollm2_arith --output-dir /tmp/distill_smol
+# 10. tool calls inside rollouts (docs/tools.md): the calculator task's tiny chat model learns in SFT to call the
+#     calculator on about half the problems (15 epochs, 6 minutes), then GRPO with the tool and without it, seeds 1-3
+#     (about 1 minute a run); then SmolLM2-135M-Instruct: a short SFT on the same kind of demonstrations (3 epochs of
+#     631 rows), GRPO with the tool and without it (seed 1)
+python calculator_task.py
+python sft.py --model-name-or-path models/tiny-chat --dataset data/calculator/sft_train.jsonl --eval-dataset none \
+  --num-epochs 15 --num-eval-generations 0 --output-dir models/sft_calc --exp-name sft_calc
+CALC="--sft-model-path models/sft_calc --dataset data/calculator/prompts_train.jsonl
+  --eval-dataset data/calculator/prompts_eval.jsonl --reward-fn calculator_task.py:verify
+  --eval-reward-fn calculator_task.py:verify --response-length 64 --num-eval-prompts 200 --eval-steps 10
+  --num-iterations 40 --eval-pass-k 1"
+for seed in 1 2 3; do
+  python grpo.py $CALC --tools calculator_task.py:multiply --seed $seed --exp-name grpo_calc_tools \
+    --output-dir models/grpo_calc_tools_s$seed
+  python grpo.py $CALC --seed $seed --exp-name grpo_calc --output-dir models/grpo_calc_s$seed
+done
+python calculator_task.py --out-dir data/calculator_smol --model-dir "" --sizes.sft-train 400 \
+  --sizes.prompts-train 400 --sizes.prompts-eval 100
+python sft.py --model-name-or-path /tmp/smollm2 --dataset data/calculator_smol/sft_train.jsonl --eval-dataset none \
+  --num-epochs 3 --learning-rate 5e-5 --max-prompt-length 128 --num-eval-generations 0 --output-dir /tmp/sft_smol_calc \
+  --exp-name sft_smollm2_calc
+SMOLC="--sft-model-path /tmp/sft_smol_calc --dataset data/calculator_smol/prompts_train.jsonl
+  --eval-dataset data/calculator_smol/prompts_eval.jsonl --reward-fn calculator_task.py:verify
+  --eval-reward-fn calculator_task.py:verify --response-length 64 --num-eval-prompts 100 --eval-steps 10
+  --num-iterations 20 --eval-pass-k 1 --rollout-batch-size 8 --num-generations 4 --num-mini-batches 2
+  --learning-rate 1e-5 --no-eval-kl"
+python grpo.py $SMOLC --tools calculator_task.py:multiply --exp-name grpo_smollm2_calc_tools --output-dir /tmp/grpo_smol_calc_tools
+python grpo.py $SMOLC --exp-name grpo_smollm2_calc --output-dir /tmp/grpo_smol_calc

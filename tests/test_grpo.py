@@ -281,6 +281,8 @@ for strategy in ("ddp", "fsdp"):
                   for n, p in wrapped.named_parameters()}}
         if rank == 0:
             torch.save(grads, os.path.join({out!r}, f"{{strategy}}_{{aggregation}}_{{variant}}.pt"))
+torch.distributed.barrier()
+os._exit(0)  # no interpreter finalization: it can free gloo's group under its threads (plumbing.user_errors_in_one_line)
 """
 # every aggregation with the clipped surrogate; the other losses and weights with the token aggregation; "shared":
 # groups of 2 whose prompt each micro-batch computes once (`shared_prompt_layout`), against the unshared whole batch;

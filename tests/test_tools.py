@@ -124,6 +124,29 @@ def test_token_in_token_out(chat_tokenizer, monkeypatch):
     assert out.has_eos.tolist() == [True, True]
 
 
+def test_rewards_read_what_the_policy_wrote_not_the_tools_result(chat_tokenizer, monkeypatch):
+    """A verifier reads the response the policy wrote: its turns, never a tool's result. Found in the calculator task:
+    with the decoded response (tool turns included) as the text, the policy learned to answer a call's result with
+    nothing ("</tool_call>") and the verifier took the result, the last number in the text, for its answer."""
+    from types import SimpleNamespace
+
+    from arithmetic_task import verify
+    from plumbing import score_responses
+    tok = chat_tokenizer
+    end = common.end_token_id(tok)
+    call_ids = tok('<tool_call>{"name": "multiply", "arguments": {"a": 12, "b": 34}}</tool_call>',
+                   add_special_tokens=False)["input_ids"] + [end]
+    silent, answered = (tok(text, add_special_tokens=False)["input_ids"] + [end] for text in (" ok", " It is 408."))
+    monkeypatch.setattr(common, "sample", scripted_sample([[call_ids, call_ids], [silent, answered]])[0])
+    batch = rollout_with_tools(NoModel(), tok, [tok("Compute 12 * 34.")["input_ids"]] * 2, TOOLS, 160, 1.0, end,
+                               tok.pad_token_id)
+    assert common.response_texts(batch, tok)[1].endswith("</tool_call>\n It is 408.")
+    records = [{"prompt": "Compute 12 * 34.", "fields": {"answer": "408"}}] * 2
+    args = SimpleNamespace(reward_fn_timeout=10.0)
+    scores, _ = score_responses(batch, records, tok, [], [("score_verify", verify, 1.0)], args, False, None)
+    assert scores.tolist() == [0.0, 1.0]  # the silent one read as 34, a call's argument: wrong
+
+
 def test_calls_are_capped_and_outputs_cut(chat_tokenizer, monkeypatch):
     tok = chat_tokenizer
     end = common.end_token_id(tok)
@@ -243,6 +266,11 @@ def huge(n: int) -> str:
     return "x" * 1_000_000
 
 
+def calls_multiply(prompt, response):
+    """A judge: 1 when the policy's text calls multiply and holds no tool's turn (decoded, it reads "\\ntool\\n408")."""
+    return float('"multiply"' in response and "\\ntool\\n" not in response)
+
+
 def used_the_tool(prompt, response, messages=None):
     """1 when the exchange holds a tool's turn after the first assistant turn: what reward functions see."""
     return float(messages is not None and len(messages) > 1 and messages[1]["role"] == "tool")
@@ -279,13 +307,14 @@ def caller_dir(tmp_path_factory, task_dir):
     return out
 
 
-def tool_run_args(d, out, iterations=4):
+def tool_run_args(d, out, iterations=4, judge=""):
     return ["--sft-model-path", d / "caller", "--dataset", d / "prompts.jsonl", "--output-dir", out, "--tools",
             *[f"{d / 'tools.py'}:{t}" for t in KINDS.values()], "--reward-fn", f"{d / 'tools.py'}:used_the_tool",
             "--rollout-batch-size", "4", "--num-generations", "2", "--response-length", "64", "--num-iterations",
             str(iterations), "--num-mini-batches", "2", "--tool-timeout", "0.3", "--max-tool-output-tokens", "16",
-            "--learning-rate", "1e-4", "--eval-reward-fn", "", "--num-eval-prompts", "4", "--eval-steps", "2",
-            "--save-steps", "2"]
+            "--learning-rate", "1e-4", "--num-eval-prompts", "4", "--eval-steps", "2", "--save-steps", "2",
+            *(["--eval-reward-fn", f"{d / 'tools.py'}:{judge}", "--eval-pass-k", "1"] if judge else
+              ["--eval-reward-fn", ""])]
 
 
 def test_a_run_with_tools_calls_them_survives_them_and_trains_on_its_own_tokens(caller_dir, tmp_path):
@@ -294,7 +323,7 @@ def test_a_run_with_tools_calls_them_survives_them_and_trains_on_its_own_tokens(
     sampled tokens, computed over the stored ids with the tool turns in place, are the sampler's (token in, token
     out: re-encoded text would differ), the first minibatch's ratio exactly 1."""
     from conftest import read_metrics, run_script
-    run_script("grpo.py", *tool_run_args(caller_dir, tmp_path / "out"), cwd=tmp_path)
+    run_script("grpo.py", *tool_run_args(caller_dir, tmp_path / "out", judge="calls_multiply"), cwd=tmp_path)
     total = {key: sum(v for _, v in read_metrics(tmp_path, key)) / 4 for key in (
         "tools/used", "tools/error", "tools/timeout", "tools/cut", "objective/scores")}
     assert total["tools/used"] > 0.9 and total["objective/scores"] > 0.5, total  # the reward read `messages`
@@ -302,6 +331,12 @@ def test_a_run_with_tools_calls_them_survives_them_and_trains_on_its_own_tokens(
     assert max(v for _, v in read_metrics(tmp_path, "val/sampler_logprob_gap_max")) < 1e-4
     assert max(v for _, v in read_metrics(tmp_path, "val/first_ratio_max_dev")) < 1e-5
     assert read_metrics(tmp_path, "tools/inserted_tokens")[0][1] > 0
+    # the judge reads the policy's text (its calls; no tool's result) and greedy accuracy splits by calling or not
+    greedy = {key: [v for _, v in read_metrics(tmp_path, f"eval/{key}")] for key in (
+        "pass@1_greedy", "tools_used_greedy", "pass@1_greedy_with_call", "pass@1_greedy_without_call")}
+    assert len(greedy["tools_used_greedy"]) == 3 and max(greedy["tools_used_greedy"]) > 0.5, greedy
+    for acc, used, with_call, without in zip(*greedy.values()):
+        assert abs(acc - (used * with_call + (1 - used) * without)) < 1e-6 and 0 < acc < 1, greedy
 
 
 def test_a_run_with_tools_resumes_where_it_stopped(caller_dir, tmp_path):
