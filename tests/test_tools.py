@@ -271,6 +271,11 @@ def calls_multiply(prompt, response):
     return float('"multiply"' in response and "\\ntool\\n" not in response)
 
 
+def answered_directly(prompt, response, messages=None):
+    """1 when the response holds no tool's turn."""
+    return float(messages is not None and len(messages) == 1)
+
+
 def used_the_tool(prompt, response, messages=None):
     """1 when the exchange holds a tool's turn after the first assistant turn: what reward functions see."""
     return float(messages is not None and len(messages) > 1 and messages[1]["role"] == "tool")
@@ -295,7 +300,12 @@ def caller_dir(tmp_path_factory, task_dir):
         arguments = {"a": a, "b": b} if tool == "multiply" else {"n": a}
         rows.append({"prompt": f"{verb} {a} and {b}.", "completion": "<tool_call>" + json.dumps(
             {"name": tool, "arguments": arguments}) + "</tool_call>"})
+    for k in range(200):  # "Ask": half the demonstrations call multiply, half answer directly (a choice RL can move)
+        a, b = random.randint(10, 99), random.randint(10, 99)
+        rows.append({"prompt": f"Ask {a} and {b}.", "completion": "<tool_call>" + json.dumps(
+            {"name": "multiply", "arguments": {"a": a, "b": b}}) + "</tool_call>" if k % 2 else f"It is {a * b}."})
     write_jsonl(out / "sft.jsonl", rows)
+    write_jsonl(out / "ask.jsonl", [{"prompt": f"Ask {a} and {b}."} for a in range(20, 28) for b in range(50, 58)])
     write_jsonl(out / "prompts.jsonl", [{"prompt": f"{verb} {12 + k} and {34 + k}."} for k, verb in enumerate(KINDS)])
     (out / "tools.py").write_text(TOOLS_FILE)
     with open(task_dir / "sft_train.jsonl") as f:
@@ -337,6 +347,21 @@ def test_a_run_with_tools_calls_them_survives_them_and_trains_on_its_own_tokens(
     assert len(greedy["tools_used_greedy"]) == 3 and max(greedy["tools_used_greedy"]) > 0.5, greedy
     for acc, used, with_call, without in zip(*greedy.values()):
         assert abs(acc - (used * with_call + (1 - used) * without)) < 1e-6 and 0 < acc < 1, greedy
+
+
+@pytest.mark.parametrize("reward, direction", [("used_the_tool", 1), ("answered_directly", -1)])
+def test_grpo_learns_whether_to_call(caller_dir, tmp_path, reward, direction):
+    """A policy that calls on about half of the "Ask" prompts calls on more of them when the reward pays a call, and
+    on fewer when it pays a direct answer: the advantage reaches the call's tokens, through the tool's turn."""
+    from conftest import read_metrics, run_script
+    run_script("grpo.py", "--sft-model-path", caller_dir / "caller", "--dataset", caller_dir / "ask.jsonl",
+               "--output-dir", tmp_path / "out", "--tools", f"{caller_dir / 'tools.py'}:multiply", "--reward-fn",
+               f"{caller_dir / 'tools.py'}:{reward}", "--rollout-batch-size", "8", "--num-generations", "4",
+               "--response-length", "48", "--num-iterations", "12", "--learning-rate", "1e-3", "--temperature", "1.0",
+               "--num-eval-prompts", "0", "--save-steps", "100", cwd=tmp_path)
+    used = [v for _, v in read_metrics(tmp_path, "tools/used")]  # the first iteration's: the SFT model's samples
+    assert 0.25 < used[0] < 0.75, used  # undecided (0.47 here)
+    assert direction * (sum(used[-3:]) / 3 - used[0]) > 0.35, used  # 0.98 and 0 after 12 iterations here
 
 
 def test_a_run_with_tools_resumes_where_it_stopped(caller_dir, tmp_path):
