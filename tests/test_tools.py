@@ -18,6 +18,16 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
+def multiply_documented(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: the first factor
+        b: the second factor
+    """
+    return a * b
+
+
 def slow(x: int) -> int:
     """Never answers in time."""
     time.sleep(30)
@@ -80,6 +90,28 @@ def test_the_tool_turn_is_the_templates_rendering(chat_tokenizer):
 class NoModel(torch.nn.Module):
     """Where a rollout only asks the model for its device (the sampling is scripted)."""
     device = torch.device("cpu")
+
+
+def test_a_template_that_shows_tools_gets_their_schema_in_every_prompt(chat_tokenizer, capsys):
+    """With a template that renders tools (as Qwen's do, in a system turn), each prompt holds the tool's JSON schema,
+    from its type hints and docstring, and keeps it when a long prompt is cut (its user turn loses text instead);
+    no start line says the schema is missing."""
+    from plumbing import load_tools
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = ("{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}"
+                         "<|im_end|>\n{% endif %}" + CHATML)
+    spec = f"{__file__}:multiply_documented"
+    tools = list(load_tools((spec,), tok).values())
+    assert "shows no tool schema" not in capsys.readouterr().out
+    ids, cut = common.encode_prompt(tok, "Compute 12 * 34.", 512, tools)
+    text = tok.decode(ids)
+    assert not cut and '"name": "multiply_documented"' in text and '"a": {"type": "integer"' in text, text
+    short, cut = common.encode_prompt(tok, "Compute " + "12 * " * 40 + "34.", len(ids) + 10, tools)
+    assert cut and len(short) <= len(ids) + 10 and '"name": "multiply_documented"' in tok.decode(short)
+    plain = copy.deepcopy(chat_tokenizer)  # ChatML alone: no schema, and a start line says so
+    load_tools((spec,), plain)
+    assert "shows no tool schema" in capsys.readouterr().out
+    assert "multiply_documented" not in plain.decode(common.encode_prompt(plain, "Compute 12 * 34.", 512, tools)[0])
 
 
 def scripted_sample(turns):
