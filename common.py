@@ -4,6 +4,7 @@ distribution sampled from. Copy it and plumbing.py (the machinery) beside any st
 
 import importlib
 import inspect
+import itertools
 import json
 import math
 import numbers
@@ -601,20 +602,14 @@ def exchanges(batch: Rollout, tokenizer) -> list[list[dict]]:
     """A tool rollout's responses as messages: each run of sampled tokens an assistant turn (its text), each call's
     result a tool turn, in order; what reward functions that name `messages` receive."""
     out = []
-    for ids, mask, own, calls in zip(batch.responses, batch.response_mask, batch.policy_mask, batch.tool_calls):
-        runs, start = [], None
-        for t, (valid, mine) in enumerate(zip(mask.tolist() + [False], own.tolist() + [False])):
-            if valid and mine and start is None:
-                start = t
-            elif not (valid and mine) and start is not None:
-                runs.append(tokenizer.decode(ids[start:t], skip_special_tokens=True))
-                start = None
-        messages = []
+    for ids, mine, calls in zip(batch.responses.tolist(), batch.actions().tolist(), batch.tool_calls):
+        runs = [tokenizer.decode([i for i, _ in run], skip_special_tokens=True)  # each run of the policy's tokens
+                for own, run in itertools.groupby(zip(ids, mine), key=lambda pair: pair[1]) if own]
+        out.append([])
         for k, text in enumerate(runs):
-            messages.append({"role": "assistant", "content": text})
+            out[-1].append({"role": "assistant", "content": text})
             if k < len(calls):
-                messages.append({"role": "tool", "content": calls[k][0]})
-        out.append(messages)
+                out[-1].append({"role": "tool", "content": calls[k][0]})
     return out
 
 

@@ -53,13 +53,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import Rollout, end_token_id, exchanges, setup_tokenizer
+from common import Rollout, end_token_id, rollout_with_tools, setup_tokenizer
 from plumbing import (TASK_DATA, Clock, Metrics, StopSignals, WithoutAdapters, add_lora, all_gather_1d, all_reduce,
                       batch_indices, check_room, cli, clip_gradients, decay_groups, default_learning_rate,
-                      disable_dropout, distribute, evaluate_policy, exact_div, generate, generate_with_tools, layout,
-                      load_prompts, load_tools,
+                      disable_dropout, distribute, evaluate_policy, exact_div, generate, layout, load_prompts, load_tools,
                       load_reward_fns, load_reward_models, load_state, packing_works, parts_to_log, prepare_output,
-                      resume_point, reward_model_paths, save_model, score_responses, setup, sharing_works,
+                      resume_point, reward_model_paths, save_model, score_responses, setup, sharing_works, tool_metrics,
                       stop_if_not_finite, sync_gradients, user_errors_in_one_line)
 
 
@@ -585,19 +584,15 @@ def main(args: Args) -> None:
     # the rollout policy's log-probs (and entropies) from a pass of their own; else the update is on-policy: ratio 1
     old_pass = (args.num_updates_per_batch > 1 or args.num_mini_batches > 1 or kl_in_reward
                 or args.top_entropy_quantile < 1 or args.tis_cap > 0)
+    # with tools, a turn that calls one goes on after the tool's result (`common.rollout_with_tools`)
+    tool_rollout = tools and partial(rollout_with_tools, tokenizer=tokenizer, tools=tools,
+                                     max_tool_calls=args.max_tool_calls, timeout=args.tool_timeout,
+                                     max_tool_output_tokens=args.max_tool_output_tokens)
     generate_batch = partial(generate, response_length=args.response_length, temperature=args.temperature,
                              end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast,
-                             share_prompt=args.share_prompt)  # a group's prompt prefilled once (`common.prefill_once`)
-    if tools:  # a turn that calls a tool goes on after the tool's result (`common.rollout_with_tools`)
-        generate_batch = partial(generate_with_tools, response_length=args.response_length, temperature=args.temperature,
-                                 end_id=end_token_id(tokenizer), pad_id=tokenizer.pad_token_id, autocast=autocast,
-                                 tokenizer=tokenizer, tools=tools, max_tool_calls=args.max_tool_calls,
-                                 max_tool_output_tokens=args.max_tool_output_tokens, timeout=args.tool_timeout)
+                             share_prompt=args.share_prompt, tools=tool_rollout)  # share: `common.prefill_once`
     score = partial(score_responses, tokenizer=tokenizer, reward_ws=reward_ws, reward_fns=reward_fns, args=args,
                     padding_free=padding_free, autocast=autocast, share_prompt=share_prompt)  # (B,) scores, parts
-    if tools:  # reward functions that name `messages` get the exchange: the assistant's turns and the tools'
-        score = partial(lambda batch, records, plain: plain(batch, [dict(r, fields=r.get("fields", {}) | {
-            "messages": m}) for r, m in zip(records, exchanges(batch, tokenizer))]), plain=score)
 
     def logprobs_of(model_w, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) log-probs and entropies of a rollout's responses under a model, in micro-batches of the training size
@@ -703,16 +698,8 @@ def main(args: Args) -> None:
             "charts/lr": scheduler.get_last_lr()[0], "charts/episodes": (iteration + 1) * batch_size * world_size,
             "time/generate": t_generate, "time/score": t_score, "time/logprobs": t_logprobs, "time/update": t_update,
         }
-        if tools:  # each call's outcome: ok, parse (no JSON call), unknown (no such tool), error, timeout; +cut
-            outcomes = [[o for _, o in calls] for calls in batch.tool_calls]
-            used = torch.tensor([bool(o) for o in outcomes], device=device)
-            row.update({f"tools/{name}": sum(sum(o.startswith(name) or o.endswith(name) for o in c) for c in outcomes)
-                        / len(outcomes) for name in ("parse", "unknown", "error", "timeout", "cut")})
-            row.update({"tools/calls_per_response": sum(map(len, outcomes)) / len(outcomes),
-                        "tools/used": used.float().mean(),
-                        "tools/inserted_tokens": (batch.response_mask & ~batch.policy_mask).sum(1).float().mean(),
-                        "tools/scores_with_call": (raw_scores * used).sum() / used.sum().clamp(min=1),  # 0: none
-                        "tools/scores_without_call": (raw_scores * ~used).sum() / (~used).sum().clamp(min=1)})
+        if tools:  # calls, their failures by kind, tokens inserted, the score with and without a call
+            row.update(tool_metrics(batch, raw_scores))
         if old_pass:  # the first minibatch's forward repeats the rollout's: any deviation is a bug (the largest logged)
             first_ratios = torch.cat(stats[0]["ratio"])
             row["val/first_ratio_max_dev"] = all_reduce((first_ratios - 1).abs().max() if first_ratios.numel() else

@@ -46,8 +46,8 @@ import tyro._strings as tyro_strings
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DataError, Rollout, check_record_fields, encode_prompt, last_token_index, read_data, record_caller,
-                    response_texts, reward_scores, rollout, rollout_with_tools, score_suffix, score_texts, scored,
+from common import (DataError, Rollout, check_record_fields, encode_prompt, exchanges, last_token_index, read_data,
+                    record_caller, response_texts, reward_scores, rollout, score_suffix, score_texts, scored,
                     setup_tokenizer, with_score_suffix)
 
 # the embedded "reviews" task: its files and tiny model are made by reviews_task.py on first use of the defaults
@@ -539,6 +539,9 @@ def score_responses(batch: Rollout, records: list[dict], tokenizer, reward_ws: l
     classifier's output; an ensemble's score is mean - ensemble_k * std over its members. Each --reward-fn term
     (`score_{name}`, unweighted) reads the text and the record's fields and adds weight * term; None from it is scored
     0 and counted (`parse_failures`)."""
+    if batch.tool_calls is not None:  # reward functions that name `messages` get the exchange, the tools' turns in it
+        records = [dict(r, fields=r.get("fields", {}) | {"messages": m}) for r, m in zip(records, exchanges(batch,
+                                                                                                           tokenizer))]
     texts = None  # decoded only for what reads text: a reward function, or a reward model of another tokenizer
     if reward_fns or not all(same for _, _, same in reward_ws):
         texts = response_texts(batch, tokenizer)  # with tools, the policy's own turns: never a tool's result
@@ -611,12 +614,17 @@ def parts_to_log(parts: dict) -> dict:
 
 @torch.no_grad()
 def generate(model_w, prompts: list[list[int]], response_length: int, temperature: float, end_id: int, pad_id: int,
-             autocast, with_logprobs: bool = False, share_prompt: bool = False) -> Rollout:
+             autocast, with_logprobs: bool = False, share_prompt: bool = False, tools=None) -> Rollout:
     """`common.rollout` from the first model of a `distribute`d wrapper (a policy, or its reference), its parameters
-    gathered once for the whole decode loop (`gathered`)."""
+    gathered once for the whole decode loop (`gathered`). `tools`: `common.rollout_with_tools` with the tools and their
+    limits bound, which then samples instead (a turn that calls a tool goes on after its result)."""
+    def sample_with(model, *_):
+        if tools:
+            return tools(model, prompts=prompts, response_length=response_length, temperature=temperature,
+                         end_id=end_id, pad_id=pad_id, with_logprobs=with_logprobs)
+        return rollout(model, prompts, response_length, temperature, end_id, pad_id, with_logprobs, share_prompt)
     with autocast(), gathered(model_w) as generator:
-        return generator(lambda model, *_: rollout(model, prompts, response_length, temperature, end_id, pad_id,
-                                                   with_logprobs, share_prompt))
+        return generator(sample_with)
 
 
 def load_tools(specs: tuple[str, ...], tokenizer) -> dict:
@@ -635,14 +643,26 @@ def load_tools(specs: tuple[str, ...], tokenizer) -> dict:
     return tools
 
 
-def generate_with_tools(model_w, prompts: list[list[int]], response_length: int, temperature: float, end_id: int,
-                        pad_id: int, autocast, tokenizer, tools: dict, max_tool_calls: int, max_tool_output_tokens: int,
-                        timeout: float, with_logprobs: bool = False, **_) -> Rollout:
-    """`common.rollout_with_tools` from a `distribute`d wrapper's first model, as `generate` samples."""
-    with autocast(), gathered(model_w) as generator:
-        return generator(lambda model, *_: rollout_with_tools(model, tokenizer, prompts, tools, response_length,
-                                                              temperature, end_id, pad_id, max_tool_calls,
-                                                              max_tool_output_tokens, timeout, with_logprobs))
+def with_and_without_call(values: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """With tools: the share of responses that call one, and the mean of `values` over those that do and over those
+    that do not (0 where there are none)."""
+    values, used = values.float(), used.to(values.device)
+    return (used.float().mean(), (values * used).sum() / used.sum().clamp(min=1),
+            (values * ~used).sum() / (~used).sum().clamp(min=1))
+
+
+def tool_metrics(batch: Rollout, scores: torch.Tensor) -> dict:
+    """A tool rollout's tools/* metrics: calls per response, each outcome per response (parse: no JSON call, unknown:
+    no such tool, error, timeout, cut: the result was cut), tokens inserted, the share that calls and the mean score
+    with and without a call."""
+    outcomes = [[o for _, o in calls] for calls in batch.tool_calls]
+    used = torch.tensor([bool(o) for o in outcomes])
+    out = {f"tools/{name}": sum(sum(o.startswith(name) or o.endswith(name) for o in c) for c in outcomes) / len(outcomes)
+           for name in ("parse", "unknown", "error", "timeout", "cut")}
+    out["tools/used"], out["tools/scores_with_call"], out["tools/scores_without_call"] = with_and_without_call(scores,
+                                                                                                              used)
+    return out | {"tools/calls_per_response": sum(map(len, outcomes)) / len(outcomes),
+                  "tools/inserted_tokens": (batch.response_mask & ~batch.policy_mask).sum(1).float().mean()}
 
 
 def stutters(text: str) -> bool:
@@ -653,21 +673,23 @@ def stutters(text: str) -> bool:
     return len(set(pairs)) < len(pairs)
 
 
-def pass_rates(generate, judge, records: list, k: int) -> dict:
+def pass_rates(generate, judge, records: list, k: int) -> tuple[dict, torch.Tensor]:
     """Held-out accuracy under a judge that gives 1 for a right answer (a verifier; None or less is wrong): the greedy
     response's pass@1, and with k > 1, from k sampled responses per prompt, their pass@1 (the mean) and pass@k (any of
     the k right: Chen et al. 2021's unbiased estimator with n = k). generate(indices, temperature) -> the texts of
-    those records' responses; temperature 0 is greedy, None the training temperature."""
+    those records' responses; temperature 0 is greedy, None the training temperature. Returns the figures, and
+    which greedy responses were right ((N,) bool)."""
     def right(indices, texts):
         return scored([judge(records[i]["prompt"], t, records[i].get("fields", {})) for i, t in zip(indices, texts)],
                       "cpu", "the judge", [records[i] for i in indices])[0] >= 1
     every = list(range(len(records)))
-    out = {"eval/pass@1_greedy": right(every, generate(every, 0.0)).float().mean()}
+    greedy = right(every, generate(every, 0.0))
+    out = {"eval/pass@1_greedy": greedy.float().mean()}
     if k > 1:
         repeated = [i for i in every for _ in range(k)]
         ok = right(repeated, generate(repeated, None)).view(-1, k)
         out |= {"eval/pass@1": ok.float().mean(), f"eval/pass@{k}": ok.any(1).float().mean()}
-    return out
+    return out, greedy
 
 
 @torch.no_grad()
@@ -691,9 +713,8 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
     out = {"eval/scores": scores.mean(), "eval/response_length": batch.actions().sum(1).float().mean(),
            "eval/eos_rate": batch.has_eos.float().mean()} | ({"eval/kl": kls.mean()} if kls is not None else {})
     if batch.tool_calls is not None:  # with tools: the share of responses that call one, the score with and without
-        used = torch.tensor([bool(c) for c in batch.tool_calls], device=scores.device)
-        out |= {"eval/tools_used": used.float().mean(), "eval/scores_with_call": (scores * used).sum() / used.sum().clamp(
-            min=1), "eval/scores_without_call": (scores * ~used).sum() / (~used).sum().clamp(min=1)}
+        out["eval/tools_used"], out["eval/scores_with_call"], out["eval/scores_without_call"] = with_and_without_call(
+            scores, torch.tensor([bool(c) for c in batch.tool_calls]))
     out.update({f"eval/{k}": v.mean() for k, v in parts_to_log(parts).items()})
     decoded = response_texts(batch, tokenizer)  # with tools, the policy's own turns (the exchange: in the table)
     out["eval/distinct_responses"] = len(set(decoded)) / len(decoded)  # falls when the policy collapses to a template
@@ -712,24 +733,20 @@ def evaluate_policy(step: int, policy_w, ref_w, records: list, prompts: list, ge
             out["eval/gold_win_rate_vs_sft"] = ((gold > sft_gold).float() + 0.5 * (gold == sft_gold).float()).mean()
             metrics.log(step, sft_samples="\n".join(f"  {t!r:.300} -> {d!r}" for t, d in zip(texts, sft_texts)))
         if pass_k:  # a verifier's accuracy: greedy at every evaluation, pass@k at the first and last
-            greedy = {}
+            used = []  # with tools: whether each greedy response calls one
 
             def texts_of(indices, temperature):  # temperature None: the training temperature
                 chunks = [indices[k: k + len(prompts)] for k in range(0, len(indices), len(prompts))]
                 sampling = {} if temperature is None else {"temperature": temperature}
                 batches = [generate(policy_w, [prompts[i] for i in c], **sampling) for c in chunks]
-                decoded = sum((response_texts(b, tokenizer) for b in batches), [])
-                if temperature == 0.0 and batches[0].tool_calls is not None:  # kept: greedy tool use, below
-                    greedy.update(texts=decoded, used=torch.tensor([bool(c) for b in batches for c in b.tool_calls]))
-                return decoded
-            out |= pass_rates(texts_of, judge, records, pass_k if step == 0 or final else 1)
-            if greedy:  # with tools: the share of greedy responses that call one, their accuracy with and without
-                right = scored([judge(r["prompt"], t, r.get("fields", {})) for r, t in zip(records, greedy["texts"])],
-                               "cpu", eval_reward_fn, records)[0] >= 1
-                used = greedy["used"]
-                out |= {"eval/tools_used_greedy": used.float().mean(),
-                        "eval/pass@1_greedy_with_call": (right & used).sum() / used.sum().clamp(min=1),
-                        "eval/pass@1_greedy_without_call": (right & ~used).sum() / (~used).sum().clamp(min=1)}
+                if temperature == 0.0 and batches[0].tool_calls is not None:
+                    used.extend(bool(c) for b in batches for c in b.tool_calls)
+                return sum((response_texts(b, tokenizer) for b in batches), [])
+            rates, right = pass_rates(texts_of, judge, records, pass_k if step == 0 or final else 1)
+            out |= rates
+            if used:  # with tools: the share of greedy responses that call one, their accuracy with and without
+                out["eval/tools_used_greedy"], out["eval/pass@1_greedy_with_call"], out[
+                    "eval/pass@1_greedy_without_call"] = with_and_without_call(right, torch.tensor(used))
     shown = tokenizer.batch_decode(batch.responses, skip_special_tokens=True)  # with tools, the whole exchange
     table = "\n".join(f"  {s:+.2f} | {t!r:.300} -> {d!r}" for s, t, d in zip(scores.tolist(), texts, shown))
     out = {k: all_reduce(torch.as_tensor(v, dtype=torch.float, device=scores.device), "mean") for k, v in out.items()}

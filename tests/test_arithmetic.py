@@ -107,12 +107,12 @@ def test_pass_rates_greedy_and_pass_at_k_by_hand():
         return out
 
     judge = record_caller(verify)  # as the scripts call it: judge(prompt, response, fields)
-    out = pass_rates(generate, judge, records, 4)
-    assert calls == [0.0, None]
+    out, right = pass_rates(generate, judge, records, 4)
+    assert calls == [0.0, None] and right.tolist() == [True, False, False]  # which greedy ones
     assert out["eval/pass@1_greedy"].item() == pytest.approx(1 / 3)
     assert out["eval/pass@1"].item() == pytest.approx(3 / 12)
     assert out["eval/pass@4"].item() == pytest.approx(2 / 3)
-    assert set(pass_rates(generate, judge, records, 1)) == {"eval/pass@1_greedy"}  # k 1: greedy only
+    assert set(pass_rates(generate, judge, records, 1)[0]) == {"eval/pass@1_greedy"}  # k 1: greedy only
 
 
 def test_grpo_with_the_verifier_learns_to_answer(tokenizer, tmp_path):

@@ -2,11 +2,12 @@
 to the model as text; the tool turn inserted as the chat template renders it, after the sampled ids as they are."""
 
 import copy
+import os
 import time
 
 import pytest
 import torch
-from conftest import CHATML
+from conftest import CHATML, REPO
 
 import common
 import reviews_task
@@ -15,16 +16,6 @@ from common import call_tool, parse_tool_call, rollout_with_tools, tool_turn
 
 def multiply(a: int, b: int) -> int:
     """Multiply two integers."""
-    return a * b
-
-
-def multiply_documented(a: int, b: int) -> int:
-    """Multiply two integers.
-
-    Args:
-        a: the first factor
-        b: the second factor
-    """
     return a * b
 
 
@@ -100,18 +91,18 @@ def test_a_template_that_shows_tools_gets_their_schema_in_every_prompt(chat_toke
     tok = copy.deepcopy(chat_tokenizer)
     tok.chat_template = ("{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}"
                          "<|im_end|>\n{% endif %}" + CHATML)
-    spec = f"{__file__}:multiply_documented"
+    spec = os.path.join(REPO, "calculator_task.py") + ":multiply"  # type hints and a docstring with Args
     tools = list(load_tools((spec,), tok).values())
     assert "shows no tool schema" not in capsys.readouterr().out
     ids, cut = common.encode_prompt(tok, "Compute 12 * 34.", 512, tools)
     text = tok.decode(ids)
-    assert not cut and '"name": "multiply_documented"' in text and '"a": {"type": "integer"' in text, text
+    assert not cut and '"name": "multiply"' in text and '"a": {"type": "integer"' in text, text
     short, cut = common.encode_prompt(tok, "Compute " + "12 * " * 40 + "34.", len(ids) + 10, tools)
-    assert cut and len(short) <= len(ids) + 10 and '"name": "multiply_documented"' in tok.decode(short)
+    assert cut and len(short) <= len(ids) + 10 and '"name": "multiply"' in tok.decode(short)
     plain = copy.deepcopy(chat_tokenizer)  # ChatML alone: no schema, and a start line says so
     load_tools((spec,), plain)
     assert "shows no tool schema" in capsys.readouterr().out
-    assert "multiply_documented" not in plain.decode(common.encode_prompt(plain, "Compute 12 * 34.", 512, tools)[0])
+    assert "multiply" not in plain.decode(common.encode_prompt(plain, "Compute 12 * 34.", 512, tools)[0])
 
 
 def scripted_sample(turns):
